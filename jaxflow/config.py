@@ -1,0 +1,195 @@
+"""Frozen model configs, read from a checkpoint's transformers `config.json`.
+
+transformers parses the file (and fills its defaults); we then check every attribute against a
+table. An attribute we do not implement with a non-default value raises `UnsupportedConfigError`
+naming it, so an unsupported variant never silently computes something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+
+class UnsupportedConfigError(ValueError):
+    """A config attribute holds a value jaxflow does not implement."""
+
+
+# Attributes that never change the forward computation (metadata, training-only, output flags).
+_IGNORED = {
+    "_name_or_path", "architectures", "chunk_size_feed_forward", "dtype", "torch_dtype", "id2label",
+    "label2id", "is_encoder_decoder", "output_attentions", "output_hidden_states", "problem_type",
+    "return_dict", "transformers_version", "initializer_range", "initializer_factor", "attention_dropout",
+    "use_cache", "max_position_embeddings", "ignore_index", "image_seq_length", "projection_dim",
+    "pad_token_id", "bos_token_id", "eos_token_id", "vocab_size", "model_type", "tie_word_embeddings",
+    "text_config", "vision_config", "dropout", "hidden_dropout", "use_bfloat16", "tf_legacy_loss",
+    "pruned_heads", "torchscript", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "finetuning_task", "cross_attention_hidden_size", "add_cross_attention",
+    "is_decoder", "tie_encoder_decoder", "_attn_implementation_autoset", "image_token_id",
+}
+
+# Attributes we do not implement: only this value is accepted.
+_REQUIRED_TEXT = {
+    "model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+    "pretraining_tp": 1, "rope_scaling": None,
+}
+_REQUIRED_VISION = {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", "num_channels": 3}
+_REQUIRED_TOP = {"projector_hidden_act": "gelu"}
+
+
+def _check(section: str, d: dict, handled: set[str], required: dict[str, Any]) -> None:
+    for key, value in d.items():
+        where = f"{section}.{key}" if section else key
+        if key in required:
+            if value != required[key]:
+                raise UnsupportedConfigError(
+                    f"config attribute {where}={value!r} is not supported (jaxflow implements {required[key]!r})"
+                )
+        elif key not in handled and key not in _IGNORED:
+            if value in (None, False, {}, []):
+                continue
+            raise UnsupportedConfigError(f"config attribute {where}={value!r} is not known to jaxflow")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """CLIP ViT vision tower (pre-layernorm, quick_gelu)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    layer_norm_eps: float = 1e-5
+
+    @functools.cached_property
+    def grid(self) -> int:
+        """Patches per side of one image crop (24 for ViT-L/14 at 336 px)."""
+        return self.image_size // self.patch_size
+
+    @functools.cached_property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf(cls, d: dict) -> VisionConfig:
+        handled = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "image_size", "patch_size", "layer_norm_eps"}
+        _check("vision_config", d, handled, _REQUIRED_VISION)
+        if d["hidden_size"] % d["num_attention_heads"]:
+            raise UnsupportedConfigError("vision_config.hidden_size must be a multiple of num_attention_heads")
+        return cls(d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"],
+                   d["num_attention_heads"], d["image_size"], d["patch_size"], d.get("layer_norm_eps", 1e-5))
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Llama decoder (RMSNorm, RoPE, MHA or GQA, SwiGLU)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def from_hf(cls, d: dict) -> TextConfig:
+        handled = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                   "rope_parameters", "rope_theta"}
+        _check("text_config", d, handled, _REQUIRED_TEXT)
+        rope = d.get("rope_parameters") or {"rope_type": "default", "rope_theta": d.get("rope_theta", 10000.0)}
+        for key, value in rope.items():
+            if key == "rope_type" and value != "default":
+                raise UnsupportedConfigError(
+                    f"config attribute text_config.rope_parameters.rope_type={value!r} is not supported "
+                    "(jaxflow implements 'default')")
+            if key not in ("rope_type", "rope_theta"):
+                raise UnsupportedConfigError(
+                    f"config attribute text_config.rope_parameters.{key}={value!r} is not known to jaxflow")
+        heads = d["num_attention_heads"]
+        kv_heads = d.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise UnsupportedConfigError("text_config.num_attention_heads must be a multiple of num_key_value_heads")
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        return cls(d["vocab_size"], d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"],
+                   heads, kv_heads, head_dim, d.get("rms_norm_eps", 1e-6), float(rope["rope_theta"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    """LLaVA-1.5 (`kind="llava"`) or LLaVA-NeXT anyres (`kind="llava_next"`)."""
+
+    kind: str
+    vision: VisionConfig
+    text: TextConfig
+    image_token_id: int
+    vision_feature_layers: tuple[int, ...] = (-2,)
+    select_strategy: str = "default"
+    projector_bias: bool = True
+    tie_word_embeddings: bool = False
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # (height, width) in pixels, NeXT only
+
+    @functools.cached_property
+    def is_next(self) -> bool:
+        return self.kind == "llava_next"
+
+    @functools.cached_property
+    def features_per_crop(self) -> int:
+        """Image features one crop yields (576 for ViT-L/14 at 336 px with the CLS token dropped)."""
+        return self.vision.grid**2 + (self.select_strategy == "full")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> LlavaConfig:
+        """Builds the config from a transformers config dict with every default filled in."""
+        kind = d.get("model_type")
+        if kind not in ("llava", "llava_next"):
+            raise UnsupportedConfigError(
+                f"config attribute model_type={kind!r} is not supported (jaxflow implements 'llava', 'llava_next')")
+        handled = {"image_token_index", "vision_feature_layer", "vision_feature_select_strategy",
+                   "multimodal_projector_bias", "image_grid_pinpoints"}
+        _check("", d, handled, _REQUIRED_TOP)
+        strategy = d.get("vision_feature_select_strategy", "default")
+        if strategy not in ("default", "full") or (kind == "llava_next" and strategy != "default"):
+            raise UnsupportedConfigError(
+                f"config attribute vision_feature_select_strategy={strategy!r} is not supported for {kind}")
+        layers = d.get("vision_feature_layer", -2)
+        layers = (layers,) if isinstance(layers, int) else tuple(layers)
+        vision = VisionConfig.from_hf(d["vision_config"])
+        text = TextConfig.from_hf(d["text_config"])
+        for layer in layers:
+            if not -vision.num_layers - 1 <= layer <= vision.num_layers:
+                raise UnsupportedConfigError(f"config attribute vision_feature_layer={layer} is out of range")
+        pinpoints = tuple(tuple(p) for p in d.get("image_grid_pinpoints") or ()) if kind == "llava_next" else ()
+        tie = bool(d.get("tie_word_embeddings") or d["text_config"].get("tie_word_embeddings"))
+        image_token = d.get("image_token_index", d.get("image_token_id"))
+        return cls(kind, vision, text, image_token, layers, strategy,
+                   bool(d.get("multimodal_projector_bias", True)), tie, pinpoints)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> LlavaConfig:
+        """Reads `config.json` in `path` (a directory) through transformers' own parser."""
+        from transformers import AutoConfig
+
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{config_file}: no config.json in the checkpoint directory")
+        with open(config_file) as f:
+            model_type = json.load(f).get("model_type")
+        if model_type not in ("llava", "llava_next"):
+            raise UnsupportedConfigError(
+                f"{config_file}: model_type={model_type!r} is not supported (jaxflow implements 'llava', 'llava_next')")
+        return cls.from_hf(AutoConfig.from_pretrained(path).to_dict())
+
+    def vision_layers_needed(self) -> int:
+        """How many CLIP layers must run to produce every selected hidden state."""
+        n = self.vision.num_layers
+        return max(layer % (n + 1) for layer in self.vision_feature_layers)

@@ -1,0 +1,231 @@
+"""The user-facing model: host-side input checks around jitted Flax computations.
+
+`Model.logits` / `Model.forward` take transformers' input conventions (input_ids with the image
+token repeated once per image feature, pixel_values as the processor returns them, image_sizes
+as (height, width) for LLaVA-NeXT), so the same arrays feed both implementations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxflow import checkpoint
+from jaxflow.config import LlavaConfig
+from jaxflow.image_layout import image_layout
+from jaxflow.knockout import DenseKnockout, Knockout, KnockoutMasks, stack_knockouts
+from jaxflow.nn.llama import KVCache
+from jaxflow.nn.llava import Llava
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelInputs:
+    """Device-ready inputs: feature_index [B, T] names the image feature at each position (-1: text)."""
+
+    input_ids: jax.Array  # [B, T] int32
+    crops: jax.Array | None  # [N, C, S, S]
+    feature_index: jax.Array  # [B, T] int32
+    attention_mask: jax.Array  # [B, T] bool
+    position_ids: jax.Array  # [B, T] int32
+
+
+@dataclasses.dataclass
+class ForwardOutput:
+    logits: jax.Array  # [B, T, V] or [K, B, T, V] with knockouts
+    hidden_states: jax.Array | None = None  # [(K,) L + 1, B, T, D] residual stream, no final norm
+    attentions: jax.Array | None = None  # [(K,) L, B, H, T, T]
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: np.ndarray  # [B, N] greedy tokens (eos_token_id repeated after a row ends)
+    first_token_probs: np.ndarray  # [B, V] softmax of the first generated token's logits
+
+
+def prepare_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, image_sizes=None,
+                   attention_mask=None, position_ids=None) -> ModelInputs:
+    """Host-side: checks the arrays and builds the crop batch and the feature plan."""
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids: expected [batch, seq], got shape {input_ids.shape}")
+    is_image = input_ids == cfg.image_token_id
+    crops, indices = None, []
+    if pixel_values is not None:
+        pixel_values = np.asarray(pixel_values)
+        if cfg.is_next:
+            if pixel_values.ndim != 5:
+                raise ValueError(f"pixel_values: LLaVA-NeXT expects [images, crops, C, H, W], got {pixel_values.shape}")
+            if image_sizes is None or len(image_sizes) != len(pixel_values):
+                raise ValueError("image_sizes: LLaVA-NeXT needs one (height, width) per image")
+            layouts = [image_layout(cfg, tuple(int(v) for v in size)) for size in np.asarray(image_sizes)]
+            for i, lay in enumerate(layouts):
+                if lay.num_crops > pixel_values.shape[1]:
+                    raise ValueError(f"pixel_values[{i}]: {pixel_values.shape[1]} crops, image_sizes[{i}] needs "
+                                     f"{lay.num_crops}")
+            crops = np.concatenate([pv[: lay.num_crops] for pv, lay in zip(pixel_values, layouts, strict=True)])
+        else:
+            if pixel_values.ndim != 4:
+                raise ValueError(f"pixel_values: LLaVA-1.5 expects [images, C, H, W], got {pixel_values.shape}")
+            layouts = [image_layout(cfg)] * len(pixel_values)
+            crops = pixel_values
+        offset = 0
+        for lay in layouts:
+            indices.append(lay.feature_index(cfg, offset))
+            offset += lay.num_crops
+        flat = np.concatenate(indices) if indices else np.zeros(0, int)
+        flat = np.where(flat == -2, offset * cfg.features_per_crop, flat)  # newline row after all crops
+        if is_image.sum() != len(flat):
+            raise ValueError(f"input_ids: {int(is_image.sum())} image tokens but the images give {len(flat)} "
+                             f"features; expand the image token once per feature")
+        feature_index = np.full(input_ids.shape, -1, np.int64)
+        feature_index[is_image] = flat  # row-major order, like transformers' masked_scatter
+    else:
+        if is_image.any():
+            raise ValueError("input_ids: image tokens present but pixel_values is None")
+        feature_index = np.full(input_ids.shape, -1, np.int64)
+    b, t = input_ids.shape
+    mask = np.ones((b, t), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    pos = np.broadcast_to(np.arange(t), (b, t)) if position_ids is None else np.asarray(position_ids)
+    if mask.shape != (b, t) or pos.shape != (b, t):
+        raise ValueError(f"attention_mask / position_ids: expected shape {(b, t)}")
+    return ModelInputs(jnp.asarray(input_ids, jnp.int32), None if crops is None else jnp.asarray(crops),
+                       jnp.asarray(feature_index, jnp.int32), jnp.asarray(mask), jnp.asarray(pos, jnp.int32))
+
+
+@functools.partial(nnx.jit, static_argnames=("collect_hidden", "collect_attn"))
+def _forward(module: Llava, inputs: ModelInputs, knock: KnockoutMasks | None,
+             collect_hidden: bool = False, collect_attn: bool = False):
+    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index)
+    lm = module.language_model
+
+    def run(k):
+        out = lm(x, inputs.position_ids, inputs.attention_mask, knock=k,
+                 collect_hidden=collect_hidden, collect_attn=collect_attn)
+        return lm.unembed(out.hidden), out.hidden_states, out.attentions
+
+    return run(None) if knock is None else jax.vmap(run)(knock)
+
+
+@nnx.jit
+def _prefill(module: Llava, inputs: ModelInputs, cache: KVCache, last: jax.Array):
+    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index)
+    b, s = cache.k.shape[1:3]
+    t = x.shape[1]
+    kv_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    kv_valid = jnp.concatenate([inputs.attention_mask, jnp.ones((b, s - t), bool)], axis=1)
+    out = module.language_model(x, inputs.position_ids, kv_valid, kv_pos=kv_pos, cache=cache)
+    h = jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+    return module.language_model.unembed(h), out.cache
+
+
+@nnx.jit
+def _decode_step(module: Llava, token: jax.Array, pos: jax.Array, cache: KVCache):
+    lm = module.language_model
+    b, s = cache.k.shape[1:3]
+    out = lm(lm.embed_tokens(token[:, None]), pos[:, None], jnp.ones((b, s), bool),
+             kv_pos=jnp.broadcast_to(jnp.arange(s), (b, s)), cache=cache)
+    return lm.unembed(out.hidden[:, 0]), out.cache
+
+
+class Model:
+    """A loaded LLaVA model: `.config`, `.tokenizer`, `.module` (the Flax NNX module)."""
+
+    def __init__(self, module: Llava, config: LlavaConfig, tokenizer=None):
+        self.module, self.config, self.tokenizer = module, config, tokenizer
+
+    def prepare(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
+                position_ids=None) -> ModelInputs:
+        return prepare_inputs(self.config, input_ids, pixel_values, image_sizes, attention_mask, position_ids)
+
+    def knockout_masks(self, knockouts: Sequence[Knockout | DenseKnockout], batch: int, seq_len: int):
+        text = self.config.text
+        return stack_knockouts(knockouts, batch, seq_len, text.num_layers, text.num_heads)
+
+    def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
+                knockouts: Sequence[Knockout | DenseKnockout] | KnockoutMasks | None = None,
+                return_hidden_states: bool = False, return_attentions: bool = False) -> ForwardOutput:
+        """Logits [B, T, V]; with K knockouts (a list or stacked KnockoutMasks), [K, B, T, V]."""
+        inputs = self.prepare(input_ids, pixel_values, image_sizes, attention_mask, position_ids)
+        knock = knockouts
+        if knockouts is not None and not isinstance(knockouts, KnockoutMasks):
+            knock = self.knockout_masks(knockouts, *inputs.input_ids.shape)
+        logits, hidden, attn = _forward(self.module, inputs, knock, return_hidden_states, return_attentions)
+        return ForwardOutput(logits, hidden, attn)
+
+    def logits(self, input_ids, pixel_values=None, image_sizes=None, knockouts=None, attention_mask=None,
+               position_ids=None) -> jax.Array:
+        return self.forward(input_ids, pixel_values, image_sizes, attention_mask, position_ids, knockouts).logits
+
+    def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
+                 max_new_tokens: int = 8, eos_token_id: int | None = None) -> GenerateOutput:
+        """Greedy decoding with a KV cache. Prompts in a batch must be right-padded."""
+        inputs = self.prepare(input_ids, pixel_values, image_sizes, attention_mask)
+        mask = np.asarray(inputs.attention_mask)
+        lengths = mask.sum(axis=1)
+        if not (mask == (np.arange(mask.shape[1]) < lengths[:, None])).all():
+            raise ValueError("attention_mask: generate needs right-padded prompts (ones, then zeros)")
+        b, t = mask.shape
+        text = self.config.text
+        dtype = self.module.language_model.embed_tokens.embedding.dtype
+        shape = (text.num_layers, b, t + max_new_tokens, text.num_kv_heads, text.head_dim)
+        cache = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        logits, cache = _prefill(self.module, inputs, cache, jnp.asarray(lengths - 1))
+        first_probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+        if eos_token_id is None and self.tokenizer is not None:
+            eos_token_id = self.tokenizer.eos_token_id
+        tokens, done = [], np.zeros(b, bool)
+        pos = jnp.asarray(lengths)
+        for step in range(max_new_tokens):
+            token = np.asarray(jnp.argmax(logits, axis=-1))
+            if eos_token_id is not None:
+                token = np.where(done, eos_token_id, token)
+                done |= token == eos_token_id
+            tokens.append(token)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            logits, cache = _decode_step(self.module, jnp.asarray(token, jnp.int32), pos + step, cache)
+        return GenerateOutput(np.stack(tokens, axis=1), first_probs)
+
+
+def abstract_module(cfg: LlavaConfig, dtype) -> Llava:
+    return nnx.eval_shape(lambda: Llava(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def param_shapes(cfg: LlavaConfig, dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat parameter name -> ShapeDtypeStruct of the Flax model built from `cfg`."""
+    _, state = nnx.split(abstract_module(cfg, dtype))
+    return {checkpoint.path_str(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None) -> Model:
+    """Loads a directory written by `jaxflow convert`.
+
+    dtype: cast parameters on restore (default: as stored). mesh: restore every parameter
+    replicated onto this mesh (sharding rules arrive with the multi-device work).
+    """
+    path = os.fspath(path)
+    cfg = LlavaConfig.from_pretrained(path)
+    meta = checkpoint.read_metadata(path)
+    dtype = jnp.dtype(dtype or meta["dtype"])
+    module = abstract_module(cfg, dtype)
+    graphdef, state = nnx.split(module)
+    sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    targets = {checkpoint.path_str(p): jax.ShapeDtypeStruct(v.get_value().shape, dtype, sharding=sharding)
+               for p, v in nnx.to_flat_state(state)}
+    values = checkpoint.restore_params(path, targets)
+    for p, var in nnx.to_flat_state(state):
+        var.set_value(jnp.asarray(values[checkpoint.path_str(p)]))
+    tokenizer = None
+    if os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return Model(nnx.merge(graphdef, state), cfg, tokenizer)

@@ -1,0 +1,146 @@
+"""Llama decoder: where a knockout is applied.
+
+Every attention call takes an explicit boolean mask: causal & key-valid, minus the edges a
+`KnockoutMasks` cuts in that layer. Queries and keys carry explicit positions (q_pos, kv_pos),
+so one code path serves the full forward, KV-cache decoding and partial recomputation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxflow.config import TextConfig
+from jaxflow.knockout import KnockoutMasks
+from jaxflow.nn.layers import Embed, Linear, RMSNorm
+
+NEG = jnp.finfo(jnp.float32).min
+
+
+def rope_tables(positions, head_dim: int, theta: float):
+    """positions [B, T] -> cos, sin [B, T, head_dim] in float32 (transformers' 'default' RoPE)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, N, hd]; rotate-half convention."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer, written at absolute positions: [L, B, S, K, hd]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Linear(d, h * hd, bias=False, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, kv * hd, bias=False, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, kv * hd, bias=False, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(h * hd, d, bias=False, dtype=dtype, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+
+    def __call__(self, x, cos, sin, mask, kv=None, write_pos=None):
+        """x [B, Tq, D]; mask [B, 1|H, Tq, S] True = may attend.
+
+        kv: optional (k, v) [B, S, K, hd] to write this call's keys/values into at write_pos
+        [B, Tq]; without it the keys are this call's own (S = Tq).
+        Returns out [B, Tq, D], weights [B, H, Tq, S], and the (k, v) attended to.
+        """
+        b, t, _ = x.shape
+        h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q = apply_rope(self.q_proj(x).reshape(b, t, h, hd), cos, sin)  # [B, Tq, H, hd]
+        k = apply_rope(self.k_proj(x).reshape(b, t, kvh, hd), cos, sin)  # [B, Tq, K, hd]
+        v = self.v_proj(x).reshape(b, t, kvh, hd)  # [B, Tq, K, hd]
+        if kv is not None:
+            rows = jnp.arange(b)[:, None]
+            k, v = kv[0].at[rows, write_pos].set(k), kv[1].at[rows, write_pos].set(v)  # [B, S, K, hd]
+        q = q.reshape(b, t, kvh, h // kvh, hd)  # [B, Tq, K, G, hd]; query head = k * G + g
+        scores = jnp.einsum("BTKGd,BSKd->BKGTS", q, k, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, h, t, -1) * hd**-0.5  # [B, H, Tq, S]
+        weights = jax.nn.softmax(jnp.where(mask, scores, NEG), axis=-1).astype(x.dtype)
+        out = jnp.einsum("BKGTS,BSKd->BTKGd", weights.reshape(b, kvh, h // kvh, t, -1), v)
+        return self.o_proj(out.reshape(b, t, h * hd)), weights, (k, v)
+
+
+class LlamaLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = LlamaAttention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
+        self.gate_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv=None, write_pos=None):
+        attn, weights, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_pos)
+        x = x + attn
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h)), weights, kv
+
+
+@dataclasses.dataclass
+class DecoderOutput:
+    hidden: jax.Array  # [B, Tq, D] after the final norm
+    hidden_states: jax.Array | None = None  # [L + 1, B, Tq, D] residual stream, no final norm
+    attentions: jax.Array | None = None  # [L, B, H, Tq, S]
+    cache: KVCache | None = None
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, tie_word_embeddings: bool, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([LlamaLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = (None if tie_word_embeddings
+                        else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs))
+
+    def unembed(self, x):
+        """[..., D] -> logits [..., V] (no norm: callers pick normed or raw states)."""
+        return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+
+    def __call__(self, x, q_pos, kv_valid, *, kv_pos=None, knock: KnockoutMasks | None = None,
+                 cache: KVCache | None = None, collect_hidden=False, collect_attn=False) -> DecoderOutput:
+        """x [B, Tq, D] input embeddings at positions q_pos [B, Tq].
+
+        Without a cache the keys are the queries' own positions; with one, keys are the cache
+        slots kv_pos [B, S] (this call writes its keys at q_pos). kv_valid [B, S]: False for
+        padding. A knockout cuts edges per layer on top of causality and validity.
+        """
+        kv_pos = q_pos if kv_pos is None else kv_pos
+        cos, sin = rope_tables(q_pos, self.cfg.head_dim, self.cfg.rope_theta)
+        base = (kv_pos[:, None, :] <= q_pos[:, :, None]) & kv_valid[:, None, :]  # [B, Tq, S]
+        base = base[:, None]  # [B, 1, Tq, S]
+        states, attns, ks, vs = [x], [], [], []
+        for i, layer in enumerate(self.layers):
+            mask = base if knock is None else base & ~knock.cut(i, q_pos, kv_pos)
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, weights, (k, v) = layer(x, cos, sin, mask, kv, q_pos)
+            states.append(x)
+            if collect_attn:
+                attns.append(weights)
+            if cache is not None:
+                ks.append(k)
+                vs.append(v)
+        return DecoderOutput(
+            hidden=self.norm(x),
+            hidden_states=jnp.stack(states) if collect_hidden else None,
+            attentions=jnp.stack(attns) if collect_attn else None,
+            cache=KVCache(jnp.stack(ks), jnp.stack(vs)) if cache is not None else None,
+        )

@@ -1,0 +1,61 @@
+"""LLaVA: CLIP tower -> projector -> image features placed at the image-token positions -> Llama.
+
+`feature_index` [B, T] (built on the host from `image_layout`) says, per sequence position,
+which image feature fills it (-1: a text token keeps its embedding). One gather serves both
+LLaVA-1.5 (features in order) and LLaVA-NeXT anyres packing (base crop, unpadded grid rows,
+one `image_newline` per row).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxflow.config import LlavaConfig
+from jaxflow.nn.clip import ClipVisionTower
+from jaxflow.nn.layers import Linear
+from jaxflow.nn.llama import LlamaModel
+
+
+class Projector(nnx.Module):
+    def __init__(self, cfg: LlavaConfig, *, dtype, rngs):
+        d_in = cfg.vision.hidden_size * len(cfg.vision_feature_layers)
+        d = cfg.text.hidden_size
+        self.linear_1 = Linear(d_in, d, bias=cfg.projector_bias, dtype=dtype, rngs=rngs)
+        self.linear_2 = Linear(d, d, bias=cfg.projector_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
+
+
+class Llava(nnx.Module):
+    def __init__(self, cfg: LlavaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.cfg = cfg
+        self.vision_tower = ClipVisionTower(cfg.vision, cfg.vision_layers_needed(), dtype=dtype, rngs=rngs)
+        self.projector = Projector(cfg, dtype=dtype, rngs=rngs)
+        self.image_newline = nnx.Param(jnp.zeros((cfg.text.hidden_size,), dtype)) if cfg.is_next else None
+        self.language_model = LlamaModel(cfg.text, tie_word_embeddings=cfg.tie_word_embeddings,
+                                         dtype=dtype, rngs=rngs)
+
+    def image_features(self, crops):
+        """crops [N, C, S, S] -> projected features [N, F, D] (F = features per crop)."""
+        states = self.vision_tower(crops)  # [Lv + 1, N, 1 + g*g, Dv]
+        n = self.cfg.vision.num_layers
+        selected = [states[layer % (n + 1)] for layer in self.cfg.vision_feature_layers]
+        if self.cfg.select_strategy == "default":
+            selected = [s[:, 1:] for s in selected]
+        return self.projector(jnp.concatenate(selected, axis=-1))
+
+    def embed(self, input_ids, crops, feature_index):
+        """input_ids, feature_index [B, T] -> input embeddings [B, T, D]."""
+        text = self.language_model.embed_tokens(jnp.where(feature_index >= 0, 0, input_ids))
+        if crops is None:
+            return text
+        feats = self.image_features(crops)
+        feats = feats.reshape(-1, feats.shape[-1]).astype(text.dtype)  # [N * F, D]
+        if self.image_newline is not None:
+            feats = jnp.concatenate([feats, self.image_newline[...][None].astype(text.dtype)])
+        image = jnp.take(feats, jnp.maximum(feature_index, 0), axis=0)  # [B, T, D]
+        return jnp.where((feature_index >= 0)[..., None], image, text)
