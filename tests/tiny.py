@@ -53,15 +53,16 @@ def hf_model(kind="llava", seed=0, **kw):
 def make_inputs(cfg, num_text=6, image_sizes=((42, 42),), batch=None, seed=0):
     """input_ids [B, T] with one image per row, pixel_values, image_sizes (H, W) for NeXT.
 
-    The image tokens sit after one BOS-like token; the text tokens follow.
+    The image tokens sit after one BOS-like token; num_text text tokens (per row, or one count) follow.
     """
     from jaxflow.image_layout import image_layout
 
     rng = np.random.default_rng(seed)
     rows, pixels = [], []
-    for size in image_sizes:
+    counts = [num_text] * len(image_sizes) if np.isscalar(num_text) else num_text
+    for size, count in zip(image_sizes, counts, strict=True):
         lay = image_layout(cfg, size) if cfg.is_next else image_layout(cfg)
-        text = rng.integers(2, 120, num_text)
+        text = rng.integers(2, 120, count)
         rows.append(np.concatenate([[1], np.full(len(lay), IMAGE_TOKEN), text]))
         crops = lay.num_crops
         pixels.append(rng.standard_normal((crops, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32))
