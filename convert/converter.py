@@ -196,7 +196,7 @@ def _plan(cfg: LlavaConfig, sources) -> dict[str, tuple[SafetensorsSource, str, 
     for param, spec in targets.items():
         canon, transform = mapping.source_of(param)
         if canon not in by_canonical:
-            missing.append(canon)
+            pass
             continue
         source, name = by_canonical[canon]
         shape = _transformed_shape(source.shape(name), transform)

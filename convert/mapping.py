@@ -101,13 +101,14 @@ def canonical(layout: str, name: str) -> str | None:
 
 # --- jaxflow parameters ------------------------------------------------------------------
 
+_CLIP_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
 _VISION_LAYER = {
     "layer_norm1.scale": ("layer_norm1.weight", "identity"),
     "layer_norm1.bias": ("layer_norm1.bias", "identity"),
     "layer_norm2.scale": ("layer_norm2.weight", "identity"),
     "layer_norm2.bias": ("layer_norm2.bias", "identity"),
-    **{f"self_attn.{p}.kernel": (f"self_attn.{p}.weight", "linear") for p in ("q_proj", "k_proj", "v_proj", "out_proj")},
-    **{f"self_attn.{p}.bias": (f"self_attn.{p}.bias", "identity") for p in ("q_proj", "k_proj", "v_proj", "out_proj")},
+    **{f"self_attn.{p}.kernel": (f"self_attn.{p}.weight", "linear") for p in _CLIP_ATTN},
+    **{f"self_attn.{p}.bias": (f"self_attn.{p}.bias", "identity") for p in _CLIP_ATTN},
     "fc1.kernel": ("mlp.fc1.weight", "linear"),
     "fc1.bias": ("mlp.fc1.bias", "identity"),
     "fc2.kernel": ("mlp.fc2.weight", "linear"),
@@ -126,7 +127,8 @@ PARAMS: dict[str, tuple[str, str]] = {
     "vision_tower.pos_embed": ("vision.embeddings.position_embedding.weight", "identity"),
     "vision_tower.pre_norm.scale": ("vision.pre_layrnorm.weight", "identity"),
     "vision_tower.pre_norm.bias": ("vision.pre_layrnorm.bias", "identity"),
-    **{f"vision_tower.layers.{{i}}.{k}": (f"vision.encoder.layers.{{i}}.{s}", t) for k, (s, t) in _VISION_LAYER.items()},
+    **{f"vision_tower.layers.{{i}}.{k}": (f"vision.encoder.layers.{{i}}.{s}", t)
+       for k, (s, t) in _VISION_LAYER.items()},
     "projector.linear_1.kernel": ("projector.linear_1.weight", "linear"),
     "projector.linear_1.bias": ("projector.linear_1.bias", "identity"),
     "projector.linear_2.kernel": ("projector.linear_2.weight", "linear"),

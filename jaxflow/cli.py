@@ -18,6 +18,13 @@ def _convert(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from jaxflow import demo
+
+    demo.run(args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", help="CLIP checkpoint directory, for the original LLaVA layout")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=_convert)
+    p = sub.add_parser("demo", help="smoke run: random tiny LLaVA -> convert -> knockouts -> generate")
+    p.add_argument("--out", default="jaxflow-demo", help="output directory (default: ./jaxflow-demo)")
+    p.set_defaults(func=_demo)
     return parser
 
 

@@ -87,8 +87,8 @@ def stack_knockouts(knockouts: Sequence[Knockout | DenseKnockout], batch: int, s
             if mask.ndim == 3:
                 mask = np.broadcast_to(mask[:, None], (mask.shape[0], batch) + mask.shape[1:])
             if mask.shape != (num_layers, batch, seq_len, seq_len):
-                raise ValueError(f"knockouts[{i}].mask: shape {np.shape(ko.mask)}, expected "
-                                 f"[{num_layers}, {seq_len}, {seq_len}] or [{num_layers}, {batch}, {seq_len}, {seq_len}]")
+                raise ValueError(f"knockouts[{i}].mask: shape {np.shape(ko.mask)}, expected [{num_layers}, "
+                                 f"{seq_len}, {seq_len}] or [{num_layers}, {batch}, {seq_len}, {seq_len}]")
             rows.append((empty_t, empty_t, np.zeros(num_layers, bool), np.zeros(num_heads, bool), mask))
             continue
         if not isinstance(ko, Knockout):
