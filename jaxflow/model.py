@@ -115,24 +115,29 @@ def _forward(module: Llava, inputs: ModelInputs, knock: KnockoutMasks | None,
 
 
 @nnx.jit
-def _prefill(module: Llava, inputs: ModelInputs, cache: KVCache, last: jax.Array):
+def _prefill(module: Llava, inputs: ModelInputs, last: jax.Array, k_cache: jax.Array, v_cache: jax.Array):
+    """Runs the prompt; returns the logits at `last` [B] and the caches [L, B, S, K, hd] filled at [0, T)."""
     x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index)
-    b, s = cache.k.shape[1:3]
-    t = x.shape[1]
-    kv_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-    kv_valid = jnp.concatenate([inputs.attention_mask, jnp.ones((b, s - t), bool)], axis=1)
-    out = module.language_model(x, inputs.position_ids, kv_valid, kv_pos=kv_pos, cache=cache)
+    lm = module.language_model
+    out = lm(x, inputs.position_ids, inputs.attention_mask, collect_kv=True)
     h = jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
-    return module.language_model.unembed(h), out.cache
+    k, v = out.kv
+    t = x.shape[1]
+    return lm.unembed(h), k_cache.at[:, :, :t].set(k), v_cache.at[:, :, :t].set(v)
 
 
 @nnx.jit
-def _decode_step(module: Llava, token: jax.Array, pos: jax.Array, cache: KVCache):
+def _decode_step(module: Llava, token: jax.Array, pos: jax.Array, k_cache: jax.Array, v_cache: jax.Array):
+    """One greedy step for tokens [B] at positions pos [B]; slots before pos hold the sequence so far."""
     lm = module.language_model
-    b, s = cache.k.shape[1:3]
-    out = lm(lm.embed_tokens(token[:, None]), pos[:, None], jnp.ones((b, s), bool),
-             kv_pos=jnp.broadcast_to(jnp.arange(s), (b, s)), cache=cache)
-    return lm.unembed(out.hidden[:, 0]), out.cache
+    b, s = k_cache.shape[1:3]
+    slots = jnp.broadcast_to(jnp.arange(s), (b, s))
+    prefix = KVCache(k_cache, v_cache, pos=slots, valid=slots < pos[:, None])
+    out = lm(lm.embed_tokens(token[:, None]), pos[:, None], jnp.ones((b, 1), bool), prefix=prefix, collect_kv=True)
+    k, v = out.kv  # [L, B, 1, K, hd]
+    rows = jnp.arange(b)
+    k_cache, v_cache = k_cache.at[:, rows, pos].set(k[:, :, 0]), v_cache.at[:, rows, pos].set(v[:, :, 0])
+    return lm.unembed(out.hidden[:, 0]), k_cache, v_cache
 
 
 class Model:
@@ -176,8 +181,8 @@ class Model:
         text = self.config.text
         dtype = self.module.language_model.embed_tokens.embedding.dtype
         shape = (text.num_layers, b, t + max_new_tokens, text.num_kv_heads, text.head_dim)
-        cache = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-        logits, cache = _prefill(self.module, inputs, cache, jnp.asarray(lengths - 1))
+        logits, k_cache, v_cache = _prefill(self.module, inputs, jnp.asarray(lengths - 1),
+                                            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
         first_probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
@@ -191,7 +196,8 @@ class Model:
             tokens.append(token)
             if done.all() or step == max_new_tokens - 1:
                 break
-            logits, cache = _decode_step(self.module, jnp.asarray(token, jnp.int32), pos + step, cache)
+            logits, k_cache, v_cache = _decode_step(self.module, jnp.asarray(token, jnp.int32), pos + step,
+                                                    k_cache, v_cache)
         return GenerateOutput(np.stack(tokens, axis=1), first_probs)
 
 

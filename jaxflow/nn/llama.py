@@ -39,10 +39,12 @@ def apply_rope(x, cos, sin):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer, written at absolute positions: [L, B, S, K, hd]."""
+    """Keys and values of every layer at positions `pos`: k, v [L, B, S, K, hd]; pos, valid [B, S]."""
 
     k: jax.Array
     v: jax.Array
+    pos: jax.Array
+    valid: jax.Array
 
 
 class LlamaAttention(nnx.Module):
@@ -54,26 +56,27 @@ class LlamaAttention(nnx.Module):
         self.o_proj = Linear(h * hd, d, bias=False, dtype=dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
 
-    def __call__(self, x, cos, sin, mask, kv=None, write_pos=None):
+    def __call__(self, x, cos, sin, mask, prefix_kv=None):
         """x [B, Tq, D]; mask [B, 1|H, Tq, S] True = may attend.
 
-        kv: optional (k, v) [B, S, K, hd] to write this call's keys/values into at write_pos
-        [B, Tq]; without it the keys are this call's own (S = Tq).
-        Returns out [B, Tq, D], weights [B, H, Tq, S], and the (k, v) attended to.
+        prefix_kv: optional (k, v) [B, Sp, K, hd] of earlier positions (a KV cache, or an uncut
+        run's keys) attended before this call's own keys, so S = Sp + Tq.
+        Returns out [B, Tq, D], weights [B, H, Tq, S] and this call's own (k, v) [B, Tq, K, hd].
         """
         b, t, _ = x.shape
         h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q = apply_rope(self.q_proj(x).reshape(b, t, h, hd), cos, sin)  # [B, Tq, H, hd]
         k = apply_rope(self.k_proj(x).reshape(b, t, kvh, hd), cos, sin)  # [B, Tq, K, hd]
         v = self.v_proj(x).reshape(b, t, kvh, hd)  # [B, Tq, K, hd]
-        if kv is not None:
-            rows = jnp.arange(b)[:, None]
-            k, v = kv[0].at[rows, write_pos].set(k), kv[1].at[rows, write_pos].set(v)  # [B, S, K, hd]
+        keys, values = k, v
+        if prefix_kv is not None:
+            keys = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)  # [B, S, K, hd]
+            values = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
         q = q.reshape(b, t, kvh, h // kvh, hd)  # [B, Tq, K, G, hd]; query head = k * G + g
-        scores = jnp.einsum("BTKGd,BSKd->BKGTS", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("BTKGd,BSKd->BKGTS", q, keys, preferred_element_type=jnp.float32)
         scores = scores.reshape(b, h, t, -1) * hd**-0.5  # [B, H, Tq, S]
         weights = jax.nn.softmax(jnp.where(mask, scores, NEG), axis=-1).astype(x.dtype)
-        out = jnp.einsum("BKGTS,BSKd->BTKGd", weights.reshape(b, kvh, h // kvh, t, -1), v)
+        out = jnp.einsum("BKGTS,BSKd->BTKGd", weights.reshape(b, kvh, h // kvh, t, -1), values)
         return self.o_proj(out.reshape(b, t, h * hd)), weights, (k, v)
 
 
@@ -87,8 +90,8 @@ class LlamaLayer(nnx.Module):
         self.up_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, write_pos=None):
-        attn, weights, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_pos)
+    def __call__(self, x, cos, sin, mask, prefix_kv=None):
+        attn, weights, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix_kv)
         x = x + attn
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h)), weights, kv
@@ -99,7 +102,7 @@ class DecoderOutput:
     hidden: jax.Array  # [B, Tq, D] after the final norm
     hidden_states: jax.Array | None = None  # [L + 1, B, Tq, D] residual stream, no final norm
     attentions: jax.Array | None = None  # [L, B, H, Tq, S]
-    cache: KVCache | None = None
+    kv: tuple[jax.Array, jax.Array] | None = None  # this call's keys and values [L, B, Tq, K, hd]
 
 
 class LlamaModel(nnx.Module):
@@ -115,32 +118,38 @@ class LlamaModel(nnx.Module):
         """[..., D] -> logits [..., V] (no norm: callers pick normed or raw states)."""
         return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
-    def __call__(self, x, q_pos, kv_valid, *, kv_pos=None, knock: KnockoutMasks | None = None,
-                 cache: KVCache | None = None, collect_hidden=False, collect_attn=False) -> DecoderOutput:
-        """x [B, Tq, D] input embeddings at positions q_pos [B, Tq].
+    def masks(self, q_pos, valid, prefix: KVCache | None = None):
+        """RoPE tables for q_pos [B, Tq], and the key positions [B, S] and causal & valid mask
+        [B, 1, Tq, S] over the prefix keys (if any) followed by the queries' own keys."""
+        kv_pos, kv_valid = q_pos, valid
+        if prefix is not None:
+            kv_pos = jnp.concatenate([prefix.pos, q_pos], axis=1)
+            kv_valid = jnp.concatenate([prefix.valid, valid], axis=1)
+        base = (kv_pos[:, None, :] <= q_pos[:, :, None]) & kv_valid[:, None, :]
+        return rope_tables(q_pos, self.cfg.head_dim, self.cfg.rope_theta), kv_pos, base[:, None]
 
-        Without a cache the keys are the queries' own positions; with one, keys are the cache
-        slots kv_pos [B, S] (this call writes its keys at q_pos). kv_valid [B, S]: False for
-        padding. A knockout cuts edges per layer on top of causality and validity.
+    def __call__(self, x, q_pos, valid, *, prefix: KVCache | None = None, knock: KnockoutMasks | None = None,
+                 collect_hidden=False, collect_attn=False, collect_kv=False) -> DecoderOutput:
+        """x [B, Tq, D] input embeddings at positions q_pos [B, Tq]; valid [B, Tq] False for padding.
+
+        Queries attend to `prefix` (earlier keys, e.g. a KV cache) and to their own keys, under
+        causality and validity; a knockout additionally cuts edges per layer.
         """
-        kv_pos = q_pos if kv_pos is None else kv_pos
-        cos, sin = rope_tables(q_pos, self.cfg.head_dim, self.cfg.rope_theta)
-        base = (kv_pos[:, None, :] <= q_pos[:, :, None]) & kv_valid[:, None, :]  # [B, Tq, S]
-        base = base[:, None]  # [B, 1, Tq, S]
+        (cos, sin), kv_pos, base = self.masks(q_pos, valid, prefix)
         states, attns, ks, vs = [x], [], [], []
         for i, layer in enumerate(self.layers):
             mask = base if knock is None else base & ~knock.cut(i, q_pos, kv_pos)
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, weights, (k, v) = layer(x, cos, sin, mask, kv, q_pos)
+            prefix_kv = None if prefix is None else (prefix.k[i], prefix.v[i])
+            x, weights, (k, v) = layer(x, cos, sin, mask, prefix_kv)
             states.append(x)
             if collect_attn:
                 attns.append(weights)
-            if cache is not None:
+            if collect_kv:
                 ks.append(k)
                 vs.append(v)
         return DecoderOutput(
             hidden=self.norm(x),
             hidden_states=jnp.stack(states) if collect_hidden else None,
             attentions=jnp.stack(attns) if collect_attn else None,
-            cache=KVCache(jnp.stack(ks), jnp.stack(vs)) if cache is not None else None,
+            kv=(jnp.stack(ks), jnp.stack(vs)) if collect_kv else None,
         )
