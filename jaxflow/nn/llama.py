@@ -68,15 +68,17 @@ class LlamaAttention(nnx.Module):
         q = apply_rope(self.q_proj(x).reshape(b, t, h, hd), cos, sin)  # [B, Tq, H, hd]
         k = apply_rope(self.k_proj(x).reshape(b, t, kvh, hd), cos, sin)  # [B, Tq, K, hd]
         v = self.v_proj(x).reshape(b, t, kvh, hd)  # [B, Tq, K, hd]
-        keys, values = k, v
-        if prefix_kv is not None:
-            keys = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)  # [B, S, K, hd]
-            values = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
         q = q.reshape(b, t, kvh, h // kvh, hd)  # [B, Tq, K, G, hd]; query head = k * G + g
-        scores = jnp.einsum("BTKGd,BSKd->BKGTS", q, keys, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("BTKGd,BSKd->BKGTS", q, k, preferred_element_type=jnp.float32)
+        if prefix_kv is not None:  # separate einsum: a prefix shared under vmap is never copied
+            pre = jnp.einsum("BTKGd,BSKd->BKGTS", q, prefix_kv[0].astype(q.dtype), preferred_element_type=jnp.float32)
+            scores = jnp.concatenate([pre, scores], axis=-1)
         scores = scores.reshape(b, h, t, -1) * hd**-0.5  # [B, H, Tq, S]
         weights = jax.nn.softmax(jnp.where(mask, scores, NEG), axis=-1).astype(x.dtype)
-        out = jnp.einsum("BKGTS,BSKd->BTKGd", weights.reshape(b, kvh, h // kvh, t, -1), values)
+        w = weights.reshape(b, kvh, h // kvh, t, -1)
+        out = jnp.einsum("BKGTS,BSKd->BTKGd", w[..., -t:], v)  # [B, Tq, K, G, hd]
+        if prefix_kv is not None:
+            out = out + jnp.einsum("BKGTS,BSKd->BTKGd", w[..., :-t], prefix_kv[1].astype(v.dtype))
         return self.o_proj(out.reshape(b, t, h * hd)), weights, (k, v)
 
 
