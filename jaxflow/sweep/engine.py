@@ -1,0 +1,196 @@
+"""Batched knockout evaluation: every (flow, layer) configuration of a batch in one jitted call.
+
+Two methods give the probability of each sample's answer token at its last position under each
+knockout configuration:
+
+- `full`: the whole decoder reruns for every configuration (vmap over configurations);
+- `incremental`: exact partial recomputation. A cut with targets starting at position t0 and a
+  layer window starting at l0 cannot change positions before t0 (causality) nor anything below
+  layer l0. So each configuration reruns only the suffix [t0, T) from layer l0 up, attending to
+  the uncut run's keys/values for positions before t0. Configurations are sorted by l0: layer l
+  runs only for the configurations already started (a static prefix of the sorted list), so
+  no compute is spent below a window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxflow.knockout import KnockoutMasks
+from jaxflow.model import ModelInputs
+from jaxflow.nn.llama import KVCache
+from jaxflow.nn.llava import Llava
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BaseRun:
+    """The uncut forward of a batch: what the incremental method reuses."""
+
+    probs: jax.Array  # [B, V] next-token distribution at each sample's last position
+    hidden: jax.Array  # [L + 1, B, T, D] residual stream (input of layer l at index l)
+    k: jax.Array  # [L, B, T, K, hd]
+    v: jax.Array  # [L, B, T, K, hd]
+
+
+def _at_last(x, last):
+    """x [..., B, T, D], last [B] -> [..., B, D]."""
+    idx = jnp.broadcast_to(last[:, None, None], x.shape[:-3] + (x.shape[-3], 1, x.shape[-1]))
+    return jnp.take_along_axis(x, idx, axis=-2)[..., 0, :]
+
+
+def _answer_prob(lm, h, token):
+    """h [..., B, D] final-normed -> (p of token [..., B], top-1 token [..., B])."""
+    probs = jax.nn.softmax(lm.unembed(h).astype(jnp.float32), axis=-1)
+    idx = jnp.broadcast_to(token[:, None], probs.shape[:-1] + (1,))
+    return jnp.take_along_axis(probs, idx, axis=-1)[..., 0], jnp.argmax(probs, axis=-1)
+
+
+@nnx.jit
+def base_run(module: Llava, inputs: ModelInputs, last: jax.Array) -> BaseRun:
+    lm = module.language_model
+    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index)
+    out = lm(x, inputs.position_ids, inputs.attention_mask, collect_hidden=True, collect_kv=True)
+    probs = jax.nn.softmax(lm.unembed(_at_last(out.hidden, last)).astype(jnp.float32), axis=-1)
+    return BaseRun(probs, out.hidden_states, *out.kv)
+
+
+@nnx.jit
+def knockout_full(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token):
+    """knock with a leading axis K -> (p [K, B], top1 [K, B]) by full recomputation."""
+    lm = module.language_model
+    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index)
+
+    def one(k):
+        out = lm(x, inputs.position_ids, inputs.attention_mask, knock=k)
+        return _answer_prob(lm, _at_last(out.hidden, last), token)
+
+    return jax.vmap(one)(knock)
+
+
+@functools.partial(nnx.jit, static_argnames=("starts",))
+def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMasks, q_pos, q_valid, last_in_suffix,
+                         token, starts: tuple[int, ...]):
+    """Exact partial recomputation (see the module docstring).
+
+    knock: K configurations sorted by window start `starts` (ascending, static); q_pos, q_valid
+    [K, B, S]: the suffix positions each configuration recomputes (q_pos[..., 0] = t0);
+    last_in_suffix [K, B]: index of the last position within the suffix; valid [B, T].
+    """
+    lm = module.language_model
+    t = valid.shape[1]
+    slots = jnp.broadcast_to(jnp.arange(t), valid.shape)  # [B, T]
+    x = None
+    for layer_idx, layer in enumerate(lm.layers):
+        n = sum(s <= layer_idx for s in starts)
+        if n == 0:
+            continue
+        done = 0 if x is None else x.shape[0]
+        if n > done:  # configurations whose window starts here take the uncut input of this layer
+            h_in = base.hidden[layer_idx]  # [B, T, D]
+            fresh = jnp.take_along_axis(h_in[None], q_pos[done:n, ..., None], axis=2)  # [n - done, B, S, D]
+            x = fresh if x is None else jnp.concatenate([x, fresh])
+
+        def one(xk, qk, qvk, kk, layer_idx=layer_idx, layer=layer):
+            prefix = KVCache(base.k[layer_idx], base.v[layer_idx], pos=slots, valid=valid & (slots < qk[:, :1]))
+            (cos, sin), kv_pos, mask = lm.masks(qk, qvk, prefix)
+            mask = mask & ~kk.cut(layer_idx, qk, kv_pos)
+            return layer(xk, cos, sin, mask, (prefix.k, prefix.v))[0]
+
+        sub = jax.tree.map(lambda a, n=n: a[:n], knock)
+        x = jax.vmap(one)(x, q_pos[:n], q_valid[:n], sub)
+    h = jnp.take_along_axis(x, last_in_suffix[..., None, None], axis=2)[:, :, 0]  # [K, B, D]
+    return _answer_prob(lm, lm.norm(h), token)
+
+
+@functools.partial(nnx.jit, static_argnames=())
+def logit_lens(module: Llava, hidden, last, tokens):
+    """hidden [L + 1, B, T, D], tokens [B, N] -> probabilities [2, L + 1, B, N]: raw (no final
+    norm, as the study did) and with the final norm."""
+    lm = module.language_model
+    h = _at_last(hidden, last)  # [L + 1, B, D]
+
+    def probs(x):
+        p = jax.nn.softmax(lm.unembed(x).astype(jnp.float32), axis=-1)  # [L + 1, B, V]
+        return jnp.take_along_axis(p, jnp.broadcast_to(tokens, p.shape[:2] + tokens.shape[-1:]), axis=-1)
+
+    return jnp.stack([probs(h), probs(lm.norm(h))])
+
+
+def window_starts(knock: KnockoutMasks) -> np.ndarray:
+    """First cut layer of each configuration [K] (num_layers for a configuration that cuts nothing)."""
+    layers = np.asarray(knock.layers)
+    return np.where(layers.any(-1), layers.argmax(-1), layers.shape[-1])
+
+
+def suffix_plan(knock: KnockoutMasks, lengths: np.ndarray, bucket: int = 8):
+    """Host side: the suffix each configuration recomputes. Returns q_pos, q_valid [K, B, S] and
+    last_in_suffix [K, B]; S is the longest suffix rounded up to `bucket` (fewer compilations)."""
+    target = np.asarray(knock.target)  # [K, B, T]
+    k, b, t = target.shape
+    last = lengths - 1
+    has = target.any(-1)
+    t0 = np.where(has, target.argmax(-1), last[None])  # no target: nothing changes, rerun the last position
+    t0 = np.minimum(t0, last[None])
+    span = int((last[None] - t0).max()) + 1
+    s = min(t, -(-span // bucket) * bucket)
+    q = t0[..., None] + np.arange(s)  # [K, B, S]
+    q_valid = q <= last[None, :, None]
+    return np.minimum(q, t - 1).astype(np.int32), q_valid, (last[None] - t0).astype(np.int32)
+
+
+def sort_by_start(knock: KnockoutMasks):
+    """(sorted masks, order, starts tuple) so that layer l runs on a prefix of the configurations."""
+    starts = window_starts(knock)
+    order = np.argsort(starts, kind="stable")
+    sorted_knock = jax.tree.map(lambda a: np.asarray(a)[order], knock)
+    num_layers = np.asarray(knock.layers).shape[-1]
+    return sorted_knock, order, tuple(int(min(s, num_layers - 1)) for s in starts[order])
+
+
+def _chunks(k: int, chunk: int):
+    for start in range(0, k, chunk):
+        idx = np.arange(start, start + chunk)
+        yield np.minimum(idx, k - 1), min(chunk, k - start)  # pad the last chunk: one shape, one compile
+
+
+def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token, *, method="incremental",
+                   chunk: int = 64, base: BaseRun | None = None):
+    """p(token) and top-1 under each of K configurations: arrays [K, B] (numpy).
+
+    knock: KnockoutMasks with leading axis K (no dense masks). `chunk` bounds how many
+    configurations run at once (memory); `base` is reused by the incremental method.
+    """
+    if knock.dense is not None:
+        raise ValueError("knockouts: sweeps take compact knockouts only (no DenseKnockout)")
+    k = np.asarray(knock.layers).shape[0]
+    last = jnp.asarray(last)
+    token = jnp.asarray(token)
+    ps, tops = np.zeros((k, len(token)), np.float32), np.zeros((k, len(token)), np.int64)
+    if method == "full":
+        for idx, n in _chunks(k, chunk):
+            sub = jax.tree.map(lambda a, idx=idx: jnp.asarray(np.asarray(a)[idx]), knock)
+            p, top = knockout_full(module, inputs, sub, last, token)
+            ps[idx[:n]], tops[idx[:n]] = np.asarray(p)[:n], np.asarray(top)[:n]
+        return ps, tops
+    if method != "incremental":
+        raise ValueError(f"method: {method!r} is not 'full' or 'incremental'")
+    if base is None:
+        base = base_run(module, inputs, last)
+    lengths = np.asarray(last) + 1
+    valid = inputs.attention_mask
+    sorted_knock, order, starts = sort_by_start(knock)
+    for idx, n in _chunks(k, chunk):
+        sub = jax.tree.map(lambda a, idx=idx: np.asarray(a)[idx], sorted_knock)
+        q_pos, q_valid, last_in = suffix_plan(sub, lengths)
+        p, top = knockout_incremental(module, base, valid, jax.tree.map(jnp.asarray, sub), jnp.asarray(q_pos),
+                                      jnp.asarray(q_valid), jnp.asarray(last_in), token,
+                                      tuple(starts[i] for i in idx))
+        ps[order[idx[:n]]], tops[order[idx[:n]]] = np.asarray(p)[:n], np.asarray(top)[:n]
+    return ps, tops
