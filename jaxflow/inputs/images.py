@@ -1,0 +1,229 @@
+"""Image preprocessing and box geometry for LLaVA-1.5 ("pad") and LLaVA-NeXT ("anyres"); numpy + PIL only.
+
+`preprocess` reproduces the pixel values of transformers' PIL image processors
+(`LlavaImageProcessorPil(do_pad=True)` for LLaVA-1.5, i.e. the original LLaVA `expand2square`, and
+`LlavaNextImageProcessorPil` for LLaVA-NeXT). Every step works on uint8 pixels through PIL exactly as
+transformers does; only the final rescale/normalize is float.
+
+The box functions carry a box (x, y, w, h) in original image pixels through the same geometry, into the
+pixel frame of the base crop (`box_in_base`) or of the padded best-resolution anyres image
+(`box_in_grid`), and `related_features` marks the image features whose patch overlaps a box, in the
+feature order of `jaxflow.image_layout.image_layout` (the model's own plan).
+
+Sizes are (height, width) throughout, as in transformers' LlavaNext; boxes and PIL sizes are (x, y, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import PIL.Image
+
+from jaxflow.config import LlavaConfig
+from jaxflow.image_layout import image_layout, select_best_resolution
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Box = tuple[float, float, float, float]  # (x, y, w, h) in original image pixels
+Rect = tuple[float, float, float, float]  # (x0, y0, x1, y1)
+
+
+def _side(value, key: str) -> int | None:
+    """An image side from a preprocessor config entry: an int, or a dict with shortest_edge or a square height/width."""
+    if value is None or isinstance(value, int):
+        return value
+    if "shortest_edge" in value:
+        return int(value["shortest_edge"])
+    if "height" in value and "width" in value:
+        if value["height"] != value["width"]:
+            raise ValueError(f"preprocessor config {key}={value!r}: only square sizes are supported")
+        return int(value["height"])
+    raise ValueError(f"preprocessor config {key}={value!r}: expected an int, shortest_edge, or height and width")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessorSettings:
+    """CLIP preprocessing settings. `size` (resize shortest edge) and `crop_size` of None mean the model's
+    vision image_size; other values must equal it (the vision tower sees image_size crops)."""
+
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    size: int | None = None
+    crop_size: int | None = None
+    resample: int = int(PIL.Image.Resampling.BICUBIC)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ProcessorSettings:
+        """From a transformers / CLIP `preprocessor_config.json` dict; missing keys take the defaults."""
+        mean = tuple(float(v) for v in d.get("image_mean", OPENAI_CLIP_MEAN))
+        std = tuple(float(v) for v in d.get("image_std", OPENAI_CLIP_STD))
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"preprocessor config: image_mean/image_std need 3 values, got {mean}, {std}")
+        resample = d.get("resample")
+        return cls(mean, std, _side(d.get("size"), "size"), _side(d.get("crop_size"), "crop_size"),
+                   int(PIL.Image.Resampling.BICUBIC) if resample is None else int(resample))
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> ProcessorSettings:
+        """Reads `preprocessor_config.json` (or the `image_processor` section of `processor_config.json`) in a
+        model directory; OpenAI CLIP defaults when there is neither."""
+        pre = os.path.join(path, "preprocessor_config.json")
+        if os.path.isfile(pre):
+            with open(pre) as f:
+                return cls.from_dict(json.load(f))
+        proc = os.path.join(path, "processor_config.json")
+        if os.path.isfile(proc):
+            with open(proc) as f:
+                section = json.load(f).get("image_processor")
+            if isinstance(section, dict):
+                return cls.from_dict(section)
+        return cls()
+
+
+def _check_settings(settings: ProcessorSettings, cfg: LlavaConfig) -> None:
+    s = cfg.vision.image_size
+    for key in ("size", "crop_size"):
+        value = getattr(settings, key)
+        if value is not None and value != s:
+            raise ValueError(f"processor settings {key}={value} differ from the model's vision image_size {s}")
+
+
+def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """RGB, compositing transparency onto white (as transformers' convert_to_rgb)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _clip_preprocess(image: PIL.Image.Image, side: int, settings: ProcessorSettings) -> np.ndarray:
+    """CLIP steps on one RGB image: resize the shortest edge to `side`, center crop side x side, rescale 1/255,
+    normalize. Returns [3, side, side] float32."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(side * long / short)  # transformers' get_resize_output_image_size truncates
+    new_w, new_h = (side, new_long) if w <= h else (new_long, side)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), resample=settings.resample)
+    top, left = (new_h - side) // 2, (new_w - side) // 2
+    pixels = np.asarray(image)[top:top + side, left:left + side]
+    x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.asarray(settings.image_mean, np.float32)) / np.asarray(settings.image_std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def _pad_geometry(size_hw: tuple[int, int]) -> tuple[int, int, int]:
+    """Side of the LLaVA-1.5 square and the (x, y) offset of the pasted image (odd remainder right/bottom)."""
+    h, w = size_hw
+    side = max(h, w)
+    return side, (side - w) // 2, (side - h) // 2
+
+
+def _fit_size(size_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the aspect-preserving resize into target (transformers' get_patch_output_size: ceil)."""
+    h, w = size_hw
+    th, tw = target_hw
+    scale_w, scale_h = tw / w, th / h
+    if scale_w < scale_h:
+        return min(math.ceil(h * scale_w), th), tw
+    return th, min(math.ceil(w * scale_h), tw)
+
+
+def _anyres_geometry(cfg: LlavaConfig, size_hw: tuple[int, int]):
+    """Best resolution (h, w), resized content size (h, w) and paste offset (y, x) of the anyres image."""
+    if not cfg.is_next:
+        raise ValueError("the anyres grid exists only for LLaVA-NeXT configs")
+    if not cfg.image_grid_pinpoints:
+        raise ValueError("LLaVA-NeXT config has no image_grid_pinpoints")
+    s = cfg.vision.image_size
+    best = select_best_resolution(size_hw, cfg.image_grid_pinpoints)
+    if best[0] % s or best[1] % s:
+        raise ValueError(f"pinpoint {best} is not a multiple of the vision image_size {s}")
+    fit = _fit_size(size_hw, best)
+    paste = ((best[0] - fit[0]) // 2, (best[1] - fit[1]) // 2)  # odd remainder goes bottom/right
+    return best, fit, paste
+
+
+def preprocess(image: PIL.Image.Image, cfg: LlavaConfig,
+               settings: ProcessorSettings | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pixel values of one image for `cfg` and its (height, width).
+
+    LLaVA-1.5: [1, 3, S, S] (pad to a square of the mean colour, then CLIP preprocessing).
+    LLaVA-NeXT: [1, crops, 3, S, S] (base image squashed to S x S, then the anyres grid crops row-major).
+    """
+    settings = settings or ProcessorSettings()
+    _check_settings(settings, cfg)
+    image = _to_rgb(image)
+    s = cfg.vision.image_size
+    size_hw = (image.height, image.width)
+    if not cfg.is_next:
+        side, ox, oy = _pad_geometry(size_hw)
+        if side != image.width or side != image.height:
+            fill = tuple(int(x * 255) for x in settings.image_mean)  # truncation, as LLaVA / transformers
+            square = PIL.Image.new("RGB", (side, side), fill)
+            square.paste(image, (ox, oy))
+            image = square
+        return _clip_preprocess(image, s, settings)[None], size_hw
+    (bh, bw), (fh, fw), (py, px) = _anyres_geometry(cfg, size_hw)
+    canvas = PIL.Image.new("RGB", (bw, bh), (0, 0, 0))
+    canvas.paste(image.resize((fw, fh), resample=settings.resample), (px, py))
+    crops = [image.resize((s, s), resample=settings.resample)]
+    crops += [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(bh // s) for c in range(bw // s)]
+    return np.stack([_clip_preprocess(c, s, settings) for c in crops])[None], size_hw
+
+
+def box_in_base(box: Box, size_hw: tuple[int, int], cfg: LlavaConfig) -> Rect:
+    """(x0, y0, x1, y1) of `box` in the pixel frame of the base crop (S x S)."""
+    x, y, w, h = box
+    s = cfg.vision.image_size
+    if cfg.is_next:  # squash resize
+        ih, iw = size_hw
+        return x * s / iw, y * s / ih, (x + w) * s / iw, (y + h) * s / ih
+    side, ox, oy = _pad_geometry(size_hw)  # pad to square, resize to S x S (the center crop is then a no-op)
+    return (x + ox) * s / side, (y + oy) * s / side, (x + w + ox) * s / side, (y + h + oy) * s / side
+
+
+def box_in_grid(box: Box, size_hw: tuple[int, int], cfg: LlavaConfig) -> Rect:
+    """(x0, y0, x1, y1) of `box` in the padded best-resolution frame of the anyres grid (LLaVA-NeXT)."""
+    x, y, w, h = box
+    _, (fh, fw), (py, px) = _anyres_geometry(cfg, size_hw)
+    ih, iw = size_hw
+    return x * fw / iw + px, y * fh / ih + py, (x + w) * fw / iw + px, (y + h) * fh / ih + py
+
+
+def _clip_to_image(box: Box, size_hw: tuple[int, int]) -> Box:
+    x, y, w, h = box
+    x0, y0 = max(x, 0), max(y, 0)
+    return x0, y0, min(x + w, size_hw[1]) - x0, min(y + h, size_hw[0]) - y0
+
+
+def related_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[Box]) -> np.ndarray:
+    """Per image feature (order of `image_layout(cfg, size_hw)`): does its patch overlap any box with positive
+    area? Boxes are (x, y, w, h) in original pixels, clipped to the image first. Newline and CLS features are
+    never related."""
+    size_hw = (int(size_hw[0]), int(size_hw[1]))
+    layout = image_layout(cfg, size_hw)
+    related = np.zeros(len(layout), bool)
+    boxes: Sequence[Box] = [_clip_to_image(b, size_hw) for b in boxes]
+    if not boxes:
+        return related
+    p = cfg.vision.patch_size
+    patch = (layout.crop >= 0) & (layout.row >= 0)
+    frames = [(layout.crop == 0, [box_in_base(b, size_hw, cfg) for b in boxes])]
+    if cfg.is_next:
+        frames.append((layout.crop > 0, [box_in_grid(b, size_hw, cfg) for b in boxes]))
+    for in_frame, rects in frames:
+        sel = patch & in_frame
+        r = np.asarray(rects, np.float64)  # [B, 4]
+        x0, y0 = layout.col[sel, None] * p, layout.row[sel, None] * p
+        dx = np.minimum(x0 + p, r[:, 2]) - np.maximum(x0, r[:, 0])
+        dy = np.minimum(y0 + p, r[:, 3]) - np.maximum(y0, r[:, 1])
+        related[sel] = ((dx > 0) & (dy > 0)).any(axis=1)
+    return related
