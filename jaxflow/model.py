@@ -141,10 +141,18 @@ def _decode_step(module: Llava, token: jax.Array, pos: jax.Array, k_cache: jax.A
 
 
 class Model:
-    """A loaded LLaVA model: `.config`, `.tokenizer`, `.module` (the Flax NNX module)."""
+    """A loaded LLaVA model: `.config`, `.tokenizer`, `.module` (the Flax NNX module), `.path` and
+    `.metadata` (jaxflow.json: source layout, dtype) of the converted directory."""
 
-    def __init__(self, module: Llava, config: LlavaConfig, tokenizer=None):
+    def __init__(self, module: Llava, config: LlavaConfig, tokenizer=None, path: str | None = None,
+                 metadata: dict | None = None):
         self.module, self.config, self.tokenizer = module, config, tokenizer
+        self.path, self.metadata = path, metadata or {}
+
+    @property
+    def prompt_mode(self) -> str:
+        """How prompts are tokenized: LLaVA's own way for original-layout checkpoints, else transformers'."""
+        return "original" if self.metadata.get("layout") == "original" else "llava-hf"
 
     def prepare(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
                 position_ids=None) -> ModelInputs:
@@ -234,4 +242,4 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return Model(nnx.merge(graphdef, state), cfg, tokenizer)
+    return Model(nnx.merge(graphdef, state), cfg, tokenizer, path, meta)

@@ -1,0 +1,99 @@
+"""From an image and a question to model inputs and named token regions.
+
+Regions are sorted position lists in the full, image-expanded sequence: `image`, `question`,
+`last`, `true_option`, `false_option`, `question_without_options`, `related_image_patches`,
+`other_image_patches`; users add regions by prompt substring or by box.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from jaxflow.config import LlavaConfig
+from jaxflow.image_layout import image_layout
+from jaxflow.inputs import images, prompts
+
+Box = tuple[float, float, float, float]  # x, y, w, h in original image pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleInputs:
+    """One prompt + image, ready for the model, with its regions."""
+
+    input_ids: np.ndarray  # [T] int64
+    pixel_values: np.ndarray  # [1, 3, S, S] (1.5) or [1, crops, 3, S, S] (NeXT)
+    image_size: tuple[int, int]  # (height, width)
+    regions: dict[str, np.ndarray]  # name -> sorted positions
+    prompt: prompts.Prompt
+    encoded: prompts.Encoded
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class RegionError(ValueError):
+    """A region cannot be located (e.g. the question is not covered by whole tokens)."""
+
+
+def default_template(tokenizer) -> str:
+    """llava_llama_3 for Llama-3 tokenizers (chat header tokens), else vicuna_v1."""
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    return "llava_llama_3" if "<|start_header_id|>" in vocab else "vicuna_v1"
+
+
+def _span(encoded, start: int, end: int, what: str) -> np.ndarray:
+    problem = prompts.span_problem(encoded, start, end)
+    if problem:
+        raise RegionError(f"{what}: {problem}")
+    return np.asarray(prompts.token_span(encoded, start, end), np.int64)
+
+
+def image_region(cfg: LlavaConfig, size: tuple[int, int], encoded, boxes: Sequence[Box]) -> np.ndarray:
+    """Image positions whose patch overlaps any of `boxes` (after the image's own geometry)."""
+    related = images.related_features(cfg, size, list(boxes))
+    return np.asarray(encoded.image_positions)[related]
+
+
+def substring_region(prompt: prompts.Prompt, encoded, substring: str, occurrence: int = 0) -> np.ndarray:
+    """Positions of the tokens covering the `occurrence`-th match of `substring` in the prompt text."""
+    start = -1
+    for _ in range(occurrence + 1):
+        start = prompt.text.find(substring, start + 1)
+        if start < 0:
+            raise RegionError(f"substring {substring!r} not found in the prompt")
+    return _span(encoded, start, start + len(substring), f"substring {substring!r}")
+
+
+def build_sample(cfg: LlavaConfig, tokenizer, image: Image.Image, question: str, *, mode: str = "llava-hf",
+                 template: str | None = None, boxes: Sequence[Box] = (), option_spans=(None, None),
+                 settings: images.ProcessorSettings | None = None) -> SampleInputs:
+    """Preprocesses, renders the prompt, tokenizes, and locates every region.
+
+    option_spans: character spans of the true and false options inside `question` (or None).
+    """
+    pixel_values, size = images.preprocess(image, cfg, settings)
+    prompt = prompts.build_prompt(question, template or default_template(tokenizer))
+    encoded = prompts.encode(prompt, tokenizer, cfg.image_token_id, len(image_layout(cfg, size)), mode)
+    image_pos = np.asarray(encoded.image_positions, np.int64)
+    regions = {
+        "image": image_pos,
+        "question": _span(encoded, *prompt.question_span, "question"),
+        "last": np.asarray([encoded.last_position], np.int64),
+    }
+    options = []
+    for name, span in zip(("true_option", "false_option"), option_spans, strict=True):
+        if span is not None:
+            regions[name] = _span(encoded, *prompt.question_substring_span(*span), name)
+            options.append(regions[name])
+    if options:
+        regions["question_without_options"] = np.setdiff1d(regions["question"], np.concatenate(options))
+    related = images.related_features(cfg, size, list(boxes))
+    newline = image_layout(cfg, size).is_newline
+    regions["related_image_patches"] = image_pos[related]
+    regions["other_image_patches"] = image_pos[~related & ~newline]
+    return SampleInputs(np.asarray(encoded.input_ids, np.int64), pixel_values, size,
+                        {k: np.sort(v) for k, v in regions.items()}, prompt, encoded)
