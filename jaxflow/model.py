@@ -179,8 +179,10 @@ class Model:
 
     def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
                  max_new_tokens: int = 8, eos_token_id: int | None = None) -> GenerateOutput:
-        """Greedy decoding with a KV cache. Prompts in a batch must be right-padded."""
-        inputs = self.prepare(input_ids, pixel_values, image_sizes, attention_mask)
+        """Greedy decoding with a KV cache. Prompts in a batch must be right-padded. `input_ids` may
+        also be ready ModelInputs (from `prepare`)."""
+        inputs = input_ids if isinstance(input_ids, ModelInputs) else self.prepare(
+            input_ids, pixel_values, image_sizes, attention_mask)
         mask = np.asarray(inputs.attention_mask)
         lengths = mask.sum(axis=1)
         if not (mask == (np.arange(mask.shape[1]) < lengths[:, None])).all():

@@ -75,8 +75,8 @@ def write_random_checkpoint(path: str, hf_config: dict, seed: int = 0, scale: fl
 
 
 def tiny_hf_config(kind: str = "llava", image_size: int = 56, layers: int = 4, hidden: int = 64,
-                   heads: int = 4, kv_heads: int = 4, vocab: int = 256) -> dict:
-    """A small transformers llava / llava_next config dict (image token = vocab - 1)."""
+                   heads: int = 4, kv_heads: int = 4, vocab: int = 256, image_token_index: int | None = None) -> dict:
+    """A small transformers llava / llava_next config dict (image token: vocab - 1 unless given)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
     from transformers import LlavaConfig as HFLlavaConfig
 
@@ -84,7 +84,8 @@ def tiny_hf_config(kind: str = "llava", image_size: int = 56, layers: int = 4, h
                               num_attention_heads=4, image_size=image_size, patch_size=14, hidden_act="quick_gelu")
     text = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads)
-    common = dict(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=vocab - 1)
+    image_token = vocab - 1 if image_token_index is None else image_token_index
+    common = dict(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image_token)
     if kind == "llava_next":
         s = image_size
         pin = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]]
