@@ -25,6 +25,34 @@ def _demo(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    import jaxflow
+    from jaxflow.sweep import run
+
+    flows = [run.parse_flow(f) for f in (args.flows or list(run.STUDY_FLOWS))]
+    model = jaxflow.load(args.model)
+    summary = run.sweep(model, args.data, args.out, flows=flows, window_size=args.window, batch=args.batch,
+                        method=args.method, limit=args.limit, images=args.images, template=args.template,
+                        chunk=args.chunk, lens=args.command == "lens", filter_correct=not args.keep_incorrect)
+    print(f"{summary['kept']} samples recorded, {summary['skipped']} skipped (see skipped.csv), "
+          f"{len(summary['compiled_shapes'])} batch shapes {summary['compiled_shapes']}; results in {args.out}")
+    return 0
+
+
+def _plot(args) -> int:
+    from jaxflow.sweep.plots import plot
+
+    for path in plot(args.results, args.out):
+        print(path)
+    return 0
+
+
+def _regions(args) -> int:
+    from jaxflow.inputs.cli import regions_command
+
+    return regions_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", help="CLIP checkpoint directory, for the original LLaVA layout")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=_convert)
+    for name, what in (("sweep", "attention-knockout sweep over flows x layers"),
+                       ("lens", "logit lens at the last position")):
+        p = sub.add_parser(name, help=f"{what} on a GQA task file")
+        p.add_argument("--model", required=True, help="converted model directory")
+        p.add_argument("--data", required=True, help="task CSV (GQA task-file schema)")
+        p.add_argument("--images", help="image folder holding <img_id>.jpg")
+        p.add_argument("--out", required=True, help="results directory (resumed if it exists)")
+        p.add_argument("--flows", nargs="+", help="flows: the study's names (e.g. 'Image->Question') or "
+                       "region pairs 'source->target', optionally '@h1,h2' for a head subset (default: the six)")
+        p.add_argument("--window", type=int, default=9, help="layers cut around each layer (default 9)")
+        p.add_argument("--batch", type=int, default=4, help="samples per compiled call")
+        p.add_argument("--method", choices=["incremental", "full"], default="incremental")
+        p.add_argument("--chunk", type=int, default=64, help="knockout configurations per call (memory bound)")
+        p.add_argument("--limit", type=int, help="only the first N rows")
+        p.add_argument("--template", choices=["vicuna_v1", "llava_llama_3", "plain"], help="default: from tokenizer")
+        p.add_argument("--keep-incorrect", action="store_true", help="keep samples the model answers wrongly")
+        p.set_defaults(func=_sweep)
+    p = sub.add_parser("plot", help="figures and summary from result directories")
+    p.add_argument("results", help="directory holding results.csv / lens.csv (searched recursively)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_plot)
     p = sub.add_parser("demo", help="smoke run: random tiny LLaVA -> convert -> knockouts -> generate")
     p.add_argument("--out", default="jaxflow-demo", help="output directory (default: ./jaxflow-demo)")
     p.set_defaults(func=_demo)

@@ -1,0 +1,161 @@
+"""`jaxflow plot`: figures and a summary table from sweep / lens result directories.
+
+- per task: mean relative change (%) of the answer probability vs layer, one line per flow, with
+  a 95% confidence band (normal approximation, 1.96 standard errors), as in the study's figures;
+- logit lens: mean probability of the answer (lowercase, capitalized, false option) vs layer,
+  raw (no final norm, as the study) and normed;
+- a merged figure with every task side by side; summary.md / summary.csv: per task and flow,
+  the layer with the largest mean drop, its size and the sample count.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from collections import defaultdict
+
+import numpy as np
+
+
+def _read(pattern: str) -> list[dict]:
+    rows = []
+    for path in sorted(glob.glob(pattern, recursive=True)):
+        with open(path, newline="") as f:
+            rows.extend(csv.DictReader(f))
+    return rows
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    v = np.asarray(values, np.float64)
+    if len(v) < 2:
+        return float(v.mean()), 0.0
+    return float(v.mean()), float(1.96 * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def flow_curves(rows: list[dict]) -> dict:
+    """task -> flow -> (layers, mean, ci, n)."""
+    acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in rows:
+        acc[r["task"]][r["block_desc"]][int(r["layer"])].append(float(r["relative_diff_first"]))
+    out: dict = {}
+    for task, flows in acc.items():
+        out[task] = {}
+        for flow, by_layer in flows.items():
+            layers = sorted(by_layer)
+            stats = [_mean_ci(by_layer[layer]) for layer in layers]
+            out[task][flow] = (np.asarray(layers), np.asarray([s[0] for s in stats]),
+                               np.asarray([s[1] for s in stats]), len(by_layer[layers[0]]))
+    return out
+
+
+def _plot_flows(ax, curves: dict, title: str) -> None:
+    for flow, (layers, mean, ci, n) in curves.items():
+        (line,) = ax.plot(layers, mean, label=f"{flow} (n={n})", linewidth=1.6)
+        ax.fill_between(layers, mean - ci, mean + ci, color=line.get_color(), alpha=0.2, linewidth=0)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_title(title)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("change in answer probability (%)")
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, out: str, name: str) -> list[str]:
+    paths = [os.path.join(out, f"{name}.{ext}") for ext in ("png", "pdf")]
+    for p in paths:
+        fig.savefig(p, dpi=130, bbox_inches="tight")
+    return paths
+
+
+def plot(results_dir: str, out: str) -> list[str]:
+    """Writes every figure and the summary into `out`; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out, exist_ok=True)
+    written: list[str] = []
+    rows = _read(os.path.join(results_dir, "**", "results.csv"))
+    lens_rows = _read(os.path.join(results_dir, "**", "lens.csv"))
+    if not rows and not lens_rows:
+        raise FileNotFoundError(f"{results_dir}: no results.csv or lens.csv found (run `jaxflow sweep` first)")
+    curves = flow_curves(rows) if rows else {}
+    for task, task_curves in sorted(curves.items()):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        _plot_flows(ax, task_curves, task)
+        ax.legend(fontsize=7, loc="lower right")
+        written += _save(fig, out, f"flows_{task}")
+        plt.close(fig)
+    if len(curves) > 1:
+        fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.8), sharey=True, squeeze=False)
+        for ax, (task, task_curves) in zip(axes[0], sorted(curves.items()), strict=True):
+            _plot_flows(ax, task_curves, task)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, [lab.split(" (n=")[0] for lab in labels], loc="lower center", ncol=3, fontsize=8,
+                   bbox_to_anchor=(0.5, -0.12))
+        written += _save(fig, out, "flows_all_tasks")
+        plt.close(fig)
+    if lens_rows:
+        written += _plot_lens(plt, lens_rows, out)
+    if curves:
+        written += _summary(curves, out)
+    return written
+
+
+def _plot_lens(plt, rows: list[dict], out: str) -> list[str]:
+    written = []
+    by_task: dict = defaultdict(list)
+    for r in rows:
+        by_task[r["task"]].append(r)
+    for task, task_rows in sorted(by_task.items()):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+        for ax, norm in zip(axes, ("False", "True"), strict=True):
+            sel = [r for r in task_rows if r["norm"] == norm]
+            n = len({r["question_id"] for r in sel})
+            for col, label in (("p_answer", "answer (lowercase)"), ("p_answer_capitalized", "Answer (capitalized)"),
+                               ("p_false_option", "false option")):
+                acc = defaultdict(list)
+                for r in sel:
+                    if r[col] != "":
+                        acc[int(r["layer"])].append(float(r[col]))
+                if not acc:
+                    continue
+                layers = sorted(acc)
+                stats = [_mean_ci(acc[layer]) for layer in layers]
+                mean, ci = np.asarray([s[0] for s in stats]), np.asarray([s[1] for s in stats])
+                (line,) = ax.plot(layers, mean, label=label)
+                ax.fill_between(layers, mean - ci, mean + ci, color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.set_title(f"{task}: logit lens, {'final norm' if norm == 'True' else 'raw (no final norm)'} (n={n})")
+            ax.set_xlabel("layer (0 = embeddings)")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("probability at the last position")
+        axes[0].legend(fontsize=8)
+        written += _save(fig, out, f"lens_{task}")
+        plt.close(fig)
+    return written
+
+
+def _summary(curves: dict, out: str) -> list[str]:
+    rows = []
+    for task, task_curves in sorted(curves.items()):
+        for flow, (layers, mean, ci, n) in task_curves.items():
+            i = int(np.argmin(mean))
+            rows.append({"task": task, "flow": flow, "largest_drop_layer": int(layers[i]),
+                         "largest_drop_pct": round(float(mean[i]), 2), "ci95_pct": round(float(ci[i]), 2),
+                         "samples": n})
+    csv_path, md_path = os.path.join(out, "summary.csv"), os.path.join(out, "summary.md")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(md_path, "w") as f:
+        f.write("| task | flow | layer of largest drop | mean change (%) | 95% CI (±) | samples |\n")
+        f.write("| --- | --- | --- | --- | --- | --- |\n")
+        for r in rows:
+            f.write(f"| {r['task']} | {r['flow']} | {r['largest_drop_layer']} | {r['largest_drop_pct']} | "
+                    f"{r['ci95_pct']} | {r['samples']} |\n")
+    return [csv_path, md_path]
