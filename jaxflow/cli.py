@@ -47,12 +47,6 @@ def _plot(args) -> int:
     return 0
 
 
-def _regions(args) -> int:
-    from jaxflow.inputs.cli import regions_command
-
-    return regions_command(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--template", choices=["vicuna_v1", "llava_llama_3", "plain"], help="default: from tokenizer")
         p.add_argument("--keep-incorrect", action="store_true", help="keep samples the model answers wrongly")
         p.set_defaults(func=_sweep)
+    from jaxflow.inputs.cli import add_parser as add_regions
+
+    add_regions(sub)
     p = sub.add_parser("plot", help="figures and summary from result directories")
     p.add_argument("results", help="directory holding results.csv / lens.csv (searched recursively)")
     p.add_argument("--out", required=True)

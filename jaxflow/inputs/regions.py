@@ -97,3 +97,46 @@ def build_sample(cfg: LlavaConfig, tokenizer, image: Image.Image, question: str,
     regions["other_image_patches"] = image_pos[~related & ~newline]
     return SampleInputs(np.asarray(encoded.input_ids, np.int64), pixel_values, size,
                         {k: np.sort(v) for k, v in regions.items()}, prompt, encoded)
+
+
+def render(sample: SampleInputs, cfg: LlavaConfig, boxes: Sequence[Box], path: str,
+           settings: images.ProcessorSettings | None = None) -> str:
+    """Draws what the vision tower sees (the base crop; for LLaVA-NeXT also the anyres grid) with the
+    related image patches shaded and the transformed boxes outlined. Saves a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    settings = settings or images.ProcessorSettings()
+    mean, std = np.asarray(settings.image_mean)[:, None, None], np.asarray(settings.image_std)[:, None, None]
+    crops = sample.pixel_values[0] if cfg.is_next else sample.pixel_values  # [crops, 3, S, S]
+    pictures = np.clip((crops * std + mean).transpose(0, 2, 3, 1), 0, 1)  # [crops, S, S, 3]
+    lay = image_layout(cfg, sample.image_size)
+    related = images.related_features(cfg, sample.image_size, list(boxes))
+    p, s = cfg.vision.patch_size, cfg.vision.image_size
+    panels = [("base image (crop 0)", pictures[0], lay.crop == 0, [images.box_in_base(b, sample.image_size, cfg)
+                                                                   for b in boxes])]
+    if cfg.is_next:
+        nh, nw = lay.grid
+        grid = pictures[1:1 + nh * nw].reshape(nh, nw, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(nh * s, nw * s, 3)
+        panels.append((f"anyres grid {nh}x{nw} crops", grid, lay.crop > 0,
+                       [images.box_in_grid(b, sample.image_size, cfg) for b in boxes]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
+    for ax, (title, picture, select, rects) in zip(axes[0], panels, strict=True):
+        ax.imshow(picture)
+        for r, c in zip(lay.row[select & related], lay.col[select & related], strict=True):
+            ax.add_patch(Rectangle((c * p, r * p), p, p, color="red", alpha=0.35, linewidth=0))
+        for r, c in zip(lay.row[select & ~related & ~lay.is_newline], lay.col[select & ~related & ~lay.is_newline],
+                        strict=True):
+            ax.add_patch(Rectangle((c * p, r * p), p, p, fill=False, edgecolor="white", alpha=0.25, linewidth=0.4))
+        for x0, y0, x1, y1 in rects:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1.5))
+        n = int((select & related).sum())
+        ax.set_title(f"{title}: {n} related patches", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(sample.prompt.question, fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,68 @@
+"""`jaxflow regions`: print (and draw) the token regions of one image + question."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from PIL import Image
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    parts = text.split(",")
+    if len(parts) != 4:
+        raise ValueError(f"--box {text!r}: expected x,y,w,h")
+    return tuple(float(v) for v in parts)
+
+
+def regions_command(args) -> int:
+    import jaxflow
+    from jaxflow.inputs.images import ProcessorSettings
+    from jaxflow.inputs.regions import RegionError, build_sample, render, substring_region
+
+    model = jaxflow.load(args.model)
+    try:
+        boxes = [parse_box(b) for b in args.box or []]
+        with Image.open(args.image) as im:
+            image = im.convert("RGB")
+        settings = ProcessorSettings.from_dir(args.model)
+        sample = build_sample(model.config, model.tokenizer, image, args.question, mode=model.prompt_mode,
+                              template=args.template, boxes=boxes, settings=settings)
+        regions = dict(sample.regions)
+        for sub in args.substring or []:
+            regions[f"substring:{sub}"] = substring_region(sample.prompt, sample.encoded, sub)
+    except (RegionError, ValueError, OSError) as e:
+        print(f"jaxflow regions: error: {e}", file=sys.stderr)
+        return 2
+    tokens = model.tokenizer.convert_ids_to_tokens([int(i) if i >= 0 else 0 for i in sample.input_ids])
+    tokens = ["<image>" if i == model.config.image_token_id else t for i, t in zip(sample.input_ids, tokens,
+                                                                                   strict=True)]
+    if args.png:
+        render(sample, model.config, boxes, args.png, settings)
+    if args.json:
+        print(json.dumps({"regions": {k: [int(i) for i in v] for k, v in regions.items()},
+                          "input_ids": [int(i) for i in sample.input_ids], "tokens": tokens}))
+        return 0
+    print(f"{len(sample)} positions; image size (H, W) = {sample.image_size}")
+    for name, pos in regions.items():
+        shown = [int(i) for i in pos]
+        text = "" if name in ("image", "related_image_patches", "other_image_patches") else \
+            " " + repr("".join(tokens[i] for i in shown))
+        compact = shown if len(shown) <= 16 else f"{shown[:6]} ... {shown[-4:]}"
+        print(f"{name:<26} {len(shown):>5}  {compact}{text}")
+    if args.png:
+        print(f"picture: {args.png}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("regions", help="show the token regions of an image + question")
+    p.add_argument("--model", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--question", required=True)
+    p.add_argument("--box", action="append", help="x,y,w,h of a question-related object (repeatable)")
+    p.add_argument("--substring", action="append", help="also locate this prompt substring (repeatable)")
+    p.add_argument("--template", choices=["vicuna_v1", "llava_llama_3", "plain"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--png", help="draw the image with the related patches highlighted")
+    p.set_defaults(func=regions_command)
