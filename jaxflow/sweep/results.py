@@ -54,7 +54,7 @@ class Table:
 
     def _repair(self) -> None:
         with open(self.path, newline="") as f:
-            text = f.read()
+            original = text = f.read()
         if text and not text.endswith("\n"):
             text = text[: text.rfind("\n") + 1]  # a crash mid-line
         reader = csv.DictReader(io.StringIO(text))
@@ -64,7 +64,7 @@ class Table:
         counts = Counter(r[self.key] for r in rows)
         self.done = {k for k, n in counts.items() if n == self.rows_per_key}
         kept = [r for r in rows if r[self.key] in self.done]
-        if len(kept) != len(rows) or text != self._format(kept, header=True):
+        if original != self._format(kept, header=True):
             self._write_all(kept)
 
     def append(self, key: str, rows: list[dict]) -> None:

@@ -1,0 +1,207 @@
+"""Sweeps on a tiny model with a real GQA task file and synthetic images: incremental == full,
+resume after a kill, skipped samples, logit lens, plots."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import toy_tokenizers
+from PIL import Image
+
+import jaxflow
+from convert import convert
+from jaxflow.inputs import gqa
+from jaxflow.sweep import engine, run
+from jaxflow.sweep.results import RunMismatchError, Table
+from jaxflow.testing import tiny_hf_config, write_random_checkpoint
+
+GQA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "gqa_tasks")
+FLOWS = [run.parse_flow(f) for f in list(run.STUDY_FLOWS) + ["question->last@0,2", "true_option->last"]]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny LLaVA-NeXT with a Vicuna-style tokenizer, 8 ChooseAttr rows and their synthetic images."""
+    root = tmp_path_factory.mktemp("sweep")
+    tok = toy_tokenizers.llama2_tokenizer()
+    cfg = tiny_hf_config("llava_next", vocab=len(tok), image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         kv_heads=2)
+    write_random_checkpoint(str(root / "src"), cfg, scale=0.2)
+    toy_tokenizers.save(tok, str(root / "src"))
+    model = jaxflow.load(convert(str(root / "src"), str(root / "model"), progress=False))
+    with open(os.path.join(GQA, "ChooseAttr.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))[:8]
+    rows[5]["central object x"] = "9000"  # a bad row: box outside the image
+    data = root / "ChooseAttr.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for r in rows[:-1]:  # the last row's image is missing
+        h, w_ = int(r["image_h"]), int(r["image_w"])
+        Image.fromarray(rng.integers(0, 255, (h, w_, 3), dtype=np.uint8)).save(images / f"{r['img_id']}.jpg")
+    return model, str(data), str(images), root
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _key(r):
+    return r["question_id"], r["block_desc"], r["layer"]
+
+
+def test_incremental_equals_full_for_every_flow(world):
+    model, data, images, root = world
+    kw = dict(flows=FLOWS, window_size=3, batch=4, images=images, filter_correct=False, progress=False)
+    inc = run.sweep(model, data, str(root / "inc"), method="incremental", **kw)
+    full = run.sweep(model, data, str(root / "full"), method="full", **kw)
+    a = {_key(r): float(r["new_score_first"]) for r in _rows(root / "inc" / "results.csv")}
+    b = {_key(r): float(r["new_score_first"]) for r in _rows(root / "full" / "results.csv")}
+    assert a.keys() == b.keys() and len(a) == inc["kept"] * len(FLOWS) * model.config.text.num_layers
+    err = max(abs(a[k] - b[k]) for k in a)
+    print(f"incremental vs full: max |p diff| = {err:.2e} over {len(a)} rows")
+    assert err < 1e-5
+    assert inc["kept"] == full["kept"] == 6
+    # the knockouts did something, so the equality is not vacuous
+    rel = [abs(float(r["relative_diff_first"])) for r in _rows(root / "inc" / "results.csv")]
+    assert max(rel) > 1.0
+    skipped = {r["question_id"]: r["reason"] for r in _rows(root / "inc" / "skipped.csv")}
+    assert len(skipped) == 2
+    assert any("outside" in reason for reason in skipped.values())
+    assert any("not found" in reason for reason in skipped.values())
+
+
+def test_wrong_answers_are_skipped_with_reason(world):
+    model, data, images, root = world
+    summary = run.sweep(model, data, str(root / "filtered"), flows=FLOWS[:1], window_size=3, images=images,
+                        progress=False)
+    skipped = _rows(root / "filtered" / "skipped.csv")
+    wrong = [r for r in skipped if r["reason"].startswith("wrong answer")]
+    assert summary["kept"] + len(skipped) == 8
+    assert len(wrong) == 6 - summary["kept"]  # a random model rarely says "empty"
+
+
+def test_engine_chunking_and_order_do_not_change_results(world):
+    model, *_ = world
+    cfg = model.config
+    rng = np.random.default_rng(1)
+    t, b, k = 40, 2, 7
+    ids = rng.integers(3, 900, (b, t))
+    lengths = np.array([40, 33])
+    mask = np.arange(t)[None] < lengths[:, None]
+    inputs = model.prepare(ids, attention_mask=mask)
+    src, tgt = rng.random((k, b, t)) < 0.3, rng.random((k, b, t)) < 0.2
+    layers = rng.random((k, cfg.text.num_layers)) < 0.5
+    heads = rng.random((k, cfg.text.num_heads)) < 0.7
+    knock = jaxflow.KnockoutMasks(src, tgt, layers, heads)
+    token = np.array([5, 9])
+    p_full, _ = engine.knockout_probs(model.module, inputs, knock, lengths - 1, token, method="full", chunk=7)
+    p_inc, _ = engine.knockout_probs(model.module, inputs, knock, lengths - 1, token, chunk=3)
+    assert np.abs(p_full - p_inc).max() < 1e-5
+
+
+def test_table_repairs_partial_and_incomplete_writes(tmp_path):
+    path = str(tmp_path / "t.csv")
+    t = Table(path, ["question_id", "v"], 2)
+    t.append("a", [{"question_id": "a", "v": 1}, {"question_id": "a", "v": 2}])
+    with open(path, "a") as f:  # a crash mid-sample: one of two rows, then half a line
+        f.write("b,1\nb,")
+    t2 = Table(path, ["question_id", "v"], 2)
+    t2.append("c", [{"question_id": "c", "v": 3}, {"question_id": "c", "v": 4}])
+    assert [r["question_id"] for r in t2.read()] == ["a", "a", "c", "c"]
+    with open(path, "a") as f:  # half a line after complete keys only
+        f.write("d,")
+    t2 = Table(path, ["question_id", "v"], 2)
+    assert t2.done == {"a", "c"}
+    with pytest.raises(ValueError, match="already recorded"):
+        t2.append("a", [{"question_id": "a", "v": 1}, {"question_id": "a", "v": 2}])
+    with pytest.raises(RunMismatchError):
+        Table(path, ["question_id", "other"], 2)
+
+
+def test_resume_after_kill_gives_the_uninterrupted_table(world):
+    model, data, images, root = world
+    out = root / "killed"
+    cmd = [sys.executable, "-m", "jaxflow.cli", "sweep", "--model", model.path, "--data", data, "--images", images,
+           "--out", str(out), "--window", "3", "--batch", "1", "--keep-incorrect", "--flows", "Image->Question",
+           "Question->Last"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    results = out / "results.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists() and len(_rows(results)) >= 1:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    done_at_kill = {r["question_id"] for r in _rows(results)}
+    assert 1 <= len(done_at_kill) < 6, "the run was not interrupted mid-way"
+    with open(results, "a") as f:  # what a kill during a write can leave behind
+        f.write(_rows_text(results).splitlines()[-1][:17])
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resumed = _rows(results)
+    keys = [_key(r) for r in resumed]
+    assert len(keys) == len(set(keys)) == 6 * 2 * model.config.text.num_layers
+    reference = {_key(r): r["new_score_first"] for r in _rows(root / "inc" / "results.csv")
+                 if r["block_desc"] in ("Image->Question", "Question->Last")}
+    assert {k: r["new_score_first"] for k, r in zip(keys, resumed, strict=True)}.keys() == reference.keys()
+    for r in resumed:
+        assert abs(float(r["new_score_first"]) - float(reference[_key(r)])) < 1e-5
+    with pytest.raises(RunMismatchError):
+        run.sweep(model, data, str(out), flows=FLOWS[:1], window_size=5, images=images, progress=False)
+
+
+def _rows_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def test_logit_lens_matches_forward_hidden_states(world):
+    model, data, images, root = world
+    run.sweep(model, data, str(root / "lens"), flows=[], lens=True, images=images, filter_correct=False,
+              progress=False)
+    rows = _rows(root / "lens" / "lens.csv")
+    qid = rows[0]["question_id"]
+    sample = next(s for s in gqa.load_tasks(data, images)[0] if s.question_id == qid)
+    prepared = next(run.prepare(model, [sample], None))
+    ids = prepared.inputs.input_ids[None]
+    out = model.forward(ids, prepared.inputs.pixel_values, np.asarray([prepared.inputs.image_size]),
+                        return_hidden_states=True)
+    lm = model.module.language_model
+    hidden = np.asarray(out.hidden_states)[:, 0, -1]  # [L + 1, D]
+    tok = int(rows[0]["answer_token"])
+    for norm in (False, True):
+        h = lm.norm(hidden) if norm else hidden
+        p = np.asarray(jax.nn.softmax(lm.unembed(h), axis=-1))[:, tok]
+        got = [float(r["p_answer"]) for r in rows if r["question_id"] == qid and r["norm"] == str(norm)]
+        assert np.abs(np.asarray(got) - p).max() < 1e-5
+    assert all(r["p_false_option"] != "" for r in rows)  # ChooseAttr has options
+
+
+def test_plots_and_summary(world, tmp_path):
+    model, data, images, root = world
+    from jaxflow.sweep.plots import flow_curves, plot
+
+    written = plot(str(root / "inc"), str(tmp_path))
+    names = {os.path.basename(p) for p in written}
+    assert {"flows_ChooseAttr.png", "flows_ChooseAttr.pdf", "summary.md", "summary.csv"} <= names
+    assert all(os.path.getsize(p) > 1000 for p in written if p.endswith(".png"))
+    curves = flow_curves(_rows(root / "inc" / "results.csv"))["ChooseAttr"]
+    summary = _rows(tmp_path / "summary.csv")
+    for row in summary:
+        layers, mean, _, n = curves[row["flow"]]
+        assert int(row["largest_drop_layer"]) == int(layers[np.argmin(mean)])
+        assert int(row["samples"]) == n == 6
+    lens_written = plot(str(root / "lens"), str(tmp_path / "lens"))
+    assert any(p.endswith("lens_ChooseAttr.png") for p in lens_written)
