@@ -8,50 +8,13 @@ import torch
 
 import jaxflow
 from jaxflow import DenseKnockout, Knockout
+from jaxflow.reference import dense_cut, embeddings, run_layers
 
 TOL = 1e-4
 
 
-def hf_embeds(hf, ids, pv, sizes):
-    """The decoder's input embeddings exactly as transformers builds them (image features merged)."""
-    args = {"input_ids": torch.tensor(ids), "pixel_values": torch.tensor(pv), "output_hidden_states": True}
-    if sizes is not None:
-        args["image_sizes"] = torch.tensor(sizes)
-    with torch.no_grad():
-        return hf(**args).hidden_states[0]
-
-
-def hf_reference(hf, embeds, cuts):
-    """Runs transformers' decoder layer by layer, layer i with the additive float mask
-    (0 / finfo.min) of causality plus cuts[i] [B, H|1, T, T] (True = cut). Returns logits and
-    attention weights per layer."""
-    lm = hf.model.language_model
-    b, t, _ = embeds.shape
-    pos = torch.arange(t)[None].expand(b, t)
-    pe = lm.rotary_emb(embeds, pos)
-    causal_block = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
-    h, weights = embeds, []
-    with torch.no_grad():
-        for i, layer in enumerate(lm.layers):
-            blocked = causal_block | torch.as_tensor(cuts[i])
-            mask = torch.zeros(blocked.shape).masked_fill(blocked, torch.finfo(torch.float32).min)
-            a, w = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=mask,
-                                   position_embeddings=pe, position_ids=pos)
-            h = h + a
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-            weights.append(w.numpy())
-        return hf.lm_head(lm.norm(h)).numpy(), np.stack(weights)
-
-
 def cut_tensor(ko: Knockout, b, t, num_layers, num_heads):
-    """Dense [L, B, H, T, T] version of a compact knockout, built independently of jaxflow."""
-    cut = np.zeros((num_layers, b, num_heads, t, t), bool)
-    layers = range(num_layers) if ko.layers is None else ko.layers
-    heads = range(num_heads) if ko.heads is None else ko.heads
-    for layer in layers:
-        for h in heads:
-            cut[layer, :, h][np.ix_(range(b), ko.target, ko.source)] = True
-    return cut
+    return dense_cut(ko.source, ko.target, ko.layers, ko.heads, b, t, num_layers, num_heads)
 
 
 @pytest.fixture(scope="module", params=[("llava", 4), ("llava", 2), ("llava_next", 2)],
@@ -84,12 +47,12 @@ def test_knockouts_match_transformers_with_float_masks(setup):
     out = model.forward(ids, pv, isz, knockouts=kos, return_attentions=True)
     logits, attn = np.asarray(out.logits), np.asarray(out.attentions)
     assert logits.shape == (len(kos),) + ids.shape + (cfg.vocab_size,)
-    embeds = hf_embeds(hf, ids, pv, isz)
+    embeds = embeddings(hf, ids, pv, isz)
     base = np.asarray(model.logits(ids, pv, isz))
     errs = []
     for k, ko in enumerate(kos):
         cut = cut_tensor(ko, *ids.shape, cfg.num_layers, cfg.num_heads)
-        ref_logits, ref_attn = hf_reference(hf, embeds, cut)
+        ref_logits, ref_attn = run_layers(hf, embeds, cut)
         errs.append(np.abs(logits[k] - ref_logits).max())
         assert errs[-1] < TOL, (k, errs[-1])
         assert np.abs(attn[k] - ref_attn).max() < 1e-5
