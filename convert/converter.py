@@ -162,8 +162,8 @@ def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32",
             tensors = {}
             for param in params:
                 source, name, transform = plan[param]
-                x = source.get(name).astype(np_dtype)
-                tensors[param] = mapping.TRANSFORMS[transform](x)
+                # no name keeps the source array alive: only its transformed copy lives on into the write
+                tensors[param] = mapping.TRANSFORMS[transform](source.get(name).astype(np_dtype, copy=False))
             writer.write(group, tensors)
             del tensors
         writer.finish(dtype=dtype, layout=layout, source=os.path.abspath(src),
@@ -196,7 +196,7 @@ def _plan(cfg: LlavaConfig, sources) -> dict[str, tuple[SafetensorsSource, str, 
     for param, spec in targets.items():
         canon, transform = mapping.source_of(param)
         if canon not in by_canonical:
-            pass
+            missing.append(canon)
             continue
         source, name = by_canonical[canon]
         shape = _transformed_shape(source.shape(name), transform)

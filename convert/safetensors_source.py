@@ -28,7 +28,7 @@ class SafetensorsSource:
         self.where: dict[str, str] = {}
         for file in self.files:
             try:
-                with safe_open(file, framework="flax") as f:
+                with safe_open(file, framework="numpy") as f:
                     names = list(f.keys())
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from e
@@ -76,14 +76,14 @@ class SafetensorsSource:
         return list(self.where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(self.where[name], framework="flax") as f:
+        with safe_open(self.where[name], framework="numpy") as f:
             return tuple(f.get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:
         file = self.where[name]
         try:
-            with safe_open(file, framework="flax") as f:
-                return np.asarray(f.get_tensor(name))
+            with safe_open(file, framework="numpy") as f:
+                return f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from e
 

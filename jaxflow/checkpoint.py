@@ -12,6 +12,7 @@ sharding, parameter by parameter.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from collections.abc import Mapping
@@ -59,17 +60,34 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict:
     return out
 
 
+def _release_freed_memory() -> None:
+    """Hands freed heap memory back to the OS (glibc): otherwise the writer threads' malloc arenas
+    keep the last groups' buffers resident and the next large tensor comes on top of them."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class GroupWriter:
     """Writes parameter groups one at a time into `directory/params`."""
 
     def __init__(self, directory: str):
         self.directory = directory
         self.groups: dict[str, dict[str, list[int]]] = {}  # group -> name -> shape
-        self._ckpt = ocp.StandardCheckpointer()
+        # Synchronous, and without orbax's defensive deep copy of numpy arrays (it guards async saves
+        # against later mutation; here every save completes before its arrays are released, so the
+        # copy would only double the memory of the group being written). StandardCheckpointer
+        # restores the result like its own.
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+            (jax.Array, ocp.type_handlers.ArrayHandler()),
+        )
+        self._ckpt = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
 
     def write(self, group: str, params: Mapping[str, np.ndarray]) -> None:
-        self._ckpt.save(os.path.join(self.directory, "params", group), _nest(params))
-        self._ckpt.wait_until_finished()
+        self._ckpt.save(os.path.join(self.directory, "params", group), args=ocp.args.PyTreeSave(_nest(params)))
+        _release_freed_memory()
         self.groups[group] = {name: list(np.shape(v)) for name, v in sorted(params.items())}
 
     def finish(self, **metadata) -> None:

@@ -77,7 +77,8 @@ def fails(src: str, out: str, *needles: str, clip: str | None = None) -> str:
     # pytest names tmp_path after the test ("test_pickle_..."): look for words outside it
     bare = message.replace(os.path.dirname(out), "<tmp>")
     for needle in needles:
-        assert needle in (message if os.sep in needle else bare), f"{needle!r} not in error message:\n{message}"
+        where = message if os.sep in needle else bare
+        assert needle in where, f"{needle!r} not in error message:\n{message}"
     assert_clean(out)
     return message
 
@@ -169,6 +170,22 @@ def test_sharded_converts(pristine_sharded, pristine, tmp_path):
     a = convert(pristine_sharded, str(tmp_path / "a"), progress=False)
     b = convert(pristine, str(tmp_path / "b"), progress=False)
     assert checkpoint.read_metadata(a)["groups"] == checkpoint.read_metadata(b)["groups"]
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float16"])
+def test_half_precision_source(src, tmp_path, stored):
+    """bf16 / fp16 checkpoints (as most released LLaVA weights are) convert exactly."""
+    half = BF16 if stored == "bfloat16" else np.dtype(np.float16)
+    file = os.path.join(src, "model.safetensors")
+    originals = load_file(file)
+    rewrite(file, lambda t: t.update({k: v.astype(half) for k, v in t.items()}))
+    out = convert(src, str(tmp_path / "out"), progress=False)
+    model = jaxflow.load(out)
+    assert model.module.language_model.embed_tokens.embedding.dtype == np.float32
+    got = np.asarray(model.module.language_model.embed_tokens.embedding)
+    want = originals["language_model.model.embed_tokens.weight"].astype(half).astype(np.float32)
+    assert not np.array_equal(got, originals["language_model.model.embed_tokens.weight"])
+    np.testing.assert_array_equal(got, want)
 
 
 # ---- config -------------------------------------------------------------------------------------
