@@ -182,10 +182,12 @@ def _expected_related(kind, size_hw, boxes):
     base = [(x0 * kx, y0 * ky, x1 * kx, y1 * ky) for x0, y0, x1, y1 in clipped]
     flags = [hit(r, c, base) for r in range(G) for c in range(G)]
     ph, pw = hf_select_best_resolution((h, w), PINPOINTS)
-    if Fraction(pw, w) < Fraction(ph, h):  # fit inside (ph, pw) keeping the aspect ratio, sides rounded up
-        fh, fw = min(math.ceil(Fraction(h * pw, w)), ph), pw
+    # fit inside (ph, pw) keeping the aspect ratio, the side rounded up in float arithmetic as transformers
+    # does: 375 * (672 / 500) = 504.00000000000006 rounds up to 505 (GQA's most common image size)
+    if pw / w < ph / h:
+        fh, fw = min(math.ceil(h * (pw / w)), ph), pw
     else:
-        fh, fw = ph, min(math.ceil(Fraction(w * ph, h)), pw)
+        fh, fw = ph, min(math.ceil(w * (ph / h)), pw)
     py, px = (ph - fh) // 2, (pw - fw) // 2
     kx, ky = Fraction(fw, w), Fraction(fh, h)
     grid = [(x0 * kx + px, y0 * ky + py, x1 * kx + px, y1 * ky + py) for x0, y0, x1, y1 in clipped]

@@ -52,12 +52,6 @@ def _span(encoded, start: int, end: int, what: str) -> np.ndarray:
     return np.asarray(prompts.token_span(encoded, start, end), np.int64)
 
 
-def image_region(cfg: LlavaConfig, size: tuple[int, int], encoded, boxes: Sequence[Box]) -> np.ndarray:
-    """Image positions whose patch overlaps any of `boxes` (after the image's own geometry)."""
-    related = images.related_features(cfg, size, list(boxes))
-    return np.asarray(encoded.image_positions)[related]
-
-
 def substring_region(prompt: prompts.Prompt, encoded, substring: str, occurrence: int = 0) -> np.ndarray:
     """Positions of the tokens covering the `occurrence`-th match of `substring` in the prompt text."""
     start = -1
@@ -68,16 +62,16 @@ def substring_region(prompt: prompts.Prompt, encoded, substring: str, occurrence
     return _span(encoded, start, start + len(substring), f"substring {substring!r}")
 
 
-def build_sample(cfg: LlavaConfig, tokenizer, image: Image.Image, question: str, *, mode: str = "llava-hf",
-                 template: str | None = None, boxes: Sequence[Box] = (), option_spans=(None, None),
-                 settings: images.ProcessorSettings | None = None) -> SampleInputs:
-    """Preprocesses, renders the prompt, tokenizes, and locates every region.
+def locate(cfg: LlavaConfig, tokenizer, size: tuple[int, int], question: str, *, mode: str = "llava-hf",
+           template: str | None = None, boxes: Sequence[Box] = (), option_spans=(None, None)):
+    """Renders the prompt, tokenizes it for an image of `size` (height, width) and locates every
+    region (no pixels needed). Returns (prompt, encoded, regions).
 
     option_spans: character spans of the true and false options inside `question` (or None).
     """
-    pixel_values, size = images.preprocess(image, cfg, settings)
     prompt = prompts.build_prompt(question, template or default_template(tokenizer))
-    encoded = prompts.encode(prompt, tokenizer, cfg.image_token_id, len(image_layout(cfg, size)), mode)
+    lay = image_layout(cfg, size)
+    encoded = prompts.encode(prompt, tokenizer, cfg.image_token_id, len(lay), mode)
     image_pos = np.asarray(encoded.image_positions, np.int64)
     regions = {
         "image": image_pos,
@@ -92,11 +86,19 @@ def build_sample(cfg: LlavaConfig, tokenizer, image: Image.Image, question: str,
     if options:
         regions["question_without_options"] = np.setdiff1d(regions["question"], np.concatenate(options))
     related = images.related_features(cfg, size, list(boxes))
-    newline = image_layout(cfg, size).is_newline
     regions["related_image_patches"] = image_pos[related]
-    regions["other_image_patches"] = image_pos[~related & ~newline]
-    return SampleInputs(np.asarray(encoded.input_ids, np.int64), pixel_values, size,
-                        {k: np.sort(v) for k, v in regions.items()}, prompt, encoded)
+    regions["other_image_patches"] = image_pos[~related & ~lay.is_newline]
+    return prompt, encoded, {k: np.sort(v) for k, v in regions.items()}
+
+
+def build_sample(cfg: LlavaConfig, tokenizer, image: Image.Image, question: str, *, mode: str = "llava-hf",
+                 template: str | None = None, boxes: Sequence[Box] = (), option_spans=(None, None),
+                 settings: images.ProcessorSettings | None = None) -> SampleInputs:
+    """Preprocesses the image, then `locate`s the regions: model inputs for one sample."""
+    pixel_values, size = images.preprocess(image, cfg, settings)
+    prompt, encoded, regions = locate(cfg, tokenizer, size, question, mode=mode, template=template, boxes=boxes,
+                                      option_spans=option_spans)
+    return SampleInputs(np.asarray(encoded.input_ids, np.int64), pixel_values, size, regions, prompt, encoded)
 
 
 def render(sample: SampleInputs, cfg: LlavaConfig, boxes: Sequence[Box], path: str,

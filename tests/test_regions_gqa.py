@@ -1,0 +1,74 @@
+"""Regions on every row of the six real GQA task files, at the real models' geometry (CLIP 336 px,
+llava-1.6 pinpoints) with the rows' image sizes: the Question span decodes back to the question,
+options decode to the option words, related patches equal an exact brute force, and LLaVA-NeXT
+feature counts equal transformers' processor counts."""
+
+import os
+
+import numpy as np
+import pytest
+import toy_tokenizers
+import transformers
+from test_images import HFNEXT, PINPOINTS, _expected_related, _local_tokenizer
+
+from jaxflow.config import LlavaConfig
+from jaxflow.image_layout import image_layout
+from jaxflow.inputs import gqa
+from jaxflow.inputs.regions import locate
+
+GQA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "gqa_tasks")
+TASKS = ["ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr"]
+
+
+def _config(kind, image_token):
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=336, patch_size=14, hidden_act="quick_gelu")
+    text = dict(vocab_size=2000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    common = dict(vision_config=vision, text_config=text, image_token_index=image_token)
+    if kind == "llava_next":
+        return LlavaConfig.from_hf(transformers.LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common).to_dict())
+    return LlavaConfig.from_hf(transformers.LlavaConfig(**common).to_dict())
+
+
+def _norm(text):
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("kind,tok_name,template", [("llava", "llama2", "vicuna_v1"),
+                                                    ("llava_next", "llama3", "llava_llama_3")])
+def test_regions_on_every_real_row(kind, tok_name, template):
+    tok = toy_tokenizers.llama2_tokenizer() if tok_name == "llama2" else toy_tokenizers.llama3_tokenizer()
+    cfg = _config(kind, tok.convert_tokens_to_ids("<image>"))
+    processor = transformers.LlavaNextProcessor(image_processor=HFNEXT, tokenizer=_local_tokenizer(), patch_size=14,
+                                                vision_feature_select_strategy="default",
+                                                num_additional_image_tokens=1)
+    total, passed, invalid = 0, 0, []
+    for task in TASKS:
+        samples, errors = gqa.load_tasks(os.path.join(GQA, f"{task}.csv"))
+        invalid += errors
+        total += len(samples) + len(errors)
+        sizes = sorted({s.image_size for s in samples})
+        if kind == "llava_next":
+            counts = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+            for size, count in zip(sizes, counts, strict=True):
+                assert len(image_layout(cfg, size)) == count, size
+        for s in samples:
+            _, enc, regions = locate(cfg, tok, s.image_size, s.question, template=template, boxes=s.boxes,
+                                     option_spans=(s.true_option_span, s.false_option_span))
+            ids = enc.input_ids
+            assert _norm(tok.decode(ids[regions["question"]])) == _norm(s.question), s.question_id
+            for name, option in (("true_option", s.true_option), ("false_option", s.false_option)):
+                if option is not None:
+                    decoded = _norm(tok.decode(ids[regions[name]])).lower()
+                    assert option.lower() in decoded, (s.question_id, option, decoded)
+            related = np.asarray(_expected_related(kind, s.image_size, s.boxes))
+            image = regions["image"]
+            assert np.array_equal(regions["related_image_patches"], image[related]), s.question_id
+            newline = image_layout(cfg, s.image_size).is_newline
+            assert np.array_equal(regions["other_image_patches"], image[~related & ~newline])
+            assert regions["last"][0] == len(ids) - 1 and regions["question"][-1] < regions["last"][0]
+            passed += 1
+    print(f"{kind}/{tok_name}: {passed} of {total} rows pass the region checks; "
+          f"{len(invalid)} invalid rows: {[str(e) for e in invalid]}")
+    assert total == 5525
+    assert passed == total - len(invalid) and len(invalid) == 3
