@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--window", type=int, default=9, help="layers cut around each layer (default 9)")
         p.add_argument("--batch", type=int, default=4, help="samples per compiled call")
         p.add_argument("--method", choices=["incremental", "full"], default="incremental")
-        p.add_argument("--chunk", type=int, default=64, help="knockout configurations per call (memory bound)")
+        p.add_argument("--chunk", type=int, help="knockout configurations per call (default: what fits in memory)")
         p.add_argument("--limit", type=int, help="only the first N rows")
         p.add_argument("--template", choices=["vicuna_v1", "llava_llama_3", "plain"], help="default: from tokenizer")
         p.add_argument("--keep-incorrect", action="store_true", help="keep samples the model answers wrongly")

@@ -3,7 +3,6 @@ freshly built random model (llava-hf layout -> convert -> load -> knockout sweep
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -12,17 +11,13 @@ import numpy as np
 from jaxflow.knockout import Knockout
 
 
-def window(layer: int, k: int, num_layers: int) -> list[int]:
-    """The k layers centred on `layer`, clipped at the ends (the study's arithmetic)."""
-    return list(range(max(0, layer - k // 2), min(num_layers, layer + math.ceil(k / 2))))
-
-
 def run(out: str, seed: int = 0) -> dict:
     import jax
 
     import jaxflow
     from convert import convert
     from jaxflow.image_layout import image_layout
+    from jaxflow.sweep.run import window
     from jaxflow.testing import tiny_hf_config, write_random_checkpoint
 
     start = time.time()

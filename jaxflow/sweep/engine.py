@@ -154,6 +154,31 @@ def sort_by_start(knock: KnockoutMasks):
     return sorted_knock, order, tuple(int(min(s, num_layers - 1)) for s in starts[order])
 
 
+def memory_budget() -> int:
+    """Bytes the knockout activations may use: 60% of the accelerator's free memory, or half the
+    host's available memory on CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(0.6 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+    import psutil
+
+    return int(0.5 * psutil.virtual_memory().available)
+
+
+def auto_chunk(module: Llava, batch: int, t: int, suffix: int | None, k: int, budget: int | None = None) -> int:
+    """Configurations per call that fit `budget` bytes: per configuration, the activations of one
+    layer over the recomputed queries (all T, or the suffix) and its attention scores."""
+    cfg = module.cfg.text
+    itemsize = module.language_model.embed_tokens.embedding.dtype.itemsize
+    q = t if suffix is None else suffix
+    keys = t if suffix is None else t + suffix
+    per = batch * q * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize
+    per += batch * cfg.num_heads * q * keys * (4 + 4 + itemsize)  # f32 scores, masked scores, weights
+    per = 2 * per  # headroom for XLA's temporaries
+    budget = memory_budget() if budget is None else budget
+    return int(max(1, min(k, budget // per)))
+
+
 def _chunks(k: int, chunk: int):
     for start in range(0, k, chunk):
         idx = np.arange(start, start + chunk)
@@ -161,11 +186,12 @@ def _chunks(k: int, chunk: int):
 
 
 def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token, *, method="incremental",
-                   chunk: int = 64, base: BaseRun | None = None):
+                   chunk: int | None = None, budget: int | None = None, base: BaseRun | None = None):
     """p(token) and top-1 under each of K configurations: arrays [K, B] (numpy).
 
     knock: KnockoutMasks with leading axis K (no dense masks). `chunk` bounds how many
-    configurations run at once (memory); `base` is reused by the incremental method.
+    configurations run at once (default: as many as fit `budget` bytes, see `auto_chunk`);
+    `base` is reused by the incremental method.
     """
     if knock.dense is not None:
         raise ValueError("knockouts: sweeps take compact knockouts only (no DenseKnockout)")
@@ -173,7 +199,9 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
     last = jnp.asarray(last)
     token = jnp.asarray(token)
     ps, tops = np.zeros((k, len(token)), np.float32), np.zeros((k, len(token)), np.int64)
+    b, t = inputs.input_ids.shape
     if method == "full":
+        chunk = chunk or auto_chunk(module, b, t, None, k, budget)
         for idx, n in _chunks(k, chunk):
             sub = jax.tree.map(lambda a, idx=idx: jnp.asarray(np.asarray(a)[idx]), knock)
             p, top = knockout_full(module, inputs, sub, last, token)
@@ -186,6 +214,9 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
     lengths = np.asarray(last) + 1
     valid = inputs.attention_mask
     sorted_knock, order, starts = sort_by_start(knock)
+    if chunk is None:
+        suffix = suffix_plan(sorted_knock, lengths)[0].shape[-1]
+        chunk = auto_chunk(module, b, t, suffix, k, budget)
     for idx, n in _chunks(k, chunk):
         sub = jax.tree.map(lambda a, idx=idx: np.asarray(a)[idx], sorted_knock)
         q_pos, q_valid, last_in = suffix_plan(sub, lengths)

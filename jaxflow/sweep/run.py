@@ -191,7 +191,7 @@ def first_token(tokenizer, word: str) -> int:
 
 def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_size: int = 9, batch: int = 4,
           method: str = "incremental", limit: int | None = None, images: str | None = None, template: str | None = None,
-          max_new_tokens: int = 5, chunk: int = 64, lens: bool = False, image_loader=None,
+          max_new_tokens: int = 5, chunk: int | None = None, lens: bool = False, image_loader=None,
           filter_correct: bool = True, progress: bool = True) -> dict:
     """Runs the knockout sweep (or, with lens=True, the logit lens) of one task file into `out`.
     Returns a summary (rows written, samples kept / skipped, compiled shapes)."""
