@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxflow import checkpoint
+from jaxflow import checkpoint, sharding
 from jaxflow.config import LlavaConfig
 from jaxflow.image_layout import image_layout
 from jaxflow.knockout import DenseKnockout, Knockout, KnockoutMasks, stack_knockouts
@@ -145,9 +145,9 @@ class Model:
     `.metadata` (jaxflow.json: source layout, dtype) of the converted directory."""
 
     def __init__(self, module: Llava, config: LlavaConfig, tokenizer=None, path: str | None = None,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, mesh: jax.sharding.Mesh | None = None):
         self.module, self.config, self.tokenizer = module, config, tokenizer
-        self.path, self.metadata = path, metadata or {}
+        self.path, self.metadata, self.mesh = path, metadata or {}, mesh
 
     @property
     def prompt_mode(self) -> str:
@@ -156,7 +156,8 @@ class Model:
 
     def prepare(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
                 position_ids=None) -> ModelInputs:
-        return prepare_inputs(self.config, input_ids, pixel_values, image_sizes, attention_mask, position_ids)
+        inputs = prepare_inputs(self.config, input_ids, pixel_values, image_sizes, attention_mask, position_ids)
+        return sharding.replicate(inputs, self.mesh)
 
     def knockout_masks(self, knockouts: Sequence[Knockout | DenseKnockout], batch: int, seq_len: int):
         text = self.config.text
@@ -170,6 +171,7 @@ class Model:
         knock = knockouts
         if knockouts is not None and not isinstance(knockouts, KnockoutMasks):
             knock = self.knockout_masks(knockouts, *inputs.input_ids.shape)
+        knock = sharding.shard_leading(knock, self.mesh)
         logits, hidden, attn = _forward(self.module, inputs, knock, return_hidden_states, return_attentions)
         return ForwardOutput(logits, hidden, attn)
 
@@ -191,13 +193,14 @@ class Model:
         text = self.config.text
         dtype = self.module.language_model.embed_tokens.embedding.dtype
         shape = (text.num_layers, b, t + max_new_tokens, text.num_kv_heads, text.head_dim)
-        logits, k_cache, v_cache = _prefill(self.module, inputs, jnp.asarray(lengths - 1),
-                                            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        last, k_cache, v_cache = sharding.replicate((jnp.asarray(lengths - 1), jnp.zeros(shape, dtype),
+                                                     jnp.zeros(shape, dtype)), self.mesh)
+        logits, k_cache, v_cache = _prefill(self.module, inputs, last, k_cache, v_cache)
         first_probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
         tokens, done = [], np.zeros(b, bool)
-        pos = jnp.asarray(lengths)
+        pos = sharding.replicate(jnp.asarray(lengths), self.mesh)
         for step in range(max_new_tokens):
             token = np.asarray(jnp.argmax(logits, axis=-1))
             if eos_token_id is not None:
@@ -206,8 +209,8 @@ class Model:
             tokens.append(token)
             if done.all() or step == max_new_tokens - 1:
                 break
-            logits, k_cache, v_cache = _decode_step(self.module, jnp.asarray(token, jnp.int32), pos + step,
-                                                    k_cache, v_cache)
+            token = sharding.replicate(jnp.asarray(token, jnp.int32), self.mesh)
+            logits, k_cache, v_cache = _decode_step(self.module, token, pos + step, k_cache, v_cache)
         return GenerateOutput(np.stack(tokens, axis=1), first_probs)
 
 
@@ -224,8 +227,9 @@ def param_shapes(cfg: LlavaConfig, dtype=jnp.float32) -> dict[str, jax.ShapeDtyp
 def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None) -> Model:
     """Loads a directory written by `jaxflow convert`.
 
-    dtype: cast parameters on restore (default: as stored). mesh: restore every parameter
-    replicated onto this mesh (sharding rules arrive with the multi-device work).
+    dtype: cast parameters on restore (default: as stored). mesh: a ('data', 'model') mesh
+    (`jaxflow.sharding.make_mesh`); each parameter is restored straight into the sharding its
+    logical axes get from `jaxflow.sharding.RULES`, each device reading only its shard.
     """
     path = os.fspath(path)
     cfg = LlavaConfig.from_pretrained(path)
@@ -233,8 +237,8 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
     dtype = jnp.dtype(dtype or meta["dtype"])
     module = abstract_module(cfg, dtype)
     graphdef, state = nnx.split(module)
-    sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    targets = {checkpoint.path_str(p): jax.ShapeDtypeStruct(v.get_value().shape, dtype, sharding=sharding)
+    shardings = {} if mesh is None else sharding.param_shardings(state, mesh)
+    targets = {checkpoint.path_str(p): jax.ShapeDtypeStruct(v.get_value().shape, dtype, sharding=shardings.get(p))
                for p, v in nnx.to_flat_state(state)}
     values = checkpoint.restore_params(path, targets)
     for p, var in nnx.to_flat_state(state):
@@ -244,4 +248,4 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return Model(nnx.merge(graphdef, state), cfg, tokenizer, path, meta)
+    return Model(nnx.merge(graphdef, state), cfg, tokenizer, path, meta, mesh)

@@ -13,16 +13,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxflow.config import VisionConfig
-from jaxflow.nn.layers import LayerNorm, Linear, quick_gelu
+from jaxflow.nn.layers import LayerNorm, Linear, param, quick_gelu
+
+ATTN_IN = ("vision_embed", "vision_heads")
+ATTN_OUT = ("vision_heads", "vision_embed")
 
 
 class ClipAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, rngs):
         d = cfg.hidden_size
-        self.q_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs)
-        self.out_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs, axes=ATTN_IN)
+        self.k_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs, axes=ATTN_IN)
+        self.v_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs, axes=ATTN_IN)
+        self.out_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs, axes=ATTN_OUT)
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
 
     def __call__(self, x):
@@ -41,8 +44,10 @@ class ClipLayer(nnx.Module):
         self.layer_norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype)
         self.self_attn = ClipAttention(cfg, dtype=dtype, rngs=rngs)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype)
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs,
+                          axes=("vision_embed", "vision_mlp"))
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs,
+                          axes=("vision_mlp", "vision_embed"))
 
     def __call__(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
@@ -55,9 +60,10 @@ class ClipVisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, num_layers: int, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         c, p, d = 3, cfg.patch_size, cfg.hidden_size
-        self.patch_embed = Linear(c * p * p, d, bias=False, dtype=dtype, rngs=rngs)  # conv kernel [C*p*p, D]
-        self.class_embed = nnx.Param(jnp.zeros((d,), dtype))
-        self.pos_embed = nnx.Param(jnp.zeros((cfg.grid**2 + 1, d), dtype))
+        self.patch_embed = Linear(c * p * p, d, bias=False, dtype=dtype, rngs=rngs,
+                                  axes=(None, "vision_embed"))  # conv kernel [C*p*p, D]
+        self.class_embed = param(jnp.zeros((d,), dtype), ("vision_embed",))
+        self.pos_embed = param(jnp.zeros((cfg.grid**2 + 1, d), dtype), (None, "vision_embed"))
         self.pre_norm = LayerNorm(d, cfg.layer_norm_eps, dtype=dtype)
         self.layers = nnx.List([ClipLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(num_layers)])
 

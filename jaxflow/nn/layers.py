@@ -1,7 +1,9 @@
 """Small building blocks shared by the CLIP tower and the Llama decoder.
 
 Kernels are stored as [in, out] (PyTorch `Linear.weight` transposed); the converter does the
-transpose. Norms compute in float32 and cast back, like transformers.
+transpose. Norms compute in float32 and cast back, like transformers. Every parameter carries
+logical axis names (`out_sharding` metadata, e.g. ("embed", "mlp")); `jaxflow.sharding` maps them
+to mesh axes with one rules table.
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ from flax import nnx
 _init = nnx.initializers.normal(0.02)
 
 
+def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter annotated with logical axis names (applied only when a mesh is given)."""
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
 class Linear(nnx.Module):
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_init(rngs.params(), (d_in, d_out), dtype))  # [in, out]
-        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None  # [out]
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs, axes=(None, None)):
+        self.kernel = param(_init(rngs.params(), (d_in, d_out), dtype), axes)  # [in, out]
+        self.bias = param(jnp.zeros((d_out,), dtype), axes[1:]) if bias else None  # [out]
 
     def __call__(self, x):
         y = x @ self.kernel[...]
@@ -25,7 +32,7 @@ class Linear(nnx.Module):
 
 class Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(_init(rngs.params(), (vocab, dim), dtype))  # [V, D]
+        self.embedding = param(_init(rngs.params(), (vocab, dim), dtype), ("vocab", "embed"))  # [V, D]
 
     def __call__(self, ids):
         return jnp.take(self.embedding[...], ids, axis=0)
@@ -36,8 +43,8 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    def __init__(self, dim: int, eps: float, *, dtype, axis: str = "embed"):
+        self.scale = param(jnp.ones((dim,), dtype), (axis,))
         self.eps = eps
 
     def __call__(self, x):
@@ -47,9 +54,9 @@ class RMSNorm(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+    def __init__(self, dim: int, eps: float, *, dtype, axis: str = "vision_embed"):
+        self.scale = param(jnp.ones((dim,), dtype), (axis,))
+        self.bias = param(jnp.zeros((dim,), dtype), (axis,))
         self.eps = eps
 
     def __call__(self, x):

@@ -50,10 +50,10 @@ class KVCache:
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, h * hd, bias=False, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(d, kv * hd, bias=False, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(d, kv * hd, bias=False, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(h * hd, d, bias=False, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(d, h * hd, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "heads"))
+        self.k_proj = Linear(d, kv * hd, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "kv_heads"))
+        self.v_proj = Linear(d, kv * hd, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "kv_heads"))
+        self.o_proj = Linear(h * hd, d, bias=False, dtype=dtype, rngs=rngs, axes=("heads", "embed"))
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
 
     def __call__(self, x, cos, sin, mask, prefix_kv=None):
@@ -88,9 +88,9 @@ class LlamaLayer(nnx.Module):
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = LlamaAttention(cfg, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
-        self.gate_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "mlp"))
+        self.up_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "mlp"))
+        self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs, axes=("mlp", "embed"))
 
     def __call__(self, x, cos, sin, mask, prefix_kv=None):
         attn, weights, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix_kv)
@@ -114,7 +114,8 @@ class LlamaModel(nnx.Module):
         self.layers = nnx.List([LlamaLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = (None if tie_word_embeddings
-                        else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs))
+                        else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs,
+                               axes=("embed", "vocab")))
 
     def unembed(self, x):
         """[..., D] -> logits [..., V] (no norm: callers pick normed or raw states)."""

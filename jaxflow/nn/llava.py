@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxflow.config import LlavaConfig
 from jaxflow.nn.clip import ClipVisionTower
-from jaxflow.nn.layers import Linear
+from jaxflow.nn.layers import Linear, param
 from jaxflow.nn.llama import LlamaModel
 
 
@@ -22,8 +22,8 @@ class Projector(nnx.Module):
     def __init__(self, cfg: LlavaConfig, *, dtype, rngs):
         d_in = cfg.vision.hidden_size * len(cfg.vision_feature_layers)
         d = cfg.text.hidden_size
-        self.linear_1 = Linear(d_in, d, bias=cfg.projector_bias, dtype=dtype, rngs=rngs)
-        self.linear_2 = Linear(d, d, bias=cfg.projector_bias, dtype=dtype, rngs=rngs)
+        self.linear_1 = Linear(d_in, d, bias=cfg.projector_bias, dtype=dtype, rngs=rngs, axes=(None, "embed"))
+        self.linear_2 = Linear(d, d, bias=cfg.projector_bias, dtype=dtype, rngs=rngs, axes=("embed", "embed"))
 
     def __call__(self, x):
         return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
@@ -35,7 +35,7 @@ class Llava(nnx.Module):
         self.cfg = cfg
         self.vision_tower = ClipVisionTower(cfg.vision, cfg.vision_layers_needed(), dtype=dtype, rngs=rngs)
         self.projector = Projector(cfg, dtype=dtype, rngs=rngs)
-        self.image_newline = nnx.Param(jnp.zeros((cfg.text.hidden_size,), dtype)) if cfg.is_next else None
+        self.image_newline = param(jnp.zeros((cfg.text.hidden_size,), dtype), ("embed",)) if cfg.is_next else None
         self.language_model = LlamaModel(cfg.text, tie_word_embeddings=cfg.tie_word_embeddings,
                                          dtype=dtype, rngs=rngs)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxflow import sharding
 from jaxflow.knockout import KnockoutMasks
 from jaxflow.model import ModelInputs
 from jaxflow.nn.llama import KVCache
@@ -179,6 +180,10 @@ def auto_chunk(module: Llava, batch: int, t: int, suffix: int | None, k: int, bu
     return int(max(1, min(k, budget // per)))
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _chunks(k: int, chunk: int):
     for start in range(0, k, chunk):
         idx = np.arange(start, start + chunk)
@@ -186,24 +191,26 @@ def _chunks(k: int, chunk: int):
 
 
 def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token, *, method="incremental",
-                   chunk: int | None = None, budget: int | None = None, base: BaseRun | None = None):
+                   chunk: int | None = None, budget: int | None = None, base: BaseRun | None = None,
+                   mesh: jax.sharding.Mesh | None = None):
     """p(token) and top-1 under each of K configurations: arrays [K, B] (numpy).
 
     knock: KnockoutMasks with leading axis K (no dense masks). `chunk` bounds how many
     configurations run at once (default: as many as fit `budget` bytes, see `auto_chunk`);
-    `base` is reused by the incremental method.
+    `base` is reused by the incremental method. With a mesh, each call's configurations are
+    split over its `data` axis (the parameters carry their own `model` sharding).
     """
     if knock.dense is not None:
         raise ValueError("knockouts: sweeps take compact knockouts only (no DenseKnockout)")
     k = np.asarray(knock.layers).shape[0]
-    last = jnp.asarray(last)
-    token = jnp.asarray(token)
+    last, token = sharding.replicate((jnp.asarray(last), jnp.asarray(token)), mesh)
+    data = 1 if mesh is None else mesh.shape["data"]
     ps, tops = np.zeros((k, len(token)), np.float32), np.zeros((k, len(token)), np.int64)
     b, t = inputs.input_ids.shape
     if method == "full":
-        chunk = chunk or auto_chunk(module, b, t, None, k, budget)
+        chunk = _round_up(chunk or auto_chunk(module, b, t, None, k, budget), data)
         for idx, n in _chunks(k, chunk):
-            sub = jax.tree.map(lambda a, idx=idx: jnp.asarray(np.asarray(a)[idx]), knock)
+            sub = sharding.shard_leading(jax.tree.map(lambda a, idx=idx: np.asarray(a)[idx], knock), mesh)
             p, top = knockout_full(module, inputs, sub, last, token)
             ps[idx[:n]], tops[idx[:n]] = np.asarray(p)[:n], np.asarray(top)[:n]
         return ps, tops
@@ -217,11 +224,10 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
     if chunk is None:
         suffix = suffix_plan(sorted_knock, lengths)[0].shape[-1]
         chunk = auto_chunk(module, b, t, suffix, k, budget)
+    chunk = _round_up(chunk, data)
     for idx, n in _chunks(k, chunk):
         sub = jax.tree.map(lambda a, idx=idx: np.asarray(a)[idx], sorted_knock)
-        q_pos, q_valid, last_in = suffix_plan(sub, lengths)
-        p, top = knockout_incremental(module, base, valid, jax.tree.map(jnp.asarray, sub), jnp.asarray(q_pos),
-                                      jnp.asarray(q_valid), jnp.asarray(last_in), token,
-                                      tuple(starts[i] for i in idx))
+        plan = sharding.shard_leading((sub, *suffix_plan(sub, lengths)), mesh)
+        p, top = knockout_incremental(module, base, valid, *plan, token, tuple(starts[i] for i in idx))
         ps[order[idx[:n]]], tops[order[idx[:n]]] = np.asarray(p)[:n], np.asarray(top)[:n]
     return ps, tops

@@ -241,7 +241,7 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
             knock = knockout_masks(flows, group + [group[0]] * (batch - len(group)), t, num_layers, num_heads,
                                    window_size)
             p_block, top1 = engine.knockout_probs(model.module, inputs, knock, lengths - 1, token, method=method,
-                                                  chunk=chunk, base=base)
+                                                  chunk=chunk, base=base, mesh=model.mesh)
             probs = np.asarray(base.probs)
             for j, p, predicted in keep:
                 table.append(p.sample.question_id, _result_rows(model, p, predicted, flows, num_layers,
