@@ -27,10 +27,16 @@ def _demo(args) -> int:
 
 def _sweep(args) -> int:
     import jaxflow
+    from jaxflow import sharding
     from jaxflow.sweep import run
 
     flows = [run.parse_flow(f) for f in (args.flows or list(run.STUDY_FLOWS))]
-    model = jaxflow.load(args.model)
+    if args.distributed or args.coordinator:
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    mesh = sharding.make_mesh(args.mesh) if args.mesh or len(jax.local_devices()) > 1 else None
+    model = jaxflow.load(args.model, mesh=mesh)
     summary = run.sweep(model, args.data, args.out, flows=flows, window_size=args.window, batch=args.batch,
                         method=args.method, limit=args.limit, images=args.images, template=args.template,
                         chunk=args.chunk, lens=args.command == "lens", filter_correct=not args.keep_incorrect)
@@ -72,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, help="only the first N rows")
         p.add_argument("--template", choices=["vicuna_v1", "llava_llama_3", "plain"], help="default: from tokenizer")
         p.add_argument("--keep-incorrect", action="store_true", help="keep samples the model answers wrongly")
+        p.add_argument("--mesh", help="device mesh of this process, e.g. data=4,model=2 (default: data=all devices)")
+        p.add_argument("--distributed", action="store_true",
+                       help="join JAX's multi-process runtime, cluster detected by JAX (TPU pod slice, SLURM)")
+        p.add_argument("--coordinator", help="HOST:PORT of process 0, for an explicit multi-process launch")
+        p.add_argument("--num-processes", type=int)
+        p.add_argument("--process-id", type=int)
         p.set_defaults(func=_sweep)
     from jaxflow.inputs.cli import add_parser as add_regions
 

@@ -81,6 +81,22 @@ def shard_leading(tree, mesh: Mesh | None, name: str = "configs"):
     return jax.tree.map(put, tree)
 
 
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Joins JAX's multi-process runtime (call before any computation). Without arguments JAX
+    detects the cluster itself (TPU pod slices, SLURM, ...)."""
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def barrier(name: str, timeout_s: int = 24 * 3600) -> None:
+    """Waits until every process reaches `name` (a no-op in a single process). Uses the
+    distributed runtime's coordination service, so no device collective is involved."""
+    if jax.process_count() > 1:
+        from jax._src import distributed
+
+        distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+
+
 def replicate(tree, mesh: Mesh | None):
     if mesh is None:
         return tree

@@ -158,7 +158,7 @@ def sort_by_start(knock: KnockoutMasks):
 def memory_budget() -> int:
     """Bytes the knockout activations may use: 60% of the accelerator's free memory, or half the
     host's available memory on CPU."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(0.6 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
     import psutil

@@ -81,10 +81,10 @@ class Table:
             return list(csv.DictReader(f))
 
 
-def open_run(out_dir: str, header: dict, compare: Iterable[str]) -> dict:
-    """Creates out_dir/run.json, or checks that the existing one agrees on the `compare` keys."""
+def open_run(out_dir: str, header: dict, compare: Iterable[str], name: str = "run.json") -> dict:
+    """Creates out_dir/`name`, or checks that the existing one agrees on the `compare` keys."""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "run.json")
+    path = os.path.join(out_dir, name)
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)

@@ -14,6 +14,7 @@ import os
 import subprocess
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -22,6 +23,7 @@ from jaxflow.inputs import gqa
 from jaxflow.inputs.regions import SampleInputs, build_sample
 from jaxflow.knockout import KnockoutMasks
 from jaxflow.model import Model
+from jaxflow.sharding import barrier
 from jaxflow.sweep import engine
 from jaxflow.sweep.results import Table, open_run
 
@@ -178,7 +180,7 @@ def run_header(model: Model, data: str, **flags) -> dict:
     return {"model": os.path.abspath(model.path) if model.path else None, "data": os.path.abspath(data), **flags,
             "versions": {"jaxflow": getattr(jaxflow, "__version__", "0.1.0"), "jax": jax.__version__,
                          "flax": flax.__version__, "transformers": transformers.__version__},
-            "git_commit": _git_commit(), "device": str(jax.devices()[0]),
+            "git_commit": _git_commit(), "device": str(jax.local_devices()[0]),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -198,18 +200,26 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
     cfg = model.config
     num_layers, num_heads = cfg.text.num_layers, cfg.text.num_heads
     kind = "lens" if lens else "sweep"
+    pid, procs = jax.process_index(), jax.process_count()
+    shard = "" if procs == 1 else f".process-{pid}-of-{procs}"  # each process owns a disjoint shard
     header = run_header(model, data, kind=kind, flows=[f.name for f in flows], window=window_size, method=method,
-                        template=template, max_new_tokens=max_new_tokens, images=images, filter_correct=filter_correct)
-    open_run(out, header, compare=["model", "data", "kind", "flows", "window", "method", "template", "filter_correct"])
-    skipped = Table(os.path.join(out, "skipped.csv"), SKIP_COLUMNS, 1)
-    table = (Table(os.path.join(out, "lens.csv"), LENS_COLUMNS, 2 * (num_layers + 1)) if lens
-             else Table(os.path.join(out, "results.csv"), RESULT_COLUMNS, len(flows) * num_layers))
+                        template=template, max_new_tokens=max_new_tokens, images=images, filter_correct=filter_correct,
+                        processes=procs)
+    open_run(out, header, compare=["model", "data", "kind", "flows", "window", "method", "template", "filter_correct",
+                                   "processes"], name=f"run{shard}.json")
+    columns, per_key = (LENS_COLUMNS, 2 * (num_layers + 1)) if lens else (RESULT_COLUMNS, len(flows) * num_layers)
+    table_name = "lens" if lens else "results"
+    skipped = Table(os.path.join(out, f"skipped{shard}.csv"), SKIP_COLUMNS, 1)
+    table = Table(os.path.join(out, f"{table_name}{shard}.csv"), columns, per_key)
     samples, errors = gqa.load_tasks(data, images, check_images=images is not None and image_loader is None)
+    if limit is not None:
+        errors = [e for e in errors if e.row < limit]
     for e in errors:
         if e.question_id not in skipped.done:
             skipped.append(e.question_id, [{"question_id": e.question_id, "task": e.task, "reason": e.reason}])
     if limit is not None:
         samples = samples[:limit]
+    samples, errors = samples[pid::procs], errors[pid::procs]
     todo = [s for s in samples if s.question_id not in table.done and s.question_id not in skipped.done]
     prepared = []
     for item in prepare(model, todo, template, image_loader):
@@ -249,8 +259,31 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
                                                                 p_block[:, j], top1[:, j], method))
         bar.update(len(group))
     bar.close()
+    if procs > 1:  # every shard is complete: process 0 writes the merged tables
+        barrier(f"jaxflow-{kind}-done")
+        if pid == 0:
+            merge_shards(out, table_name, columns, per_key, procs)
+            merge_shards(out, "skipped", SKIP_COLUMNS, 1, procs)
+        barrier(f"jaxflow-{kind}-merged")
     return {"rows": len(table.read()), "kept": len(table.done), "skipped": len(skipped.done),
             "compiled_shapes": sorted(shapes)}
+
+
+def merge_shards(out: str, name: str, columns: list[str], per_key: int, procs: int) -> Table:
+    """Merges the per-process tables into `name`.csv (rebuilt from the shards each time)."""
+    path = os.path.join(out, f"{name}.csv")
+    if os.path.exists(path):
+        os.remove(path)
+    merged = Table(path, columns, per_key)
+    for pid in range(procs):
+        rows = Table(os.path.join(out, f"{name}.process-{pid}-of-{procs}.csv"), columns, per_key).read()
+        by_key: dict[str, list[dict]] = {}
+        for r in rows:
+            by_key.setdefault(r["question_id"], []).append(r)
+        for key, key_rows in by_key.items():
+            if key not in merged.done:
+                merged.append(key, key_rows)
+    return merged
 
 
 def _result_rows(model, p: Prepared, predicted, flows, num_layers, k, token, p_base, p_block, top1, method):
