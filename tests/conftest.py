@@ -1,6 +1,10 @@
 import os
 import sys
 
+# The test runner (not the library) gives JAX 8 host devices for the sharding tests; it must be set
+# before JAX initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))

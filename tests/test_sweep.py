@@ -136,7 +136,9 @@ def test_resume_after_kill_gives_the_uninterrupted_table(world):
     cmd = [sys.executable, "-m", "jaxflow.cli", "sweep", "--model", model.path, "--data", data, "--images", images,
            "--out", str(out), "--window", "3", "--batch", "1", "--keep-incorrect", "--flows", "Image->Question",
            "Question->Last"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device: the conftest's 8 are for sharding
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env)
     results = out / "results.csv"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -149,7 +151,7 @@ def test_resume_after_kill_gives_the_uninterrupted_table(world):
     assert 1 <= len(done_at_kill) < 6, "the run was not interrupted mid-way"
     with open(results, "a") as f:  # what a kill during a write can leave behind
         f.write(_rows_text(results).splitlines()[-1][:17])
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     resumed = _rows(results)
     keys = [_key(r) for r in resumed]
     assert len(keys) == len(set(keys)) == 6 * 2 * model.config.text.num_layers
