@@ -105,7 +105,8 @@ def run_torch(hf, model, samples, k: int):
 
 
 def run_jax(model, samples, k: int, method: str, batch: int, chunk: int):
-    """(b) / (c): all configurations of a batch in one call. Returns p [S, K], seconds (compiled)."""
+    """(b) / (c): all configurations of a batch in one call (split over the model's mesh, if any).
+    Returns p [S, K], seconds (compiled)."""
     import jax
 
     from jaxflow.knockout import KnockoutMasks
@@ -135,7 +136,8 @@ def run_jax(model, samples, k: int, method: str, batch: int, chunk: int):
         inputs, knock, last = batch_inputs(group)
         base = engine.base_run(model.module, inputs, last)
         token = np.asarray(jax.numpy.argmax(base.probs, -1))
-        p, _ = engine.knockout_probs(model.module, inputs, knock, last, token, method=method, chunk=chunk, base=base)
+        p, _ = engine.knockout_probs(model.module, inputs, knock, last, token, method=method, chunk=chunk, base=base,
+                                     mesh=model.mesh)
         return p[:, : len(group)].T
 
     go(samples[:batch])  # compile
