@@ -36,3 +36,20 @@ def twins(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory):
+    """A tiny random LLaVA-NeXT (GQA) with the Vicuna-style toy tokenizer, converted: for sweeps."""
+    import toy_tokenizers
+
+    from convert import convert
+    from jaxflow.testing import tiny_hf_config, write_random_checkpoint
+
+    root = tmp_path_factory.mktemp("toy-next")
+    tok = toy_tokenizers.llama2_tokenizer()
+    cfg = tiny_hf_config("llava_next", vocab=len(tok), image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         kv_heads=2)
+    write_random_checkpoint(str(root / "src"), cfg, scale=0.2)
+    toy_tokenizers.save(tok, str(root / "src"))
+    return convert(str(root / "src"), str(root / "model"), progress=False)

@@ -11,14 +11,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-import toy_tokenizers
 from jax.sharding import PartitionSpec as P
 
 import jaxflow
-from convert import convert
 from jaxflow.sharding import RULES, make_mesh, parse_mesh
 from jaxflow.sweep import engine
-from jaxflow.testing import tiny_hf_config, write_random_checkpoint
 
 GQA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "gqa_tasks")
 MESHES = ["data=8,model=1", "data=1,model=8", "data=2,model=4"]
@@ -27,14 +24,8 @@ pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shard")
-    tok = toy_tokenizers.llama2_tokenizer()
-    cfg = tiny_hf_config("llava_next", vocab=len(tok), image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         kv_heads=2)
-    write_random_checkpoint(str(root / "src"), cfg, scale=0.2)
-    toy_tokenizers.save(tok, str(root / "src"))
-    return convert(str(root / "src"), str(root / "model"), progress=False)
+def model_dir(toy_model_dir):
+    return toy_model_dir
 
 
 def test_parse_mesh_errors_name_the_argument():

@@ -11,30 +11,22 @@ import time
 import jax
 import numpy as np
 import pytest
-import toy_tokenizers
 from PIL import Image
 
 import jaxflow
-from convert import convert
 from jaxflow.inputs import gqa
 from jaxflow.sweep import engine, run
 from jaxflow.sweep.results import RunMismatchError, Table
-from jaxflow.testing import tiny_hf_config, write_random_checkpoint
 
 GQA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "gqa_tasks")
 FLOWS = [run.parse_flow(f) for f in list(run.STUDY_FLOWS) + ["question->last@0,2", "true_option->last"]]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny LLaVA-NeXT with a Vicuna-style tokenizer, 8 ChooseAttr rows and their synthetic images."""
+def world(tmp_path_factory, toy_model_dir):
+    """The tiny LLaVA-NeXT with a Vicuna-style tokenizer, 8 ChooseAttr rows and their synthetic images."""
     root = tmp_path_factory.mktemp("sweep")
-    tok = toy_tokenizers.llama2_tokenizer()
-    cfg = tiny_hf_config("llava_next", vocab=len(tok), image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         kv_heads=2)
-    write_random_checkpoint(str(root / "src"), cfg, scale=0.2)
-    toy_tokenizers.save(tok, str(root / "src"))
-    model = jaxflow.load(convert(str(root / "src"), str(root / "model"), progress=False))
+    model = jaxflow.load(toy_model_dir)
     with open(os.path.join(GQA, "ChooseAttr.csv"), newline="") as f:
         rows = list(csv.DictReader(f))[:8]
     rows[5]["central object x"] = "9000"  # a bad row: box outside the image
