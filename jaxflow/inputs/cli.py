@@ -18,7 +18,7 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
 def regions_command(args) -> int:
     import jaxflow
     from jaxflow.inputs.images import ProcessorSettings
-    from jaxflow.inputs.regions import RegionError, build_sample, render, substring_region
+    from jaxflow.inputs.regions import RegionError, box_region, build_sample, render, substring_region
 
     model = jaxflow.load(args.model)
     try:
@@ -31,6 +31,8 @@ def regions_command(args) -> int:
         regions = dict(sample.regions)
         for sub in args.substring or []:
             regions[f"substring:{sub}"] = substring_region(sample.prompt, sample.encoded, sub)
+        for i, box in enumerate(args.region_box or []):
+            regions[f"box:{i}"] = box_region(model.config, sample.image_size, sample.encoded, [parse_box(box)])
     except (RegionError, ValueError, OSError) as e:
         print(f"jaxflow regions: error: {e}", file=sys.stderr)
         return 2
@@ -62,6 +64,7 @@ def add_parser(sub) -> None:
     p.add_argument("--question", required=True)
     p.add_argument("--box", action="append", help="x,y,w,h of a question-related object (repeatable)")
     p.add_argument("--substring", action="append", help="also locate this prompt substring (repeatable)")
+    p.add_argument("--region-box", action="append", help="also locate the image patches of x,y,w,h (repeatable)")
     p.add_argument("--template", choices=["vicuna_v1", "llava_llama_3", "plain"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--png", help="draw the image with the related patches highlighted")

@@ -52,6 +52,11 @@ def _span(encoded, start: int, end: int, what: str) -> np.ndarray:
     return np.asarray(prompts.token_span(encoded, start, end), np.int64)
 
 
+def box_region(cfg: LlavaConfig, size: tuple[int, int], encoded, boxes: Sequence[Box]) -> np.ndarray:
+    """Image positions whose patch overlaps any of `boxes` (after the image's own geometry)."""
+    return np.asarray(encoded.image_positions, np.int64)[images.related_features(cfg, size, list(boxes))]
+
+
 def substring_region(prompt: prompts.Prompt, encoded, substring: str, occurrence: int = 0) -> np.ndarray:
     """Positions of the tokens covering the `occurrence`-th match of `substring` in the prompt text."""
     start = -1
@@ -85,7 +90,7 @@ def locate(cfg: LlavaConfig, tokenizer, size: tuple[int, int], question: str, *,
             options.append(regions[name])
     if options:
         regions["question_without_options"] = np.setdiff1d(regions["question"], np.concatenate(options))
-    related = images.related_features(cfg, size, list(boxes))
+    related = np.isin(image_pos, box_region(cfg, size, encoded, boxes))
     regions["related_image_patches"] = image_pos[related]
     regions["other_image_patches"] = image_pos[~related & ~lay.is_newline]
     return prompt, encoded, {k: np.sort(v) for k, v in regions.items()}

@@ -110,7 +110,7 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
     return _answer_prob(lm, lm.norm(h), token)
 
 
-@functools.partial(nnx.jit, static_argnames=())
+@nnx.jit
 def logit_lens(module: Llava, hidden, last, tokens):
     """hidden [L + 1, B, T, D], tokens [B, N] -> probabilities [2, L + 1, B, N]: raw (no final
     norm, as the study did) and with the final norm."""
