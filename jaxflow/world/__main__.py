@@ -1,0 +1,5 @@
+import sys
+
+from jaxflow.world.generate import main
+
+sys.exit(main())

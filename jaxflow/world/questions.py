@@ -1,0 +1,455 @@
+"""The six GQA task kinds of the study, asked about toy scenes, answered by construction.
+
+Each builder takes a random generator and the answer it must produce (so answers are balanced by
+the caller) and returns the scene and one task-file row in the exact column layout of the study's
+GQA task files (see `COLUMNS`), or None when the random draw did not fit (the caller retries).
+
+- ChooseAttr: "Is the circle red or blue?" -> an attribute (colour, material, size); box: central object.
+- ChooseCat: "What is this, a star or a circle?" (one object) / "Which shape is red, the star or the circle?"
+  -> a shape; box: central object.
+- ChooseRel: "Is the star to the left or to the right of the square?" -> left / right; boxes: object1 (the
+  reference), object2 (the subject).
+- CompareAttr: "What do the circle and the star have in common?" -> color / material; boxes: object1, object2.
+- LogicalObj: "Is there either a circle or a star that is red?" / "... that is not red?" -> yes / no; boxes:
+  object1, object2 (`-` when absent).
+- QueryAttr: "On which side of the image is the star?" -> left / right; box: central object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxflow.world.scene import (
+    ATTRIBUTES,
+    COLORS,
+    IMAGE_SIZE,
+    MATERIALS,
+    PLURALS,
+    SHAPES,
+    SIZES,
+    Obj,
+    Scene,
+    place,
+)
+
+TASKS = ("ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr")
+
+# The header of each GQA task file, column for column.
+COLUMNS = {
+    "ChooseAttr": ["question_id", "img_id", "question", "answer", "true option", "false option",
+                   "central object name", "central object id", "central object attributes",
+                   "central object question attribute", "all objects", "all objects attributes", "type_detailed",
+                   "type_semantic", "type_structural", "operations", "operation_1", "operation_2", "captions",
+                   "image_w", "image_h", "central object w", "central object h", "central object x",
+                   "central object y", "full answer"],
+    "ChooseCat": ["question_id", "img_id", "question", "answer", "true option", "false option", "central object name",
+                  "central object id", "type_detailed", "type_semantic", "type_structural", "operations", "captions",
+                  "image_w", "image_h", "central object w", "central object h", "central object x",
+                  "central object y"],
+    "ChooseRel": ["question_id", "img_id", "question", "answer", "true option", "false option", "object1 name",
+                  "object1 id", "object2 name", "object2 id", "type_detailed", "type_semantic", "type_structural",
+                  "operations", "captions", "image_w", "image_h", "object1 w", "object1 h", "object1 x", "object1 y",
+                  "object2 w", "object2 h", "object2 x", "object2 y"],
+    "CompareAttr": ["question_id", "img_id", "question", "answer", "object1 name", "object1 id", "object2 name",
+                    "object2 id", "question word", "type_detailed", "type_semantic", "type_structural", "operations",
+                    "captions", "image_w", "image_h", "object1 w", "object1 h", "object1 x", "object1 y", "object2 w",
+                    "object2 h", "object2 x", "object2 y"],
+    "LogicalObj": ["question_id", "img_id", "question", "answer", "object1 name", "object1 id", "object2 name",
+                   "object2 id", "question word", "type_detailed", "type_semantic", "type_structural", "operations",
+                   "captions", "image_w", "image_h", "object1 w", "object1 h", "object1 x", "object1 y", "object2 w",
+                   "object2 h", "object2 x", "object2 y"],
+    "QueryAttr": ["question_id", "img_id", "question", "answer", "central object name", "central object id",
+                  "question word", "type_detailed", "type_semantic", "type_structural", "operations", "captions",
+                  "image_w", "image_h", "central object w", "central object h", "central object x",
+                  "central object y"],
+}
+
+# Answers each task cycles through (balanced); ChooseAttr / ChooseCat draw theirs per attribute kind.
+BINARY_ANSWERS = {"ChooseRel": ("left", "right"), "CompareAttr": ("color", "material"),
+                  "LogicalObj": ("yes", "no"), "QueryAttr": ("left", "right")}
+CHOOSE_ATTR_KINDS = ("color", "color", "material", "size")  # cycled
+REL_MARGIN = 10.0  # px between the two centres of a left/right pair
+SIDE_MARGIN = 0.12  # a queried object's centre is this far (fraction of the width) from the middle
+MIN_OBJECTS, MAX_OBJECTS = 2, 4
+
+TEMPLATES = {
+    "ChooseAttr": ["Is the {s} {a} or {b}?"],
+    "ChooseAttr.color": ["Which color is the {s}, {a} or {b}?"],
+    "ChooseCat.this": ["What is this, a {a} or a {b}?", "Which shape is this, a {a} or a {b}?",
+                       "Is this a {a} or a {b}?"],
+    "ChooseCat.that": ["Which shape is {v}, the {a} or the {b}?"],
+    "ChooseRel": ["Is the {s} to the left or to the right of the {o}?",
+                  "Is the {s} to the right or to the left of the {o}?"],
+    "CompareAttr": ["What do the {a} and the {b} have in common?", "What do both the {a} and the {b} have in common?",
+                    "What is common to the {a} and the {b}?"],
+    "LogicalObj.or": ["Is there either a {a} or a {b} that is {v}?", "Are there either {pa} or {pb} that are {v}?"],
+    "LogicalObj.not": ["Is there any {a} or {b} that is not {v}?", "Are there any {pa} or {pb} that are not {v}?"],
+    "QueryAttr": ["On which side of the image is the {s}?", "On which side of the photo is the {s}?",
+                  "On which side is the {s}?", "Which side is the {s} on?"],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One question: its scene and task-file row (every value a string)."""
+
+    task: str
+    scene: Scene
+    row: dict[str, str]
+
+    @property
+    def question(self) -> str:
+        return self.row["question"]
+
+    @property
+    def answer(self) -> str:
+        return self.row["answer"]
+
+
+def _pick(rng: np.random.Generator, values, exclude=()):
+    choices = [v for v in values if v not in exclude]
+    return choices[int(rng.integers(len(choices)))]
+
+
+def _random_obj(rng, shape: str, **fixed) -> Obj:
+    attrs = {k: _pick(rng, v) for k, v in ATTRIBUTES.items()}
+    return Obj(id="", shape=shape, **(attrs | fixed))
+
+
+def _build_scene(rng, img_id: str, required: list[Obj], n: int | None = None, constraint=None,
+                 free_shapes: tuple[str, ...] | None = None) -> Scene | None:
+    """Required objects plus random distractors of unused shapes (n objects in all), in random drawing order."""
+    n = max(len(required), int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1)) if n is None else n)
+    used = {o.shape for o in required}
+    pool = [s for s in (free_shapes if free_shapes is not None else SHAPES) if s not in used]
+    extra = [_random_obj(rng, s) for s in rng.permutation(pool)[: n - len(required)].tolist()]
+    specs = required + extra
+    order = rng.permutation(len(specs)).tolist()
+    specs = [dataclasses.replace(specs[i], id=f"{img_id}{k}") for k, i in enumerate(order)]
+    placed = place(rng, specs, constraint=constraint)
+    if placed is None:
+        return None
+    bg = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in (205, 205, 205))
+    return Scene(img_id, IMAGE_SIZE, IMAGE_SIZE, bg, tuple(placed))
+
+
+def _describe(o: Obj) -> str:
+    return f"a {o.size} {o.color} {o.material} {o.shape}"
+
+
+def _common(scene: Scene) -> dict[str, str]:
+    return {"captions": ". ".join(_describe(o) for o in scene.objects) + ".",
+            "image_w": str(scene.width), "image_h": str(scene.height)}
+
+
+def _box_columns(prefix: str, o: Obj | None) -> dict[str, str]:
+    if o is None:
+        return {f"{prefix} {k}": "-" for k in "whxy"}
+    x, y, w, h = o.box
+    return {f"{prefix} w": str(w), f"{prefix} h": str(h), f"{prefix} x": str(x), f"{prefix} y": str(y)}
+
+
+def _ops(*ops) -> str:
+    return repr([{"operation": op, "dependencies": deps, "argument": arg} for op, deps, arg in ops])
+
+
+def _by_shape(scene: Scene, shape: str) -> Obj:
+    obj = scene.find(shape)
+    assert obj is not None, shape
+    return obj
+
+
+def choose_attr(rng, img_id: str, kind: str, answer: str) -> tuple[Scene, dict] | None:
+    shape = _pick(rng, SHAPES)
+    false = _pick(rng, ATTRIBUTES[kind], exclude=(answer,))
+    scene = _build_scene(rng, img_id, [_random_obj(rng, shape, **{kind: answer})])
+    if scene is None:
+        return None
+    o = _by_shape(scene, shape)
+    a, b = (answer, false) if rng.random() < 0.5 else (false, answer)
+    templates = TEMPLATES["ChooseAttr"] + (TEMPLATES["ChooseAttr.color"] if kind == "color" else [])
+    question = _pick(rng, templates).format(s=shape, a=a, b=b)
+    detailed = {"color": "chooseAttr", "material": "materialChoose", "size": "chooseAttr"}[kind]
+    op = f"choose {kind}"
+    row = {"question": question, "answer": answer, "true option": answer, "false option": false,
+           "central object name": shape, "central object id": o.id,
+           "central object attributes": ", ".join(o.attributes()), "central object question attribute": answer,
+           "all objects": ", ".join(x.shape for x in scene.objects),
+           "all objects attributes": ", ".join(sorted({v for x in scene.objects for v in x.attributes()})),
+           "type_detailed": detailed, "type_semantic": "attr", "type_structural": "choose",
+           "operations": _ops(("select", [], f"{shape} ({o.id})"), (op, [0], f"{a}|{b}")),
+           "operation_1": repr(["select", f"{shape} ({o.id})"]), "operation_2": repr([op, f"{a}|{b}"]),
+           **_common(scene), **_box_columns("central object", o), "full answer": f"The {shape} is {answer}."}
+    return scene, row
+
+
+def choose_cat(rng, img_id: str, form: str, answer: str) -> tuple[Scene, dict] | None:
+    false = _pick(rng, SHAPES, exclude=(answer,))
+    a, b = (answer, false) if rng.random() < 0.5 else (false, answer)
+    if form == "this":
+        scene = _build_scene(rng, img_id, [_random_obj(rng, answer)], n=1)
+        if scene is None:
+            return None
+        question = _pick(rng, TEMPLATES["ChooseCat.this"]).format(a=a, b=b)
+        detailed, select = "objThisChoose", "this"
+        filt = None
+    else:  # "that": the true shape has the attribute value, the false one is absent or lacks it
+        kind = _pick(rng, ("color", "color", "material"))
+        value = _pick(rng, ATTRIBUTES[kind])
+        required = [_random_obj(rng, answer, **{kind: value})]
+        if rng.random() < 0.5:
+            required.append(_random_obj(rng, false, **{kind: _pick(rng, ATTRIBUTES[kind], exclude=(value,))}))
+        free = tuple(s for s in SHAPES if s != false)
+        scene = _build_scene(rng, img_id, required, free_shapes=free)
+        if scene is None:
+            return None
+        question = _pick(rng, TEMPLATES["ChooseCat.that"]).format(v=value, a=a, b=b)
+        detailed, select = "categoryThatChoose", "shape"
+        filt = (f"filter {kind}", [0], value)
+    o = _by_shape(scene, answer)
+    ops = [("select", [], f"{select} ({o.id})")] + ([filt] if filt else [])
+    ops.append(("choose name", [len(ops) - 1], f"{a}|{b}"))
+    row = {"question": question, "answer": answer, "true option": answer, "false option": false,
+           "central object name": select, "central object id": o.id, "type_detailed": detailed,
+           "type_semantic": "cat", "type_structural": "choose", "operations": _ops(*ops), **_common(scene),
+           **_box_columns("central object", o)}
+    return scene, row
+
+
+def choose_rel(rng, img_id: str, answer: str) -> tuple[Scene, dict] | None:
+    subject, reference = rng.permutation(SHAPES)[:2].tolist()
+
+    def ok(objs):
+        s = next(o for o in objs if o.shape == subject)
+        r = next(o for o in objs if o.shape == reference)
+        dx = s.cx - r.cx
+        return abs(dx) >= REL_MARGIN and (dx < 0) == (answer == "left")
+
+    scene = _build_scene(rng, img_id, [_random_obj(rng, subject), _random_obj(rng, reference)], constraint=ok)
+    if scene is None:
+        return None
+    s, r = _by_shape(scene, subject), _by_shape(scene, reference)
+    question = _pick(rng, TEMPLATES["ChooseRel"]).format(s=subject, o=reference)
+    first = "left" if question.index("left") < question.index("right") else "right"
+    rel = "to the left of|to the right of" if first == "left" else "to the right of|to the left of"
+    row = {"question": question, "answer": answer, "true option": answer,
+           "false option": "right" if answer == "left" else "left",
+           "object1 name": reference, "object1 id": r.id, "object2 name": subject, "object2 id": s.id,
+           "type_detailed": "relChooser", "type_semantic": "rel", "type_structural": "choose",
+           "operations": _ops(("select", [], f"{reference} ({r.id})"),
+                              ("choose rel", [0], f"{subject},{rel},s ({s.id})")),
+           **_common(scene), **_box_columns("object1", r), **_box_columns("object2", s)}
+    return scene, row
+
+
+def compare_attr(rng, img_id: str, answer: str) -> tuple[Scene, dict] | None:
+    a, b = rng.permutation(SHAPES)[:2].tolist()
+    color = _pick(rng, tuple(COLORS))
+    material = _pick(rng, MATERIALS)
+    if answer == "color":  # same colour, different material
+        specs = [_random_obj(rng, a, color=color, material=material),
+                 _random_obj(rng, b, color=color, material=_pick(rng, MATERIALS, exclude=(material,)))]
+    else:  # same material, different colour
+        specs = [_random_obj(rng, a, color=color, material=material),
+                 _random_obj(rng, b, color=_pick(rng, tuple(COLORS), exclude=(color,)), material=material)]
+    scene = _build_scene(rng, img_id, specs)
+    if scene is None:
+        return None
+    oa, ob = _by_shape(scene, a), _by_shape(scene, b)
+    question = _pick(rng, TEMPLATES["CompareAttr"]).format(a=a, b=b)
+    row = {"question": question, "answer": answer, "object1 name": a, "object1 id": oa.id, "object2 name": b,
+           "object2 id": ob.id, "question word": "common", "type_detailed": "twoCommon", "type_semantic": "attr",
+           "type_structural": "compare",
+           "operations": _ops(("select", [], f"{a} ({oa.id})"), ("select", [], f"{b} ({ob.id}) "),
+                              ("common", [0, 1], "")),
+           **_common(scene), **_box_columns("object1", oa), **_box_columns("object2", ob)}
+    return scene, row
+
+
+def logical_obj(rng, img_id: str, negated: bool, answer: str) -> tuple[Scene, dict] | None:
+    """object1 is in the image; object2 is in it half the time. Plain form: does object1 or object2 have the
+    value? Negated form: does object1 or object2 lack it?"""
+    s1, s2 = rng.permutation(SHAPES)[:2].tolist()
+    kind = _pick(rng, ("color", "color", "material"))
+    value = _pick(rng, ATTRIBUTES[kind])
+    present2 = rng.random() < 0.5
+    n_present = 1 + present2
+    # has[i]: does present object i have the value? Want any(has) (plain) or any(not has) (negated) == yes.
+    yes = answer == "yes"
+    if negated:
+        lacks = [bool(rng.random() < 0.5) for _ in range(n_present)] if yes else [False] * n_present
+        if yes and not any(lacks):
+            lacks[int(rng.integers(n_present))] = True
+        has = [not x for x in lacks]
+    else:
+        has = [bool(rng.random() < 0.5) for _ in range(n_present)] if yes else [False] * n_present
+        if yes and not any(has):
+            has[int(rng.integers(n_present))] = True
+    specs = []
+    for shape, h in zip((s1, s2)[:n_present], has, strict=True):
+        v = value if h else _pick(rng, ATTRIBUTES[kind], exclude=(value,))
+        specs.append(_random_obj(rng, shape, **{kind: v}))
+    free = tuple(s for s in SHAPES if present2 or s != s2)
+    scene = _build_scene(rng, img_id, specs, free_shapes=free)
+    if scene is None:
+        return None
+    o1, o2 = _by_shape(scene, s1), scene.find(s2)
+    a, b = (s1, s2) if rng.random() < 0.5 else (s2, s1)
+    key = "LogicalObj.not" if negated else "LogicalObj.or"
+    question = _pick(rng, TEMPLATES[key]).format(a=a, b=b, pa=PLURALS[a], pb=PLURALS[b], v=value)
+    arg = f"not({value})" if negated else value
+    id2 = o2.id if o2 is not None else "-"
+    row = {"question": question, "answer": answer, "object1 name": s1, "object1 id": o1.id, "object2 name": s2,
+           "object2 id": id2, "question word": "common", "type_detailed": "existThatOrC" if negated else "existThatOr",
+           "type_semantic": "obj", "type_structural": "logical",
+           "operations": _ops(("select", [], f"{s1} ({o1.id})"), (f"filter {kind}", [0], arg), ("exist", [1], "?"),
+                              ("select", [], f"{s2} ({id2}) "), (f"filter {kind}", [3], arg), ("exist", [4], "?"),
+                              ("or", [2, 5], "")),
+           **_common(scene), **_box_columns("object1", o1), **_box_columns("object2", o2)}
+    return scene, row
+
+
+def query_attr(rng, img_id: str, answer: str) -> tuple[Scene, dict] | None:
+    shape = _pick(rng, SHAPES)
+
+    def ok(objs):
+        o = next(o for o in objs if o.shape == shape)
+        off = o.cx / IMAGE_SIZE - 0.5
+        return abs(off) >= SIDE_MARGIN and (off < 0) == (answer == "left")
+
+    scene = _build_scene(rng, img_id, [_random_obj(rng, shape)], constraint=ok)
+    if scene is None:
+        return None
+    o = _by_shape(scene, shape)
+    question = _pick(rng, TEMPLATES["QueryAttr"]).format(s=shape)
+    row = {"question": question, "answer": answer, "central object name": shape, "central object id": o.id,
+           "question word": "common", "type_detailed": "positionQuery", "type_semantic": "attr",
+           "type_structural": "query",
+           "operations": _ops(("select", [], f"{shape} ({o.id})"), ("query", [0], "hposition")),
+           **_common(scene), **_box_columns("central object", o)}
+    return scene, row
+
+
+def make_example(task: str, rng: np.random.Generator, index: int, question_id: str, img_id: str) -> Example:
+    """The `index`-th question of `task`: answers and question forms cycle with `index` so a set is balanced."""
+    for _ in range(100):
+        if task == "ChooseAttr":
+            kind = CHOOSE_ATTR_KINDS[index % len(CHOOSE_ATTR_KINDS)]
+            out = choose_attr(rng, img_id, kind, _pick(rng, ATTRIBUTES[kind]))
+        elif task == "ChooseCat":
+            out = choose_cat(rng, img_id, ("this", "that")[index % 2], _pick(rng, SHAPES))
+        elif task == "ChooseRel":
+            out = choose_rel(rng, img_id, BINARY_ANSWERS[task][index % 2])
+        elif task == "CompareAttr":
+            out = compare_attr(rng, img_id, BINARY_ANSWERS[task][index % 2])
+        elif task == "LogicalObj":
+            out = logical_obj(rng, img_id, negated=bool((index // 2) % 2), answer=BINARY_ANSWERS[task][index % 2])
+        elif task == "QueryAttr":
+            out = query_attr(rng, img_id, BINARY_ANSWERS[task][index % 2])
+        else:
+            raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+        if out is not None:
+            scene, row = out
+            full = {"question_id": question_id, "img_id": img_id, **row}
+            missing = [c for c in COLUMNS[task] if c not in full]
+            if missing or set(full) - set(COLUMNS[task]):
+                raise AssertionError(f"{task}: row columns differ from the header: {missing}")
+            return Example(task, scene, {c: full[c] for c in COLUMNS[task]})
+    raise RuntimeError(f"{task}: no scene fits after 100 draws")
+
+
+def ask(task: str, scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None:
+    """A question of `task` about an existing scene and its answer, or None when the scene offers none (no pair
+    sharing exactly one attribute, no object clearly on one side, ...). Binary answers are aimed at a random
+    side, so follow-up questions stay roughly balanced too. Used for the later turns of a training
+    conversation (LLaVA-1.5 trains several questions about one image as one multi-turn conversation)."""
+    objs = list(scene.objects)
+    present = {o.shape for o in objs}
+    target = int(rng.integers(2))
+    if task == "ChooseAttr":
+        o = objs[int(rng.integers(len(objs)))]
+        kind = _pick(rng, CHOOSE_ATTR_KINDS)
+        false = _pick(rng, ATTRIBUTES[kind], exclude=(o.attr(kind),))
+        a, b = (o.attr(kind), false) if target else (false, o.attr(kind))
+        templates = TEMPLATES["ChooseAttr"] + (TEMPLATES["ChooseAttr.color"] if kind == "color" else [])
+        return _pick(rng, templates).format(s=o.shape, a=a, b=b), o.attr(kind)
+    if task == "ChooseCat":
+        o = objs[int(rng.integers(len(objs)))]
+        if len(objs) == 1:
+            false = _pick(rng, SHAPES, exclude=(o.shape,))
+            a, b = (o.shape, false) if target else (false, o.shape)
+            return _pick(rng, TEMPLATES["ChooseCat.this"]).format(a=a, b=b), o.shape
+        kind = _pick(rng, ("color", "color", "material"))
+        value = o.attr(kind)
+        others = [s for s in SHAPES if s != o.shape and (s not in present or scene.find(s).attr(kind) != value)]
+        false = _pick(rng, others)
+        a, b = (o.shape, false) if target else (false, o.shape)
+        return _pick(rng, TEMPLATES["ChooseCat.that"]).format(v=value, a=a, b=b), o.shape
+    if task == "ChooseRel":
+        pairs = [(p, q) for p in objs for q in objs if p.cx <= q.cx - REL_MARGIN]  # p left of q
+        if not pairs:
+            return None
+        p, q = pairs[int(rng.integers(len(pairs)))]
+        subject, reference, answer = (p, q, "left") if target else (q, p, "right")
+        return _pick(rng, TEMPLATES["ChooseRel"]).format(s=subject.shape, o=reference.shape), answer
+    if task == "CompareAttr":
+        answer = BINARY_ANSWERS[task][target]
+        other = "material" if answer == "color" else "color"
+        pairs = [(p, q) for i, p in enumerate(objs) for q in objs[i + 1:]
+                 if p.attr(answer) == q.attr(answer) and p.attr(other) != q.attr(other)]
+        if not pairs:
+            return None
+        p, q = pairs[int(rng.integers(len(pairs)))]
+        if rng.random() < 0.5:
+            p, q = q, p
+        return _pick(rng, TEMPLATES["CompareAttr"]).format(a=p.shape, b=q.shape), answer
+    if task == "LogicalObj":
+        negated = bool(rng.random() < 0.5)
+        o1 = objs[int(rng.integers(len(objs)))]
+        s2 = _pick(rng, SHAPES, exclude=(o1.shape,))
+        named = [o1] + ([scene.find(s2)] if s2 in present else [])
+        kind = _pick(rng, ("color", "color", "material"))
+        values = ATTRIBUTES[kind]
+        if negated:  # yes iff some named object lacks the value
+            yes = [v for v in values if not all(o.attr(kind) == v for o in named)]
+        else:  # yes iff some named object has it
+            yes = [v for v in values if any(o.attr(kind) == v for o in named)]
+        options = yes if target else [v for v in values if v not in yes]
+        if not options:
+            return None
+        value = _pick(rng, options)
+        has = [o.attr(kind) == value for o in named]
+        answer = "yes" if (not all(has) if negated else any(has)) else "no"
+        a, b = (o1.shape, s2) if rng.random() < 0.5 else (s2, o1.shape)
+        key = "LogicalObj.not" if negated else "LogicalObj.or"
+        return _pick(rng, TEMPLATES[key]).format(a=a, b=b, pa=PLURALS[a], pb=PLURALS[b], v=value), answer
+    if task == "QueryAttr":
+        side = BINARY_ANSWERS[task][target]
+        cands = [o for o in objs if abs(o.cx / scene.width - 0.5) >= SIDE_MARGIN
+                 and (o.cx < scene.width / 2) == (side == "left")]
+        if not cands:
+            return None
+        o = cands[int(rng.integers(len(cands)))]
+        return _pick(rng, TEMPLATES["QueryAttr"]).format(s=o.shape), side
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
+def caption(scene: Scene) -> str:
+    """Every object, left to right, shape first: "The circle is large, red and striped. The star is small, blue
+    and solid." (the text of LLaVA's first training stage, which aligns image features with words)."""
+    objs = sorted(scene.objects, key=lambda o: (o.box[0] + o.box[2] / 2, o.box[1]))
+    return " ".join(f"The {o.shape} is {o.size}, {o.color} and {o.material}." for o in objs)
+
+
+def vocabulary_lines() -> list[str]:
+    """Every question wording with every word the world can put in it (for building the tokenizer)."""
+    words = list(SHAPES) + list(PLURALS.values()) + list(COLORS) + list(MATERIALS) + list(SIZES)
+    words += ["left", "right", "yes", "no", "color", "material", "this", "shape"]
+    lines = [" ".join(words)]
+    for templates in TEMPLATES.values():
+        for t in templates:
+            lines.append(t.format(s="circle", o="square", a="star", b="cross", pa="stars", pb="crosses", v="red"))
+    lines.append("The circle is large, red and striped. The star is small, blue and solid.")
+    return lines
