@@ -38,7 +38,7 @@ def decode(data: bytes) -> PIL.Image.Image:
         return im.convert("RGB")
 
 
-def examples(n_per_task: int, seed: int, tasks: Sequence[str] = TASKS) -> list[Example]:
+def examples(n_per_task: int, seed: int, tasks: Sequence[str] = TASKS, max_objects: int | None = None) -> list[Example]:
     """n_per_task questions of each task, deterministic in `seed` (each task draws from its own stream)."""
     out = []
     for task in tasks:
@@ -47,7 +47,7 @@ def examples(n_per_task: int, seed: int, tasks: Sequence[str] = TASKS) -> list[E
         for i in range(n_per_task):
             # ids as GQA writes them: numeric strings, question ids with a leading zero
             out.append(make_example(task, rng, i, question_id=f"{seed % 100:02d}{k}{i:06d}",
-                                    img_id=f"{k}{seed % 100:02d}{i:06d}"))
+                                    img_id=f"{k}{seed % 100:02d}{i:06d}", max_objects=max_objects))
     return out
 
 

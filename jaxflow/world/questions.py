@@ -118,10 +118,11 @@ def _random_obj(rng, shape: str, **fixed) -> Obj:
     return Obj(id="", shape=shape, **(attrs | fixed))
 
 
-def _build_scene(rng, img_id: str, required: list[Obj], n: int | None = None, constraint=None,
+def _build_scene(rng, img_id: str, required: list[Obj], n: int | None = None, constraint=None, max_objects=None,
                  free_shapes: tuple[str, ...] | None = None) -> Scene | None:
     """Required objects plus random distractors of unused shapes (n objects in all), in random drawing order."""
-    n = max(len(required), int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1)) if n is None else n)
+    top = MAX_OBJECTS if max_objects is None else max_objects
+    n = max(len(required), int(rng.integers(min(MIN_OBJECTS, top), top + 1)) if n is None else n)
     used = {o.shape for o in required}
     pool = [s for s in (free_shapes if free_shapes is not None else SHAPES) if s not in used]
     extra = [_random_obj(rng, s) for s in rng.permutation(pool)[: n - len(required)].tolist()]
@@ -161,10 +162,10 @@ def _by_shape(scene: Scene, shape: str) -> Obj:
     return obj
 
 
-def choose_attr(rng, img_id: str, kind: str, answer: str) -> tuple[Scene, dict] | None:
+def choose_attr(rng, img_id: str, kind: str, answer: str, max_objects: int | None = None) -> tuple[Scene, dict] | None:
     shape = _pick(rng, SHAPES)
     false = _pick(rng, ATTRIBUTES[kind], exclude=(answer,))
-    scene = _build_scene(rng, img_id, [_random_obj(rng, shape, **{kind: answer})])
+    scene = _build_scene(rng, img_id, [_random_obj(rng, shape, **{kind: answer})], max_objects=max_objects)
     if scene is None:
         return None
     o = _by_shape(scene, shape)
@@ -185,7 +186,7 @@ def choose_attr(rng, img_id: str, kind: str, answer: str) -> tuple[Scene, dict] 
     return scene, row
 
 
-def choose_cat(rng, img_id: str, form: str, answer: str) -> tuple[Scene, dict] | None:
+def choose_cat(rng, img_id: str, form: str, answer: str, max_objects: int | None = None) -> tuple[Scene, dict] | None:
     false = _pick(rng, SHAPES, exclude=(answer,))
     a, b = (answer, false) if rng.random() < 0.5 else (false, answer)
     if form == "this":
@@ -202,7 +203,7 @@ def choose_cat(rng, img_id: str, form: str, answer: str) -> tuple[Scene, dict] |
         if rng.random() < 0.5:
             required.append(_random_obj(rng, false, **{kind: _pick(rng, ATTRIBUTES[kind], exclude=(value,))}))
         free = tuple(s for s in SHAPES if s != false)
-        scene = _build_scene(rng, img_id, required, free_shapes=free)
+        scene = _build_scene(rng, img_id, required, free_shapes=free, max_objects=max_objects)
         if scene is None:
             return None
         question = _pick(rng, TEMPLATES["ChooseCat.that"]).format(v=value, a=a, b=b)
@@ -218,7 +219,7 @@ def choose_cat(rng, img_id: str, form: str, answer: str) -> tuple[Scene, dict] |
     return scene, row
 
 
-def choose_rel(rng, img_id: str, answer: str) -> tuple[Scene, dict] | None:
+def choose_rel(rng, img_id: str, answer: str, max_objects: int | None = None) -> tuple[Scene, dict] | None:
     subject, reference = rng.permutation(SHAPES)[:2].tolist()
 
     def ok(objs):
@@ -227,7 +228,8 @@ def choose_rel(rng, img_id: str, answer: str) -> tuple[Scene, dict] | None:
         dx = s.cx - r.cx
         return abs(dx) >= REL_MARGIN and (dx < 0) == (answer == "left")
 
-    scene = _build_scene(rng, img_id, [_random_obj(rng, subject), _random_obj(rng, reference)], constraint=ok)
+    scene = _build_scene(rng, img_id, [_random_obj(rng, subject), _random_obj(rng, reference)], constraint=ok,
+                         max_objects=max_objects)
     if scene is None:
         return None
     s, r = _by_shape(scene, subject), _by_shape(scene, reference)
@@ -244,7 +246,7 @@ def choose_rel(rng, img_id: str, answer: str) -> tuple[Scene, dict] | None:
     return scene, row
 
 
-def compare_attr(rng, img_id: str, answer: str) -> tuple[Scene, dict] | None:
+def compare_attr(rng, img_id: str, answer: str, max_objects: int | None = None) -> tuple[Scene, dict] | None:
     a, b = rng.permutation(SHAPES)[:2].tolist()
     color = _pick(rng, tuple(COLORS))
     material = _pick(rng, MATERIALS)
@@ -254,7 +256,7 @@ def compare_attr(rng, img_id: str, answer: str) -> tuple[Scene, dict] | None:
     else:  # same material, different colour
         specs = [_random_obj(rng, a, color=color, material=material),
                  _random_obj(rng, b, color=_pick(rng, tuple(COLORS), exclude=(color,)), material=material)]
-    scene = _build_scene(rng, img_id, specs)
+    scene = _build_scene(rng, img_id, specs, max_objects=max_objects)
     if scene is None:
         return None
     oa, ob = _by_shape(scene, a), _by_shape(scene, b)
@@ -268,7 +270,8 @@ def compare_attr(rng, img_id: str, answer: str) -> tuple[Scene, dict] | None:
     return scene, row
 
 
-def logical_obj(rng, img_id: str, negated: bool, answer: str) -> tuple[Scene, dict] | None:
+def logical_obj(rng, img_id: str, negated: bool, answer: str,
+                max_objects: int | None = None) -> tuple[Scene, dict] | None:
     """object1 is in the image; object2 is in it half the time. Plain form: does object1 or object2 have the
     value? Negated form: does object1 or object2 lack it?"""
     s1, s2 = rng.permutation(SHAPES)[:2].tolist()
@@ -292,7 +295,7 @@ def logical_obj(rng, img_id: str, negated: bool, answer: str) -> tuple[Scene, di
         v = value if h else _pick(rng, ATTRIBUTES[kind], exclude=(value,))
         specs.append(_random_obj(rng, shape, **{kind: v}))
     free = tuple(s for s in SHAPES if present2 or s != s2)
-    scene = _build_scene(rng, img_id, specs, free_shapes=free)
+    scene = _build_scene(rng, img_id, specs, free_shapes=free, max_objects=max_objects)
     if scene is None:
         return None
     o1, o2 = _by_shape(scene, s1), scene.find(s2)
@@ -311,7 +314,7 @@ def logical_obj(rng, img_id: str, negated: bool, answer: str) -> tuple[Scene, di
     return scene, row
 
 
-def query_attr(rng, img_id: str, answer: str) -> tuple[Scene, dict] | None:
+def query_attr(rng, img_id: str, answer: str, max_objects: int | None = None) -> tuple[Scene, dict] | None:
     shape = _pick(rng, SHAPES)
 
     def ok(objs):
@@ -319,7 +322,7 @@ def query_attr(rng, img_id: str, answer: str) -> tuple[Scene, dict] | None:
         off = o.cx / IMAGE_SIZE - 0.5
         return abs(off) >= SIDE_MARGIN and (off < 0) == (answer == "left")
 
-    scene = _build_scene(rng, img_id, [_random_obj(rng, shape)], constraint=ok)
+    scene = _build_scene(rng, img_id, [_random_obj(rng, shape)], constraint=ok, max_objects=max_objects)
     if scene is None:
         return None
     o = _by_shape(scene, shape)
@@ -332,22 +335,24 @@ def query_attr(rng, img_id: str, answer: str) -> tuple[Scene, dict] | None:
     return scene, row
 
 
-def make_example(task: str, rng: np.random.Generator, index: int, question_id: str, img_id: str) -> Example:
+def make_example(task: str, rng: np.random.Generator, index: int, question_id: str, img_id: str,
+                 max_objects: int | None = None) -> Example:
     """The `index`-th question of `task`: answers and question forms cycle with `index` so a set is balanced."""
     for _ in range(100):
         if task == "ChooseAttr":
             kind = CHOOSE_ATTR_KINDS[index % len(CHOOSE_ATTR_KINDS)]
-            out = choose_attr(rng, img_id, kind, _pick(rng, ATTRIBUTES[kind]))
+            out = choose_attr(rng, img_id, kind, _pick(rng, ATTRIBUTES[kind]), max_objects=max_objects)
         elif task == "ChooseCat":
-            out = choose_cat(rng, img_id, ("this", "that")[index % 2], _pick(rng, SHAPES))
+            out = choose_cat(rng, img_id, ("this", "that")[index % 2], _pick(rng, SHAPES), max_objects=max_objects)
         elif task == "ChooseRel":
-            out = choose_rel(rng, img_id, BINARY_ANSWERS[task][index % 2])
+            out = choose_rel(rng, img_id, BINARY_ANSWERS[task][index % 2], max_objects=max_objects)
         elif task == "CompareAttr":
-            out = compare_attr(rng, img_id, BINARY_ANSWERS[task][index % 2])
+            out = compare_attr(rng, img_id, BINARY_ANSWERS[task][index % 2], max_objects=max_objects)
         elif task == "LogicalObj":
-            out = logical_obj(rng, img_id, negated=bool((index // 2) % 2), answer=BINARY_ANSWERS[task][index % 2])
+            out = logical_obj(rng, img_id, negated=bool((index // 2) % 2), answer=BINARY_ANSWERS[task][index % 2],
+                              max_objects=max_objects)
         elif task == "QueryAttr":
-            out = query_attr(rng, img_id, BINARY_ANSWERS[task][index % 2])
+            out = query_attr(rng, img_id, BINARY_ANSWERS[task][index % 2], max_objects=max_objects)
         else:
             raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
         if out is not None:
@@ -358,82 +363,6 @@ def make_example(task: str, rng: np.random.Generator, index: int, question_id: s
                 raise AssertionError(f"{task}: row columns differ from the header: {missing}")
             return Example(task, scene, {c: full[c] for c in COLUMNS[task]})
     raise RuntimeError(f"{task}: no scene fits after 100 draws")
-
-
-def ask(task: str, scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None:
-    """A question of `task` about an existing scene and its answer, or None when the scene offers none (no pair
-    sharing exactly one attribute, no object clearly on one side, ...). Binary answers are aimed at a random
-    side, so follow-up questions stay roughly balanced too. Used for the later turns of a training
-    conversation (LLaVA-1.5 trains several questions about one image as one multi-turn conversation)."""
-    objs = list(scene.objects)
-    present = {o.shape for o in objs}
-    target = int(rng.integers(2))
-    if task == "ChooseAttr":
-        o = objs[int(rng.integers(len(objs)))]
-        kind = _pick(rng, CHOOSE_ATTR_KINDS)
-        false = _pick(rng, ATTRIBUTES[kind], exclude=(o.attr(kind),))
-        a, b = (o.attr(kind), false) if target else (false, o.attr(kind))
-        templates = TEMPLATES["ChooseAttr"] + (TEMPLATES["ChooseAttr.color"] if kind == "color" else [])
-        return _pick(rng, templates).format(s=o.shape, a=a, b=b), o.attr(kind)
-    if task == "ChooseCat":
-        o = objs[int(rng.integers(len(objs)))]
-        if len(objs) == 1:
-            false = _pick(rng, SHAPES, exclude=(o.shape,))
-            a, b = (o.shape, false) if target else (false, o.shape)
-            return _pick(rng, TEMPLATES["ChooseCat.this"]).format(a=a, b=b), o.shape
-        kind = _pick(rng, ("color", "color", "material"))
-        value = o.attr(kind)
-        others = [s for s in SHAPES if s != o.shape and (s not in present or scene.find(s).attr(kind) != value)]
-        false = _pick(rng, others)
-        a, b = (o.shape, false) if target else (false, o.shape)
-        return _pick(rng, TEMPLATES["ChooseCat.that"]).format(v=value, a=a, b=b), o.shape
-    if task == "ChooseRel":
-        pairs = [(p, q) for p in objs for q in objs if p.cx <= q.cx - REL_MARGIN]  # p left of q
-        if not pairs:
-            return None
-        p, q = pairs[int(rng.integers(len(pairs)))]
-        subject, reference, answer = (p, q, "left") if target else (q, p, "right")
-        return _pick(rng, TEMPLATES["ChooseRel"]).format(s=subject.shape, o=reference.shape), answer
-    if task == "CompareAttr":
-        answer = BINARY_ANSWERS[task][target]
-        other = "material" if answer == "color" else "color"
-        pairs = [(p, q) for i, p in enumerate(objs) for q in objs[i + 1:]
-                 if p.attr(answer) == q.attr(answer) and p.attr(other) != q.attr(other)]
-        if not pairs:
-            return None
-        p, q = pairs[int(rng.integers(len(pairs)))]
-        if rng.random() < 0.5:
-            p, q = q, p
-        return _pick(rng, TEMPLATES["CompareAttr"]).format(a=p.shape, b=q.shape), answer
-    if task == "LogicalObj":
-        negated = bool(rng.random() < 0.5)
-        o1 = objs[int(rng.integers(len(objs)))]
-        s2 = _pick(rng, SHAPES, exclude=(o1.shape,))
-        named = [o1] + ([scene.find(s2)] if s2 in present else [])
-        kind = _pick(rng, ("color", "color", "material"))
-        values = ATTRIBUTES[kind]
-        if negated:  # yes iff some named object lacks the value
-            yes = [v for v in values if not all(o.attr(kind) == v for o in named)]
-        else:  # yes iff some named object has it
-            yes = [v for v in values if any(o.attr(kind) == v for o in named)]
-        options = yes if target else [v for v in values if v not in yes]
-        if not options:
-            return None
-        value = _pick(rng, options)
-        has = [o.attr(kind) == value for o in named]
-        answer = "yes" if (not all(has) if negated else any(has)) else "no"
-        a, b = (o1.shape, s2) if rng.random() < 0.5 else (s2, o1.shape)
-        key = "LogicalObj.not" if negated else "LogicalObj.or"
-        return _pick(rng, TEMPLATES[key]).format(a=a, b=b, pa=PLURALS[a], pb=PLURALS[b], v=value), answer
-    if task == "QueryAttr":
-        side = BINARY_ANSWERS[task][target]
-        cands = [o for o in objs if abs(o.cx / scene.width - 0.5) >= SIDE_MARGIN
-                 and (o.cx < scene.width / 2) == (side == "left")]
-        if not cands:
-            return None
-        o = cands[int(rng.integers(len(cands)))]
-        return _pick(rng, TEMPLATES["QueryAttr"]).format(s=o.shape), side
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
 def caption(scene: Scene) -> str:

@@ -1,0 +1,165 @@
+"""Trains the toy LLaVA shipped in jaxflow/assets/toy-llava on the toy world (jaxflow.world), on CPU.
+
+    python scripts/train_toy.py                      # the shipped model: data, training, held-out accuracy, export
+    python scripts/train_toy.py --out /tmp/toy --qa-steps 300 --train-per-task 500   # a quick run
+
+The recipe follows LLaVA's, scaled down, with one stage added because nothing here is pretrained:
+0. CLIP stand-in: the vision tower learns to name each patch's object (shape, colour, material, size) and the
+   patch's column (a linear probe, thrown away); then it is frozen, as LLaVA freezes CLIP.
+1. Alignment (LLaVA's stage 1, `plain` template): `<image>\\n` + a caption naming every object's attributes,
+   left to right. The projector and the language model learn to read the image tokens.
+2. Instruction tuning (stage 2): the study's vicuna_v1 prompt, one question of the six task kinds, the answer
+   and `</s>` as targets; the first part on scenes without distractor objects; every `--caption-every`-th
+   step a caption batch, so the alignment is not forgotten.
+Then greedy decoding of a held-out split (another seed) through `jaxflow.model.Model.generate`, export in the
+llava-hf layout with a model card, and a check that `jaxflow convert` of the export gives the same logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxflow.config import LlavaConfig  # noqa: E402
+from jaxflow.model import Model  # noqa: E402
+from jaxflow.world import examples  # noqa: E402
+from jaxflow.world import train as T  # noqa: E402
+from jaxflow.world.tokenizer import build_tokenizer  # noqa: E402
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxflow", "assets",
+                           "toy-llava")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=DEFAULT_OUT, help="checkpoint directory to write (llava-hf layout)")
+    p.add_argument("--seed", type=int, default=0, help="init, batch order, training data (held-out data: seed+1)")
+    p.add_argument("--train-per-task", type=int, default=3000)
+    p.add_argument("--eval-per-task", type=int, default=200)
+    p.add_argument("--vision-steps", type=int, default=1000)
+    p.add_argument("--vision-batch", type=int, default=128)
+    p.add_argument("--vision-lr", type=float, default=3e-3)
+    p.add_argument("--caption-steps", type=int, default=1000, help="stage 1 steps")
+    p.add_argument("--qa-steps", type=int, default=3000, help="stage 2 steps")
+    p.add_argument("--easy-fraction", type=float, default=0.3, help="share of stage 2 on scenes without distractors")
+    p.add_argument("--caption-every", type=int, default=3, help="in stage 2, every N-th step is a caption batch")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--workers", type=int, default=2, help="processes rendering the images")
+    for field in dataclasses.fields(T.Arch):
+        p.add_argument("--" + field.name.replace("_", "-"), type=int, default=field.default)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(os.path.dirname(os.path.abspath(args.out)), os.path.basename(args.out) + ".train.log")
+    log_file = open(log_path, "w")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    command = "python scripts/train_toy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    log(f"$ {command}")
+    start = time.time()
+    arch = T.Arch(**{f.name: getattr(args, f.name) for f in dataclasses.fields(T.Arch)})
+    tokenizer = build_tokenizer()
+    hf_cfg = T.hf_config(tokenizer, arch)
+    cfg = LlavaConfig.from_hf(hf_cfg)
+    log(f"arch {arch}; vocab {len(tokenizer)}; image tokens {cfg.features_per_crop}")
+
+    t0 = time.time()
+    items = examples(args.train_per_task, args.seed)
+    qa = T.encode_examples(items, cfg, tokenizer, workers=args.workers)
+    captions = T.encode_examples(items, cfg, tokenizer, captions=True, images_from=qa)
+    easy_items = examples(args.train_per_task, args.seed + 2, max_objects=1)
+    easy = T.encode_examples(easy_items, cfg, tokenizer, workers=args.workers)
+    heldout = T.encode_examples(examples(args.eval_per_task, args.seed + 1), cfg, tokenizer, workers=args.workers)
+    data_s = time.time() - t0
+    log(f"data: {len(qa)} training questions (+ {len(easy)} without distractors, {len(captions)} captions), "
+        f"{len(heldout)} held-out, in {data_s:.0f} s")
+
+    t0 = time.time()
+    module = T.init_module(cfg, args.seed)
+    T.pretrain_vision(module, cfg, qa, steps=args.vision_steps, batch=args.vision_batch, lr=args.vision_lr,
+                      seed=args.seed, log=log)
+    qa_states = T.image_states(module, cfg, qa.pixel_values)
+    sources = {"qa": T.Source("qa", qa, qa_states), "caption": T.Source("caption", captions, qa_states),
+               "easy": T.Source("easy", easy, T.image_states(module, cfg, easy.pixel_values))}
+    vision_s = time.time() - t0
+    log(f"vision pretraining: {args.vision_steps} steps in {vision_s:.0f} s")
+
+    stage1 = T.train(module, cfg, lambda i: sources["caption"], steps=args.caption_steps, batch=args.batch,
+                     lr=args.lr, warmup=args.warmup, seed=args.seed, log=log)
+    log(f"stage 1 (captions): {args.caption_steps} steps in {stage1.wall_s:.0f} s")
+
+    def plan(i: int) -> T.Source:
+        if args.caption_every and i % args.caption_every == args.caption_every - 1:
+            return sources["caption"]
+        return sources["easy"] if i < args.easy_fraction * args.qa_steps else sources["qa"]
+
+    stage2 = T.train(stage1.module, cfg, plan, steps=args.qa_steps, batch=args.batch, lr=args.lr,
+                     warmup=args.warmup, seed=args.seed + 1, log=log)
+    log(f"stage 2 (questions): {args.qa_steps} steps in {stage2.wall_s:.0f} s")
+
+    t0 = time.time()
+    model = Model(stage2.module, cfg, tokenizer)
+    predicted = T.predict(model, heldout)
+    acc = T.accuracy(predicted, heldout)
+    eval_s = time.time() - t0
+    log("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" ({eval_s:.0f} s)")
+    total_s = time.time() - start
+
+    n_params = sum(int(np.prod(v.shape)) for v in T.state_dict(stage2.module, cfg, args.seed).values())
+    metrics = {
+        "command": command, "seed": args.seed, "heldout_seed": args.seed + 1, "args": vars(args),
+        "train_questions": len(qa), "heldout_questions": len(heldout), "accuracy": acc,
+        "wall_s": {"data": round(data_s, 1), "vision": round(vision_s, 1), "stage1": round(stage1.wall_s, 1),
+                   "stage2": round(stage2.wall_s, 1), "eval": round(eval_s, 1), "total": round(total_s, 1)},
+        "final_loss": {k: float(np.mean(v[-100:])) for k, v in stage2.losses.items()}, "parameters": n_params,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
+        "arch": dataclasses.asdict(arch),
+    }
+    T.export(stage2.module, hf_cfg, tokenizer, args.out, seed=args.seed,
+             extra_files={"training_metrics.json": json.dumps(metrics, indent=2)})
+    log(f"export check: convert + jaxflow.load vs the trained module, max |logits diff| = "
+        f"{export_check(stage2.module, cfg, tokenizer, args.out, heldout):.2e}")
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
+    log(f"exported {args.out} ({size / 2**20:.2f} MiB); total {total_s:.0f} s; log {log_path}")
+    return 0
+
+
+def export_check(module, cfg, tokenizer, out, data) -> float:
+    """Converts the exported checkpoint with `jaxflow convert`, loads it and compares its logits with the
+    trained module's on a few held-out prompts."""
+    import tempfile
+
+    import jaxflow
+    from convert import convert
+
+    b = data.take(np.arange(4))
+    t = int(b.prompt_lengths.max())
+    mask = (np.arange(t)[None] < b.prompt_lengths[:, None]).astype(np.int32)
+    ids = np.where(mask, b.input_ids[:, :t], tokenizer.pad_token_id)
+    ours = np.asarray(Model(module, cfg, tokenizer).logits(ids, b.pixel_values, attention_mask=mask))
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = jaxflow.load(convert(out, os.path.join(tmp, "jf"), progress=False))
+        theirs = np.asarray(loaded.logits(ids, b.pixel_values, attention_mask=mask))
+    return float(np.abs(ours - theirs)[mask.astype(bool)].max())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
