@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxflow.config import LlavaConfig  # noqa: E402
 from jaxflow.model import Model  # noqa: E402
-from jaxflow.world import examples  # noqa: E402
+from jaxflow.world import TASKS, examples  # noqa: E402
 from jaxflow.world import train as T  # noqa: E402
 from jaxflow.world.tokenizer import build_tokenizer  # noqa: E402
 
@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--qa-steps", type=int, default=3000, help="stage 2 steps")
     p.add_argument("--easy-fraction", type=float, default=0.3, help="share of stage 2 on scenes without distractors")
     p.add_argument("--caption-every", type=int, default=3, help="in stage 2, every N-th step is a caption batch")
+    p.add_argument("--question-weight", type=float, default=0.5,
+                   help="stage 2 also predicts the question's own tokens, at this weight (the answer weighs 1)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
@@ -83,10 +85,11 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     items = examples(args.train_per_task, args.seed)
-    qa = T.encode_examples(items, cfg, tokenizer, workers=args.workers)
+    qa = T.encode_examples(items, cfg, tokenizer, workers=args.workers, question_weight=args.question_weight)
     captions = T.encode_examples(items, cfg, tokenizer, captions=True, images_from=qa)
     easy_items = examples(args.train_per_task, args.seed + 2, max_objects=1)
-    easy = T.encode_examples(easy_items, cfg, tokenizer, workers=args.workers)
+    easy = T.encode_examples(easy_items, cfg, tokenizer, workers=args.workers,
+                             question_weight=args.question_weight)
     heldout = T.encode_examples(examples(args.eval_per_task, args.seed + 1), cfg, tokenizer, workers=args.workers)
     data_s = time.time() - t0
     log(f"data: {len(qa)} training questions (+ {len(easy)} without distractors, {len(captions)} captions), "
@@ -111,8 +114,15 @@ def main(argv=None) -> int:
             return sources["caption"]
         return sources["easy"] if i < args.easy_fraction * args.qa_steps else sources["qa"]
 
+    monitor = T.Source("heldout", heldout, T.image_states(module, cfg, heldout.pixel_values))
+
+    def report(step: int, m) -> None:
+        if step % 1000 == 0:
+            acc = T.first_token_accuracy(m, cfg, monitor)
+            log(f"  held-out first-token accuracy at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+
     stage2 = T.train(stage1.module, cfg, plan, steps=args.qa_steps, batch=args.batch, lr=args.lr,
-                     warmup=args.warmup, seed=args.seed + 1, log=log)
+                     warmup=args.warmup, seed=args.seed + 1, log=log, on_log=report)
     log(f"stage 2 (questions): {args.qa_steps} steps in {stage2.wall_s:.0f} s")
 
     t0 = time.time()
@@ -134,7 +144,8 @@ def main(argv=None) -> int:
         "arch": dataclasses.asdict(arch),
     }
     T.export(stage2.module, hf_cfg, tokenizer, args.out, seed=args.seed,
-             extra_files={"training_metrics.json": json.dumps(metrics, indent=2)})
+             extra_files={"training_metrics.json": json.dumps(metrics, indent=2),
+                          "README.md": model_card(metrics, cfg, tokenizer)})
     log(f"export check: convert + jaxflow.load vs the trained module, max |logits diff| = "
         f"{export_check(stage2.module, cfg, tokenizer, args.out, heldout):.2e}")
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
@@ -159,6 +170,73 @@ def export_check(module, cfg, tokenizer, out, data) -> float:
         loaded = jaxflow.load(convert(out, os.path.join(tmp, "jf"), progress=False))
         theirs = np.asarray(loaded.logits(ids, b.pixel_values, attention_mask=mask))
     return float(np.abs(ours - theirs)[mask.astype(bool)].max())
+
+
+def model_card(m: dict, cfg: LlavaConfig, tokenizer) -> str:
+    v, t, a = cfg.vision, cfg.text, m["args"]
+    rows = "\n".join(f"| {task} | {m['accuracy'][task]:.3f} |" for task in TASKS)
+    w = m["wall_s"]
+    return f"""# toy-llava: a tiny LLaVA-1.5 trained on a synthetic GQA-like world
+
+A LLaVA-1.5-architecture model (CLIP ViT -> Linear-GELU-Linear projector -> Llama decoder) small enough for
+CPU, trained from scratch to answer the six GQA question kinds of the study about scenes of the toy world
+(`jaxflow.world`: up to four shapes of six kinds, six colours, solid or striped, small or large, on a plain
+{v.image_size} px background). Its answers come from the image, so attention knockouts and the logit lens
+act on a real information flow. Stored in the transformers llava-hf layout: `jaxflow convert` and
+`LlavaForConditionalGeneration.from_pretrained` both read it (tests check both give the same logits).
+What `jaxflow demo` finds in it, next to the study's findings: [FINDINGS.md](FINDINGS.md).
+
+## Architecture
+
+| part | sizes |
+| --- | --- |
+| vision (CLIP ViT, quick_gelu) | {v.image_size} px, patch {v.patch_size} ({v.grid}x{v.grid} patches + CLS), hidden \
+{v.hidden_size}, {v.num_layers} layers, {v.num_heads} heads |
+| feature layer | {cfg.vision_feature_layers[0]} (CLS dropped: {cfg.features_per_crop} image tokens); the last CLIP \
+layer is never run by LLaVA and is stored untrained |
+| projector | Linear {v.hidden_size}->{t.hidden_size}, GELU, Linear {t.hidden_size}->{t.hidden_size} |
+| language model (Llama) | hidden {t.hidden_size}, {t.num_layers} layers, {t.num_heads} heads ({t.num_kv_heads} kv \
+heads), SwiGLU {t.intermediate_size}, RoPE theta {t.rope_theta:g}, untied head |
+| vocabulary | {len(tokenizer)} (Llama-style BPE with byte fallback, built with `tokenizers`; `<image>` = \
+{cfg.image_token_id}) |
+| parameters | {m['parameters']:,} (float32) |
+
+Prompt: the study's vicuna_v1 template, `A chat between ... USER: <image>\\n{{question}} \\nAnswer the question
+using a single word or phrase. ASSISTANT:`, answer, `</s>`. Images: LLaVA-1.5 preprocessing (pad to square,
+resize, OpenAI CLIP normalisation).
+
+## Training
+
+```
+{m['command']}
+```
+
+Seed {m['seed']} (initialisation, batch order, training data); held-out data seed {m['heldout_seed']}.
+{m['train_questions']} training questions ({m['train_questions'] // 6} per task) and as many scenes
+without distractors, AdamW (cosine schedule, peak {a['lr']:g}, batch {a['batch']}), float32:
+
+0. vision tower ({a['vision_steps']} steps, batch {a['vision_batch']}): per patch, the shape, colour,
+   material and size of the object centred in it, and the patch's column (a linear probe, discarded); then
+   frozen, as LLaVA freezes CLIP. {w['vision']:.0f} s.
+1. alignment, LLaVA's stage 1 (`plain` template, {a['caption_steps']} steps): `<image>\\n` + a caption
+   naming every object's attributes left to right; projector and language model. {w['stage1']:.0f} s.
+2. instruction tuning ({a['qa_steps']} steps): the prompt above, loss on the answer and `</s>`; the first
+   {a['easy_fraction']:.0%} on scenes without distractors, one step in {a['caption_every']} a caption batch.
+   {w['stage2']:.0f} s.
+
+Total {w['total']:.0f} s (data {w['data']:.0f} s, held-out evaluation {w['eval']:.0f} s) on {m['machine']}
+(JAX on CPU).
+
+## Held-out accuracy
+
+Greedy decoding (`jaxflow.model.Model.generate`), exact match, {m['heldout_questions']} fresh questions
+({m['heldout_questions'] // 6} per task, seed {m['heldout_seed']}); every task is two-way (chance 0.5):
+
+| task | accuracy |
+| --- | --- |
+{rows}
+| overall | {m['accuracy']['overall']:.3f} |
+"""
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ class Data:
     prompt_lengths: np.ndarray  # [N]
     positions: np.ndarray  # [N, A]
     targets: np.ndarray  # [N, A]
-    target_mask: np.ndarray  # [N, A]
+    target_mask: np.ndarray  # [N, A] weight of each target (0: padding)
     pixel_values: np.ndarray  # [N, 3, S, S]
     patch_labels: np.ndarray  # [N, g*g, 4] (see `patch_labels`), for the vision pretraining
     tasks: np.ndarray  # [N] task index (into TASKS)
@@ -137,8 +137,10 @@ def caption_text(ex: Example) -> tuple[str, list[tuple[int, int]]]:
     return head + cap + "</s>", [(len(head), len(head) + len(cap))]
 
 
-def encode_text(cfg: LlavaConfig, tokenizer, text: str, spans: list[tuple[int, int]]):
-    """(ids, prompt length, positions, targets): targets are the tokens of each span and the `</s>` after it."""
+def encode_text(cfg: LlavaConfig, tokenizer, text: str, spans: list[tuple[int, int]],
+                context: tuple[int, int] | None = None, context_weight: float = 0.0):
+    """(ids, prompt length, positions, targets, weights): targets are the tokens of each span and the `</s>` after
+    it (weight 1), then the tokens of the `context` span after its first (weight `context_weight`)."""
     enc = prompts.encode(text, tokenizer, cfg.image_token_id, cfg.features_per_crop, "llava-hf")
     ids = enc.input_ids
     targets = []
@@ -147,9 +149,14 @@ def encode_text(cfg: LlavaConfig, tokenizer, text: str, spans: list[tuple[int, i
         if not tokens or ids[tokens[-1] + 1] != tokenizer.eos_token_id:
             raise ValueError(f"answer {text[start:end]!r} does not tokenize before </s> in {text!r}")
         targets += tokens + [tokens[-1] + 1]
+    weights = [1.0] * len(targets)
+    if context is not None and context_weight > 0:
+        tokens = prompts.token_span(enc, *context)[1:]
+        targets += tokens
+        weights += [context_weight] * len(tokens)
     targets = np.asarray(targets)
     prompt_len = prompts.token_span(enc, *spans[0])[0]
-    return ids, prompt_len, targets - 1, ids[targets]
+    return ids, prompt_len, targets - 1, ids[targets], np.asarray(weights, np.float32)
 
 
 LABEL_VALUES = {"shape": SHAPES, "color": tuple(COLORS), "material": MATERIALS, "size": SIZES}
@@ -177,18 +184,24 @@ def _render(chunk: Sequence[Example], cfg: LlavaConfig) -> tuple[np.ndarray, np.
 
 
 def encode_examples(items: Sequence[Example], cfg: LlavaConfig, tokenizer, workers: int = 1,
-                    captions: bool = False, images_from: Data | None = None) -> Data:
+                    captions: bool = False, images_from: Data | None = None, question_weight: float = 0.0) -> Data:
     """Renders, preprocesses and tokenizes `items`: each question in the study's prompt with its answer, or with
-    `captions` the scene's caption (`caption_text`). Pixels come from the decoded JPEG, as a sweep reads them;
-    `images_from`: the same items, already rendered."""
-    texts = [caption_text(ex) if captions else qa_text(ex.question, ex.answer) for ex in items]
-    encoded = [encode_text(cfg, tokenizer, text, spans) for text, spans in texts]
+    `captions` the scene's caption (`caption_text`). question_weight > 0 also trains next-token prediction on
+    the question's own tokens, at that weight (the answer's tokens weigh 1). Pixels come from the decoded JPEG,
+    as a sweep reads them; `images_from`: the same items, already rendered."""
+    encoded = []
+    for ex in items:
+        text, spans = caption_text(ex) if captions else qa_text(ex.question, ex.answer)
+        start = -1 if captions else text.index(ex.question)
+        context = None if captions else (start, start + len(ex.question))
+        encoded.append(encode_text(cfg, tokenizer, text, spans, context, question_weight))
     n, t, a = len(items), max(len(e[0]) for e in encoded), max(len(e[3]) for e in encoded)
     input_ids = np.full((n, t), tokenizer.pad_token_id, np.int32)
-    positions, targets, mask = (np.zeros((n, a), np.int32) for _ in range(3))
-    for i, (ids, _, pos, tgt) in enumerate(encoded):
+    positions, targets = (np.zeros((n, a), np.int32) for _ in range(2))
+    mask = np.zeros((n, a), np.float32)
+    for i, (ids, _, pos, tgt, weight) in enumerate(encoded):
         input_ids[i, : len(ids)] = ids
-        positions[i, : len(pos)], targets[i, : len(tgt)], mask[i, : len(tgt)] = pos, tgt, 1
+        positions[i, : len(pos)], targets[i, : len(tgt)], mask[i, : len(tgt)] = pos, tgt, weight
     if images_from is not None:
         pixel_values, labels = images_from.pixel_values, images_from.patch_labels
     elif workers > 1:
@@ -201,7 +214,7 @@ def encode_examples(items: Sequence[Example], cfg: LlavaConfig, tokenizer, worke
     else:
         pixel_values, labels = _render(items, cfg)
     return Data(input_ids, np.asarray([len(e[0]) for e in encoded], np.int32),
-                np.asarray([e[1] for e in encoded], np.int32), positions, targets, mask.astype(np.float32),
+                np.asarray([e[1] for e in encoded], np.int32), positions, targets, mask,
                 pixel_values, labels, np.asarray([TASKS.index(ex.task) for ex in items], np.int32),
                 [ex.answer for ex in items])
 
@@ -224,8 +237,8 @@ def image_start(data: Data, cfg: LlavaConfig) -> int:
     return start
 
 
-def answer_loss(module: Llava, states, input_ids, seq_lengths, positions, targets, target_mask, start: int):
-    """Mean cross-entropy of the answer tokens (and each `</s>` closing one) and their accuracy.
+def answer_logits(module: Llava, states, input_ids, seq_lengths, positions, start: int):
+    """[B, A, V] logits at `positions` [B, A].
 
     states [B, F, Dv] (`image_states`) are projected into the rows' image positions start..start+F. The text
     before the image (the system prompt, the same in every row) runs once and every row attends to its keys
@@ -245,7 +258,12 @@ def answer_loss(module: Llava, states, input_ids, seq_lengths, positions, target
     else:
         out = lm(x, pos, valid)
     h = jnp.take_along_axis(out.hidden, positions[..., None], axis=1)  # [B, A, D]
-    logits = lm.unembed(h).astype(jnp.float32)  # [B, A, V]
+    return lm.unembed(h).astype(jnp.float32)
+
+
+def answer_loss(module: Llava, states, input_ids, seq_lengths, positions, targets, target_mask, start: int):
+    """Mean cross-entropy of the answer tokens (and each `</s>` closing one) and their accuracy."""
+    logits = answer_logits(module, states, input_ids, seq_lengths, positions, start)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     loss = (ce * target_mask).sum() / target_mask.sum()
     acc = ((jnp.argmax(logits, -1) == targets) * target_mask).sum() / target_mask.sum()
@@ -374,6 +392,22 @@ def train(module: Llava, cfg: LlavaConfig, plan: Callable[[int], Source], *, ste
 
 
 # --- evaluation ------------------------------------------------------------------------------------
+
+
+def first_token_accuracy(module: Llava, cfg: LlavaConfig, source: Source, batch: int = 200) -> dict[str, float]:
+    """Teacher-forced accuracy of each row's first answer token, per task and overall (a cheap training
+    monitor; `predict` + `accuracy` decode for real)."""
+    run = nnx.jit(answer_logits, static_argnames="start")
+    start, hits = image_start(source.data, cfg), []
+    for i in range(0, len(source.data), batch):
+        idx = np.arange(i, min(i + batch, len(source.data)))
+        states, ids, lengths, positions, targets, _ = source.batch(idx)
+        logits = run(module, jnp.asarray(states), jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(positions),
+                     start=start)
+        hits.append(np.asarray(logits[:, 0].argmax(-1)) == targets[:, 0])
+    hit, tasks = np.concatenate(hits), source.data.tasks
+    out = {task: float(hit[tasks == k].mean()) for k, task in enumerate(TASKS) if (tasks == k).any()}
+    return out | {"overall": float(hit.mean())}
 
 
 def predict(model: Model, data: Data, batch: int = 64, max_new_tokens: int = 3) -> list[str]:
