@@ -21,7 +21,7 @@ def _convert(args) -> int:
 def _demo(args) -> int:
     from jaxflow import demo
 
-    demo.run(args.out)
+    demo.run(args.out, samples_per_task=args.samples_per_task, seed=args.seed)
     return 0
 
 
@@ -51,6 +51,12 @@ def _plot(args) -> int:
     for path in plot(args.results, args.out):
         print(path)
     return 0
+
+
+def demo_defaults() -> tuple[int, int]:
+    from jaxflow import demo
+
+    return demo.SAMPLES_PER_TASK, demo.SEED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,8 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="directory holding results.csv / lens.csv (searched recursively)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_plot)
-    p = sub.add_parser("demo", help="smoke run: random tiny LLaVA -> convert -> knockouts -> generate")
-    p.add_argument("--out", default="jaxflow-demo", help="output directory (default: ./jaxflow-demo)")
+    p = sub.add_parser("demo", help="the whole analysis on the shipped toy LLaVA: convert, toy-world data, six flows, "
+                       "logit lens, plots, report")
+    p.add_argument("--out", default="jaxflow-demo",
+                   help="output directory (default: ./jaxflow-demo; resumed if it exists)")
+    p.add_argument("--samples-per-task", type=int, default=demo_defaults()[0], help="toy questions per task")
+    p.add_argument("--seed", type=int, default=demo_defaults()[1], help="seed of the demo data")
     p.set_defaults(func=_demo)
     return parser
 

@@ -1,10 +1,11 @@
-"""Training the toy LLaVA on the toy world: data, loss, the jitted AdamW step, evaluation and export.
+"""Training the toy LLaVA on the toy world: data, losses, the jitted AdamW step, evaluation and export.
 
-The model is jaxflow's own `Llava` NNX module built from a transformers `LlavaConfig(...).to_dict()`,
-trained from a fixed seed with next-token cross-entropy on the answer tokens (the answer's piece and
-`</s>`) after the vicuna_v1 prompt, as LLaVA's instruction tuning does. Inputs go through the same code
-a sweep uses: `jaxflow.inputs.images.preprocess` (pad to square, CLIP normalisation) on the decoded JPEG,
-`jaxflow.inputs.prompts.encode(..., mode="llava-hf")`, `jaxflow.model.prepare_inputs`.
+The model is jaxflow's own `Llava` NNX module built from a transformers `LlavaConfig(...).to_dict()`.
+Images go through the code a sweep uses (`jaxflow.inputs.images.preprocess` on the decoded JPEG), prompts
+through `jaxflow.inputs.prompts` (the study's vicuna_v1 template, llava-hf tokenization). The vision tower
+is pretrained on patch labels, then frozen (`image_states` caches its features); the projector and the
+language model train on captions and questions (`train`, one jitted step per kind of row).
+`scripts/train_toy.py` runs the whole recipe.
 
 `export` writes the trained parameters in the transformers llava-hf on-disk layout (tensor names and
 PyTorch shapes from the converter's table, inverted) with config, tokenizer, generation and

@@ -1,0 +1,49 @@
+"""`jaxflow demo` end to end on the shipped toy model, with a few samples per task."""
+
+import csv
+import os
+
+from jaxflow import demo
+from jaxflow.cli import main
+from jaxflow.sweep.run import STUDY_FLOWS
+from jaxflow.world import TASKS
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_demo_runs_every_flow_and_the_lens(tmp_path, capsys):
+    out = tmp_path / "demo"
+    result = demo.run(str(out), samples_per_task=3, batch=4, progress=False)
+    printed = capsys.readouterr().out
+    assert str(out / "report.md") in printed and str(out / "plots") in printed
+    num_layers = 0
+    for task in TASKS:
+        rows = _rows(out / "runs" / "sweep" / task / "results.csv")
+        kept = {r["question_id"] for r in rows}
+        assert result["summary"][task]["kept"] == len(kept)
+        skipped = _rows(out / "runs" / "sweep" / task / "skipped.csv")
+        assert len(kept) + len(skipped) == 3
+        assert all(r["reason"].startswith("wrong answer") for r in skipped), skipped  # toy boxes are all valid
+        num_layers = max(int(r["layer"]) for r in rows) + 1 if rows else num_layers
+        for qid in kept:  # every flow at every layer, once
+            mine = [(r["block_desc"], int(r["layer"])) for r in rows if r["question_id"] == qid]
+            assert sorted(mine) == sorted((f, layer) for f in STUDY_FLOWS for layer in range(num_layers))
+        lens = _rows(out / "runs" / "lens" / task / "lens.csv")
+        assert {r["question_id"] for r in lens} == kept
+    assert num_layers > 1
+    kept_tasks = [t for t in TASKS if result["summary"][t]["kept"]]
+    assert kept_tasks
+    for task in kept_tasks:
+        assert (out / "plots" / f"flows_{task}.png").stat().st_size > 0
+        assert (out / "plots" / f"lens_{task}.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    for task in kept_tasks:
+        assert f"| {task} |" in report
+
+    # a second run reuses the model, the data and every finished sample
+    before = {t: os.path.getsize(out / "runs" / "sweep" / t / "results.csv") for t in TASKS}
+    main(["demo", "--out", str(out), "--samples-per-task", "3"])
+    assert before == {t: os.path.getsize(out / "runs" / "sweep" / t / "results.csv") for t in TASKS}
