@@ -35,7 +35,7 @@ from jaxflow.nn.llama import KVCache
 from jaxflow.nn.llava import Llava
 from jaxflow.world.generate import image_of
 from jaxflow.world.questions import TASKS, Example, caption
-from jaxflow.world.scene import COLORS, MATERIALS, SHAPES, SIZES, Scene
+from jaxflow.world.scene import ATTRIBUTES, SHAPES, Scene
 
 TEMPLATE = "vicuna_v1"
 
@@ -160,7 +160,7 @@ def encode_text(cfg: LlavaConfig, tokenizer, text: str, spans: list[tuple[int, i
     return ids, prompt_len, targets - 1, ids[targets], np.asarray(weights, np.float32)
 
 
-LABEL_VALUES = {"shape": SHAPES, "color": tuple(COLORS), "material": MATERIALS, "size": SIZES}
+LABEL_VALUES = {"shape": SHAPES, **ATTRIBUTES}  # patch label columns, in this order
 
 
 def patch_labels(scene: Scene, cfg: LlavaConfig) -> np.ndarray:
