@@ -209,6 +209,7 @@ def model_card(m: dict, cfg: LlavaConfig, tokenizer) -> str:
               + (f"Below 0.75 (chance 0.5): {', '.join(weak)}; their knockout rows in FINDINGS.md are not "
                  "evidence about visual flow." if weak else ""))
     w = m["wall_s"]
+    head = "tied" if cfg.tie_word_embeddings else "untied"
     return f"""# toy-llava: a tiny LLaVA-1.5 trained on a synthetic GQA-like world
 
 A LLaVA-1.5-architecture model (CLIP ViT -> Linear-GELU-Linear projector -> Llama decoder) small enough for
@@ -229,7 +230,7 @@ What `jaxflow demo` finds in it, next to the study's findings: [FINDINGS.md](FIN
 layer is never run by LLaVA and is stored untrained |
 | projector | Linear {v.hidden_size}->{t.hidden_size}, GELU, Linear {t.hidden_size}->{t.hidden_size} |
 | language model (Llama) | hidden {t.hidden_size}, {t.num_layers} layers, {t.num_heads} heads ({t.num_kv_heads} kv \
-heads), SwiGLU {t.intermediate_size}, RoPE theta {t.rope_theta:g}, untied head |
+heads), SwiGLU {t.intermediate_size}, RoPE theta {t.rope_theta:g}, {head} head |
 | vocabulary | {len(tokenizer)} (Llama-style BPE with byte fallback, built with `tokenizers`; `<image>` = \
 {cfg.image_token_id}) |
 | parameters | {m['parameters']:,} (float32) |

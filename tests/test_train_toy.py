@@ -1,6 +1,7 @@
 """Training the toy LLaVA (a few steps on a tiny config), its llava-hf export, and the shipped model:
 it converts, matches transformers, and answers fresh toy-world questions through the sweep's input path."""
 
+import dataclasses
 import json
 import os
 
@@ -82,9 +83,15 @@ def test_a_few_steps_lower_the_loss(tiny, tokenizer):
     np.testing.assert_array_equal(np.asarray(result.module.vision_tower.patch_embed.kernel[...]), tower)
 
 
-def test_export_is_a_faithful_llava_hf_checkpoint(tiny, tokenizer, tmp_path):
-    """export -> transformers and export -> jaxflow convert -> load both give the module's own logits."""
+@pytest.mark.parametrize("tie", [0, 1], ids=["untied", "tied"])
+def test_export_is_a_faithful_llava_hf_checkpoint(tiny, tokenizer, tmp_path, tie):
+    """export -> transformers and export -> jaxflow convert -> load both give the module's own logits, with an
+    output head of its own or tied to the input embedding."""
     hf_cfg, cfg, data = tiny
+    if tie:
+        hf_cfg = T.hf_config(tokenizer, dataclasses.replace(TINY, tie_word_embeddings=1))
+        cfg = LlavaConfig.from_hf(hf_cfg)
+        assert cfg.tie_word_embeddings
     module = T.init_module(cfg, 3)
     src = T.export(module, hf_cfg, tokenizer, tmp_path / "hf", seed=3)
     batch = data.take(np.arange(2))

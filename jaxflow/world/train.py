@@ -55,6 +55,7 @@ class Arch:
     text_kv_heads: int = 4
     text_intermediate: int = 384
     vision_feature_layer: int = -2
+    tie_word_embeddings: int = 0  # 1: the output head is the input embedding (transposed)
 
 
 def hf_config(tokenizer, arch: Arch = Arch()) -> dict:
@@ -66,17 +67,18 @@ def hf_config(tokenizer, arch: Arch = Arch()) -> dict:
                               num_hidden_layers=arch.vision_layers, num_attention_heads=arch.vision_heads,
                               image_size=arch.image_size, patch_size=arch.patch_size, hidden_act="quick_gelu",
                               projection_dim=arch.text_hidden)
+    tie = bool(arch.tie_word_embeddings)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=arch.text_hidden,
                        intermediate_size=arch.text_intermediate, num_hidden_layers=arch.text_layers,
                        num_attention_heads=arch.text_heads, num_key_value_heads=arch.text_kv_heads,
-                       max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                       max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tie,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
     g = arch.image_size // arch.patch_size
     cfg = HFLlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                         image_token_index=tokenizer.convert_tokens_to_ids(prompts.IMAGE_PLACEHOLDER),
                         vision_feature_layer=arch.vision_feature_layer, vision_feature_select_strategy="default",
-                        projector_hidden_act="gelu", image_seq_length=g * g, tie_word_embeddings=False,
+                        projector_hidden_act="gelu", image_seq_length=g * g, tie_word_embeddings=tie,
                         pad_token_id=tokenizer.pad_token_id)
     cfg.architectures = ["LlavaForConditionalGeneration"]
     return cfg.to_dict()
