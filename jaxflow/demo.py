@@ -135,7 +135,7 @@ def write_report(out: str, model, summaries: dict, k: int, n: int, seed: int, me
               "   Question;",
               "3. middle-to-higher layers: Question -> Last matters, Image -> Last has little direct effect;",
               "4. logit lens: the answer's probability rises in the middle-to-late layers.",
-              "", "The shipped model's card (`jaxflow/assets/toy-llava/README.md`) compares the toy model with them."]
+              "", "`jaxflow/assets/toy-llava/FINDINGS.md` reads the shipped model's results against them."]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
