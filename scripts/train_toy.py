@@ -206,8 +206,8 @@ def model_card(m: dict, cfg: LlavaConfig, tokenizer) -> str:
     met = m["accuracy"]["overall"] >= 0.9 and not weak
     status = ("Status: the project's target (0.9 overall, well above chance on every task kind) is "
               + ("met." if met else "not met. ")
-              + (f"Below 0.75 (chance 0.5): {', '.join(weak)}; their knockout rows in FINDINGS.md are not "
-                 "evidence about visual flow." if weak else ""))
+              + (f"Below 0.75 (chance 0.5): {', '.join(weak)}; FINDINGS.md reads their knockout rows with "
+                 "that in mind." if weak else ""))
     w = m["wall_s"]
     head = "tied" if cfg.tie_word_embeddings else "untied"
     return f"""# toy-llava: a tiny LLaVA-1.5 trained on a synthetic GQA-like world

@@ -22,7 +22,7 @@ from jaxflow.world.tokenizer import build_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSET = os.path.join(ROOT, "jaxflow", "assets", "toy-llava")
 TINY = T.Arch(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=2, text_heads=2,
-              text_kv_heads=1, text_intermediate=64)
+              text_kv_heads=1, text_intermediate=64, tie_word_embeddings=0)
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +139,11 @@ def test_shipped_model_matches_transformers_after_convert(tmp_path, tokenizer):
 
 def test_shipped_model_answers_fresh_questions(tmp_path):
     """Greedy answers on questions the model never saw (a seed no training or report used), built exactly as
-    a sweep builds them (build_sample: preprocess + vicuna_v1 prompt). The five task kinds its card reports
-    as learned must stay well above chance (0.5); LogicalObj is at chance (see the card)."""
+    a sweep builds them (build_sample: preprocess + vicuna_v1 prompt). The four task kinds its card reports
+    above 0.75 must stay there (chance 0.5); ChooseAttr and LogicalObj are lower (see the card)."""
     model = jaxflow.load(convert(ASSET, str(tmp_path / "jf"), progress=False))
     tok = model.tokenizer
-    learned = ["ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "QueryAttr"]
+    learned = ["ChooseCat", "ChooseRel", "CompareAttr", "QueryAttr"]
     items = examples(20, 4242, learned)
     samples = [build_sample(model.config, tok, image_of(e), e.question) for e in items]
     t = max(map(len, samples))

@@ -55,7 +55,7 @@ class Arch:
     text_kv_heads: int = 4
     text_intermediate: int = 384
     vision_feature_layer: int = -2
-    tie_word_embeddings: int = 0  # 1: the output head is the input embedding (transposed)
+    tie_word_embeddings: int = 1  # the output head is the input embedding (transposed); 0: a head of its own
 
 
 def hf_config(tokenizer, arch: Arch = Arch()) -> dict:
