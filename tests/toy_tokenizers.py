@@ -17,12 +17,13 @@ Both are trained on a small built-in corpus (prompt templates and GQA-like quest
 from __future__ import annotations
 
 import functools
-import json
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import PreTrainedTokenizerFast
+
+from jaxflow.world.tokenizer import BYTE_TOKENS, SPECIALS, bpe_trainer_tokenizer, llama_layout
 
 SYSTEM_VICUNA = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -80,38 +81,13 @@ def _wrap(tk: Tokenizer, **kwargs) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tk, clean_up_tokenization_spaces=False, **kwargs)
 
 
-# SentencePiece never merges across a change of unicode script (letters / digits / punctuation): training sees the
-# text pre-split that way, so no learned merge crosses those boundaries and inference needs only the Metaspace split.
-_SCRIPT_SPLIT = Regex(r"▁?[^\W\d_]+|▁?\d|▁?[^\w\s▁]+|▁")
-
-
 @functools.cache
 def _llama2_backend(vocab_size: int, prepend_scheme: str) -> Tokenizer:
-    specials = ["<unk>", "<s>", "</s>"]
-    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    trainer_tk = Tokenizer(BPE(unk_token="<unk>"))
-    trainer_tk.pre_tokenizer = pre_tokenizers.Sequence([metaspace, pre_tokenizers.Split(_SCRIPT_SPLIT, "isolated")])
-    trainer = BpeTrainer(vocab_size=vocab_size - len(byte_tokens), special_tokens=specials, show_progress=False)
+    trainer_tk = bpe_trainer_tokenizer()
+    trainer = BpeTrainer(vocab_size=vocab_size - len(BYTE_TOKENS), special_tokens=SPECIALS, show_progress=False)
     # Like Llama's SentencePiece model, no piece holds a newline: "\n" always falls back to the byte <0x0A>.
     trainer_tk.train_from_iterator([line.replace("\n", " ") for line in corpus()], trainer)
-    learned = json.loads(trainer_tk.to_str())["model"]
-    # Lay the vocabulary out as Llama does: the three specials, the 256 byte tokens, then the learned pieces.
-    vocab = {tok: i for i, tok in enumerate(specials + byte_tokens)}
-    for tok, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
-        vocab.setdefault(tok, len(vocab))
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    tk = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=True)
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                      special_tokens=[("<s>", vocab["<s>"])])
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    # llava-hf appends these two after the SentencePiece vocabulary (32000 and 32001 in llava-1.5-7b-hf).
-    tk.add_special_tokens([AddedToken("<image>", special=True, normalized=False),
-                           AddedToken("<pad>", special=True, normalized=False)])
-    return tk
+    return llama_layout(trainer_tk, prepend_scheme)
 
 
 def llama2_tokenizer(vocab_size: int = 1000, prepend_scheme: str = "first") -> PreTrainedTokenizerFast:

@@ -23,9 +23,42 @@ from jaxflow.inputs.prompts import INSTRUCTION, SYSTEM_VICUNA
 from jaxflow.world.questions import vocabulary_lines
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
+BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 # Never merge across a change of script (letters / digits / punctuation), as SentencePiece: training sees the text
 # pre-split that way, so no learned merge crosses those boundaries and inference needs only the Metaspace split.
 _SCRIPT_SPLIT = Regex(r"▁?[^\W\d_]+|▁?\d|▁?[^\w\s▁]+|▁")
+
+
+def bpe_trainer_tokenizer() -> Tokenizer:
+    """An empty BPE tokenizer to train: Metaspace word starts, then the SentencePiece script split."""
+    tk = Tokenizer(BPE(unk_token="<unk>"))
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tk.pre_tokenizer = pre_tokenizers.Sequence([metaspace, pre_tokenizers.Split(_SCRIPT_SPLIT, "isolated")])
+    return tk
+
+
+def llama_layout(trained: Tokenizer, prepend_scheme: str = "first") -> Tokenizer:
+    """The trained BPE laid out as Llama-2's SentencePiece model and llava-hf's additions: ids `<unk>` `<s>` `</s>`,
+    the 256 byte-fallback tokens, the learned pieces (none holding a newline: it falls back to <0x0A>), then
+    `<image>` and `<pad>` as special added tokens; a post-processor adds `<s>`."""
+    learned = json.loads(trained.to_str())["model"]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + BYTE_TOKENS)}
+    for tok, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        if "\n" not in tok:
+            vocab.setdefault(tok, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    merges = [m for m in merges if "\n" not in m[0] + m[1]]
+    tk = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=True)
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", vocab["<s>"])])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    # llava-hf appends these two after the SentencePiece vocabulary (32000 and 32001 in llava-1.5-7b-hf)
+    tk.add_special_tokens([AddedToken("<image>", special=True, normalized=False),
+                           AddedToken("<pad>", special=True, normalized=False)])
+    return tk
 
 
 def corpus() -> list[str]:
@@ -39,32 +72,13 @@ def corpus() -> list[str]:
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Deterministic: the same corpus and trainer give the same vocabulary every time."""
-    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    trainer_tk = Tokenizer(BPE(unk_token="<unk>"))
-    trainer_tk.pre_tokenizer = pre_tokenizers.Sequence([metaspace, pre_tokenizers.Split(_SCRIPT_SPLIT, "isolated")])
+    trainer_tk = bpe_trainer_tokenizer()
     # a vocabulary budget larger than the corpus needs: training stops once every word is one piece
     trainer = BpeTrainer(vocab_size=4000, special_tokens=SPECIALS, show_progress=False)
     # "\n" stays a piece of its own in training, so the word after it is learned without "▁" ("\nWhich" ->
-    # "\n", "Which"); then, as in Llama's SentencePiece model, no piece holds a newline: it falls back to <0x0A>
+    # "\n", "Which"); `llama_layout` then drops every piece holding a newline
     trainer_tk.train_from_iterator(corpus(), trainer)
-    learned = json.loads(trainer_tk.to_str())["model"]
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + byte_tokens)}
-    for tok, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
-        if "\n" not in tok:
-            vocab.setdefault(tok, len(vocab))
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    merges = [m for m in merges if "\n" not in m[0] + m[1]]
-    tk = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tk.pre_tokenizer = metaspace
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                      special_tokens=[("<s>", vocab["<s>"])])
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    tk.add_special_tokens([AddedToken("<image>", special=True, normalized=False),
-                           AddedToken("<pad>", special=True, normalized=False)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", clean_up_tokenization_spaces=False,
+    return PreTrainedTokenizerFast(tokenizer_object=llama_layout(trainer_tk), bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", clean_up_tokenization_spaces=False,
                                    extra_special_tokens={"image_token": "<image>"}, model_max_length=512,
                                    padding_side="right")
