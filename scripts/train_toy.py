@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--focus-steps", type=int, default=1500, help="stage 3 steps")
     p.add_argument("--focus-lr", type=float, default=1e-3)
     p.add_argument("--focus-mix-every", type=int, default=3, help="in stage 3, every N-th step is a batch of all tasks")
+    p.add_argument("--embedding-input-grad", type=int, default=0,
+                   help="with a tied head, 1 also trains the embedding matrix through the input lookup (0: only as "
+                        "the output head, which keeps the colour words apart); an untied model always trains both")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
@@ -85,6 +88,7 @@ def main(argv=None) -> int:
     log(f"$ {command}")
     start = time.time()
     arch = T.Arch(**{f.name: getattr(args, f.name) for f in dataclasses.fields(T.Arch)})
+    embedding_input_grad = bool(args.embedding_input_grad or not arch.tie_word_embeddings)
     tokenizer = build_tokenizer()
     hf_cfg = T.hf_config(tokenizer, arch)
     cfg = LlavaConfig.from_hf(hf_cfg)
@@ -117,7 +121,8 @@ def main(argv=None) -> int:
     log(f"vision pretraining: {args.vision_steps} steps in {vision_s:.0f} s")
 
     stage1 = T.train(module, cfg, lambda i: sources["caption"], steps=args.caption_steps, batch=args.batch,
-                     lr=args.lr, warmup=args.warmup, seed=args.seed, log=log)
+                     lr=args.lr, warmup=args.warmup, seed=args.seed, log=log,
+                     embedding_input_grad=embedding_input_grad)
     log(f"stage 1 (captions): {args.caption_steps} steps in {stage1.wall_s:.0f} s")
 
     def plan(i: int) -> T.Source:
@@ -133,7 +138,8 @@ def main(argv=None) -> int:
             log(f"  held-out first-token accuracy at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
 
     stage2 = T.train(stage1.module, cfg, plan, steps=args.qa_steps, batch=args.batch, lr=args.lr,
-                     warmup=args.warmup, seed=args.seed + 1, log=log, on_log=report)
+                     warmup=args.warmup, seed=args.seed + 1, log=log, on_log=report,
+                     embedding_input_grad=embedding_input_grad)
     log(f"stage 2 (questions): {args.qa_steps} steps in {stage2.wall_s:.0f} s")
 
     final, stage3_s = stage2.module, 0.0
@@ -146,7 +152,7 @@ def main(argv=None) -> int:
 
         stage3 = T.train(final, cfg, plan3, steps=args.focus_steps, batch=args.batch, lr=args.focus_lr,
                          warmup=min(args.warmup, 50), seed=args.seed + 2, log=log,
-                         on_log=lambda step, m: report(step, m, every=500))
+                         on_log=lambda step, m: report(step, m, every=500), embedding_input_grad=embedding_input_grad)
         final, stage3_s = stage3.module, stage3.wall_s
         log(f"stage 3 (focus on {', '.join(focus_tasks)}): {args.focus_steps} steps in {stage3_s:.0f} s")
 
@@ -210,6 +216,11 @@ def model_card(m: dict, cfg: LlavaConfig, tokenizer) -> str:
                  "that in mind." if weak else ""))
     w = m["wall_s"]
     head = "tied" if cfg.tie_word_embeddings else "untied"
+    embedding = (" The tied embedding matrix learns only as the output head: the input lookup passes it no "
+                 "gradient, which otherwise pulls the six colour words together faster than the head can tell them "
+                 "apart (the model then never learns to name colours)."
+                 if cfg.tie_word_embeddings and not a.get("embedding_input_grad", 1) else "")
+    embedding += " Stages:"
     return f"""# toy-llava: a tiny LLaVA-1.5 trained on a synthetic GQA-like world
 
 A LLaVA-1.5-architecture model (CLIP ViT -> Linear-GELU-Linear projector -> Llama decoder) small enough for
@@ -247,7 +258,7 @@ resize, OpenAI CLIP normalisation).
 
 Seed {m['seed']} (initialisation, batch order, training data); held-out data seed {m['heldout_seed']}.
 {m['train_questions']} training questions ({m['train_questions'] // 6} per task) and as many scenes
-without distractors, AdamW (cosine schedule, peak {a['lr']:g}, batch {a['batch']}), float32:
+without distractors, AdamW (cosine schedule, peak {a['lr']:g}, batch {a['batch']}), float32.{embedding}
 
 0. vision tower ({a['vision_steps']} steps, batch {a['vision_batch']}): per patch, the shape, colour,
    material and size of the object centred in it, and the patch's column (a linear probe, discarded); then

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import jaxflow
 from convert import convert
@@ -81,6 +82,33 @@ def test_a_few_steps_lower_the_loss(tiny, tokenizer):
         assert np.mean(losses[-4:]) < 0.75 * np.mean(losses[:2]), name
     # the frozen tower kept its pretrained weights
     np.testing.assert_array_equal(np.asarray(result.module.vision_tower.patch_embed.kernel[...]), tower)
+
+
+@pytest.mark.parametrize("tie", [0, 1], ids=["untied", "tied"])
+def test_embedding_input_grad_off_reaches_the_matrix_only_through_the_head(tiny, tokenizer, tie):
+    """embedding_grad=False: the same loss; an untied model's embedding matrix gets no gradient (the head and
+    the layers do), a tied one's gets the head's share only."""
+    _, cfg, data = tiny
+    if tie:
+        cfg = LlavaConfig.from_hf(T.hf_config(tokenizer, dataclasses.replace(TINY, tie_word_embeddings=1)))
+    module = T.init_module(cfg, 0)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    arrays = T.Source("qa", data, T.image_states(module, cfg, data.pixel_values)).batch(np.arange(4))
+    start = T.image_start(data, cfg)
+
+    def grads(embedding_grad):
+        loss_fn = lambda p: T.answer_loss(nnx.merge(graphdef, p, rest), *arrays, start, embedding_grad)[0]  # noqa: E731
+        loss, g = jax.value_and_grad(loss_fn)(params)
+        lm = g["language_model"]
+        return float(loss), np.asarray(lm["embed_tokens"]["embedding"][...]), np.asarray(lm["norm"]["scale"][...])
+
+    loss_on, emb_on, norm_on = grads(True)
+    loss_off, emb_off, norm_off = grads(False)
+    assert loss_on == loss_off and np.abs(emb_on).max() > 0 and np.abs(norm_off).max() > 0
+    if tie:
+        assert np.abs(emb_off).max() > 0 and not np.allclose(emb_off, emb_on)
+    else:
+        assert not emb_off.any()
 
 
 @pytest.mark.parametrize("tie", [0, 1], ids=["untied", "tied"])
