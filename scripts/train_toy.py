@@ -61,9 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--focus-steps", type=int, default=1500, help="stage 3 steps")
     p.add_argument("--focus-lr", type=float, default=1e-3)
     p.add_argument("--focus-mix-every", type=int, default=3, help="in stage 3, every N-th step is a batch of all tasks")
-    p.add_argument("--embedding-input-grad", type=int, default=0,
-                   help="with a tied head, 1 also trains the embedding matrix through the input lookup (0: only as "
-                        "the output head, which keeps the colour words apart); an untied model always trains both")
+    p.add_argument("--embedding-input-grad", type=int, default=1,
+                   help="0: with a tied head, train the embedding matrix only as the output head, not through the "
+                        "input lookup (keeps the colour words apart); an untied model always trains both")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
@@ -218,7 +218,7 @@ def model_card(m: dict, cfg: LlavaConfig, tokenizer) -> str:
     head = "tied" if cfg.tie_word_embeddings else "untied"
     embedding = (" The tied embedding matrix learns only as the output head: the input lookup passes it no "
                  "gradient, which otherwise pulls the six colour words together faster than the head can tell them "
-                 "apart (the model then never learns to name colours)."
+                 "apart."
                  if cfg.tie_word_embeddings and not a.get("embedding_input_grad", 1) else "")
     embedding += " Stages:"
     return f"""# toy-llava: a tiny LLaVA-1.5 trained on a synthetic GQA-like world

@@ -191,8 +191,8 @@ def test_shipped_model_answers_fresh_questions(tmp_path):
 
 
 def test_train_toy_script_runs_every_stage(tmp_path):
-    """The whole recipe at toy sizes: every stage runs, the export converts back (checked inside), and the card
-    reports the measured accuracy and an honest status."""
+    """The whole recipe at toy sizes (tied head trained only as the head): every stage runs, the export converts
+    back (checked inside), and the card reports the measured accuracy, the recipe and an honest status."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_toy", os.path.join(ROOT, "scripts", "train_toy.py"))
@@ -202,11 +202,12 @@ def test_train_toy_script_runs_every_stage(tmp_path):
     assert script.main(["--out", str(out), "--train-per-task", "12", "--eval-per-task", "4", "--vision-steps", "3",
                         "--vision-batch", "8", "--caption-steps", "3", "--qa-steps", "4", "--focus-per-task", "12",
                         "--focus-steps", "3", "--batch", "4", "--workers", "1", "--vision-hidden", "32",
-                        "--text-hidden", "32", "--text-intermediate", "64"]) == 0
+                        "--text-hidden", "32", "--text-intermediate", "64", "--embedding-input-grad", "0"]) == 0
     metrics = json.load(open(out / "training_metrics.json"))
     assert metrics["wall_s"]["stage3"] > 0 and metrics["arch"]["text_hidden"] == 32
     card = open(out / "README.md").read()
     assert "3. focus (3 steps" in card and "is not met" in card  # 3 steps cannot reach the target
+    assert "learns only as the output head" in card and metrics["args"]["embedding_input_grad"] == 0
     log = open(tmp_path / "toy.train.log").read()
     assert "stage 3 (focus on CompareAttr, LogicalObj)" in log
     assert float(log.split("max |logits diff| = ")[1].split()[0]) < 1e-5

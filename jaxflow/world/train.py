@@ -366,8 +366,8 @@ def train(module: Llava, cfg: LlavaConfig, plan: Callable[[int], Source], *, ste
 
     embedding_input_grad=False: the input lookup passes no gradient to the embedding matrix, which then learns
     only as the tied output head (an untied model's input embeddings then learn nothing). With a tied head the
-    input side otherwise pulls the six colour words together (they play the same part as inputs) faster than
-    the output side can tell them apart, and the model never learns to name colours."""
+    input side pulls the six colour words together (as inputs they play the same part) faster than the output
+    side tells them apart: toy-llava's colour embeddings end at mean cosine 0.83 and it names colours poorly."""
     trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision_tower")))
     graphdef, params, frozen = nnx.split(module, trainable, ...)
     tx = make_optimizer(steps, lr, warmup)
