@@ -86,7 +86,7 @@ def test_a_few_steps_lower_the_loss(tiny, tokenizer):
 
 @pytest.mark.parametrize("tie", [0, 1], ids=["untied", "tied"])
 def test_embedding_input_grad_off_reaches_the_matrix_only_through_the_head(tiny, tokenizer, tie):
-    """embedding_grad=False: the same loss; an untied model's embedding matrix gets no gradient (the head and
+    """embedding_input_grad=False: the same loss; an untied model's embedding matrix gets no gradient (the head and
     the layers do), a tied one's gets the head's share only."""
     _, cfg, data = tiny
     if tie:
@@ -96,8 +96,8 @@ def test_embedding_input_grad_off_reaches_the_matrix_only_through_the_head(tiny,
     arrays = T.Source("qa", data, T.image_states(module, cfg, data.pixel_values)).batch(np.arange(4))
     start = T.image_start(data, cfg)
 
-    def grads(embedding_grad):
-        loss_fn = lambda p: T.answer_loss(nnx.merge(graphdef, p, rest), *arrays, start, embedding_grad)[0]  # noqa: E731
+    def grads(embedding_input_grad):
+        loss_fn = lambda p: T.answer_loss(nnx.merge(graphdef, p, rest), *arrays, start, embedding_input_grad)[0]  # noqa: E731
         loss, g = jax.value_and_grad(loss_fn)(params)
         lm = g["language_model"]
         return float(loss), np.asarray(lm["embed_tokens"]["embedding"][...]), np.asarray(lm["norm"]["scale"][...])

@@ -240,7 +240,8 @@ def image_start(data: Data, cfg: LlavaConfig) -> int:
     return start
 
 
-def answer_logits(module: Llava, states, input_ids, seq_lengths, positions, start: int, embedding_grad: bool = True):
+def answer_logits(module: Llava, states, input_ids, seq_lengths, positions, start: int,
+                  embedding_input_grad: bool = True):
     """[B, A, V] logits at `positions` [B, A].
 
     states [B, F, Dv] (`image_states`) are projected into the rows' image positions start..start+F. The text
@@ -249,7 +250,7 @@ def answer_logits(module: Llava, states, input_ids, seq_lengths, positions, star
     """
     lm = module.language_model
     x = lm.embed_tokens(jnp.where(input_ids == module.cfg.image_token_id, 0, input_ids))  # [B, T, D]
-    if not embedding_grad:  # the same values; no gradient reaches the embedding matrix through this lookup
+    if not embedding_input_grad:  # the same values; no gradient reaches the embedding matrix through this lookup
         x = jax.lax.stop_gradient(x)
     x = x.at[:, start:start + states.shape[1]].set(module.projector(states).astype(x.dtype))
     b, t = input_ids.shape
@@ -267,9 +268,9 @@ def answer_logits(module: Llava, states, input_ids, seq_lengths, positions, star
 
 
 def answer_loss(module: Llava, states, input_ids, seq_lengths, positions, targets, target_mask, start: int,
-                embedding_grad: bool = True):
+                embedding_input_grad: bool = True):
     """Mean cross-entropy of the answer tokens (and each `</s>` closing one) and their accuracy."""
-    logits = answer_logits(module, states, input_ids, seq_lengths, positions, start, embedding_grad)
+    logits = answer_logits(module, states, input_ids, seq_lengths, positions, start, embedding_input_grad)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     loss = (ce * target_mask).sum() / target_mask.sum()
     acc = ((jnp.argmax(logits, -1) == targets) * target_mask).sum() / target_mask.sum()
