@@ -11,8 +11,8 @@ The recipe follows LLaVA's, scaled down, with one stage added because nothing he
 2. Instruction tuning (stage 2): the study's vicuna_v1 prompt, one question of the six task kinds, the answer
    and `</s>` as targets; the first part on scenes without distractor objects; every `--caption-every`-th
    step a caption batch, so the alignment is not forgotten.
-3. Focus: the task kinds that combine two objects' attributes (`--focus-tasks`), which stage 2 leaves at
-   chance, on fresh questions, every `--focus-mix-every`-th step a batch of all six kinds.
+3. Focus: the task kinds that combine two objects' attributes (`--focus-tasks`), which stage 2 learns last
+   if at all, on fresh questions, every `--focus-mix-every`-th step a batch of all six kinds.
 Then greedy decoding of a held-out split (another seed) through `jaxflow.model.Model.generate`, export in the
 llava-hf layout with a model card, and a check that `jaxflow convert` of the export gives the same logits.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -120,9 +121,9 @@ def main(argv=None) -> int:
     vision_s = time.time() - t0
     log(f"vision pretraining: {args.vision_steps} steps in {vision_s:.0f} s")
 
-    stage1 = T.train(module, cfg, lambda i: sources["caption"], steps=args.caption_steps, batch=args.batch,
-                     lr=args.lr, warmup=args.warmup, seed=args.seed, log=log,
-                     embedding_input_grad=embedding_input_grad)
+    fit = functools.partial(T.train, cfg=cfg, batch=args.batch, log=log, embedding_input_grad=embedding_input_grad)
+    stage1 = fit(module, plan=lambda i: sources["caption"], steps=args.caption_steps, lr=args.lr,
+                 warmup=args.warmup, seed=args.seed)
     log(f"stage 1 (captions): {args.caption_steps} steps in {stage1.wall_s:.0f} s")
 
     def plan(i: int) -> T.Source:
@@ -137,9 +138,8 @@ def main(argv=None) -> int:
             acc = T.first_token_accuracy(m, cfg, monitor)
             log(f"  held-out first-token accuracy at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
 
-    stage2 = T.train(stage1.module, cfg, plan, steps=args.qa_steps, batch=args.batch, lr=args.lr,
-                     warmup=args.warmup, seed=args.seed + 1, log=log, on_log=report,
-                     embedding_input_grad=embedding_input_grad)
+    stage2 = fit(stage1.module, plan=plan, steps=args.qa_steps, lr=args.lr, warmup=args.warmup, seed=args.seed + 1,
+                 on_log=report)
     log(f"stage 2 (questions): {args.qa_steps} steps in {stage2.wall_s:.0f} s")
 
     final, stage3_s = stage2.module, 0.0
@@ -150,9 +150,8 @@ def main(argv=None) -> int:
             mix = args.focus_mix_every and i % args.focus_mix_every == args.focus_mix_every - 1
             return sources["qa" if mix else "focus"]
 
-        stage3 = T.train(final, cfg, plan3, steps=args.focus_steps, batch=args.batch, lr=args.focus_lr,
-                         warmup=min(args.warmup, 50), seed=args.seed + 2, log=log,
-                         on_log=lambda step, m: report(step, m, every=500), embedding_input_grad=embedding_input_grad)
+        stage3 = fit(final, plan=plan3, steps=args.focus_steps, lr=args.focus_lr, warmup=min(args.warmup, 50),
+                     seed=args.seed + 2, on_log=lambda step, m: report(step, m, every=500))
         final, stage3_s = stage3.module, stage3.wall_s
         log(f"stage 3 (focus on {', '.join(focus_tasks)}): {args.focus_steps} steps in {stage3_s:.0f} s")
 
@@ -220,7 +219,6 @@ def model_card(m: dict, cfg: LlavaConfig, tokenizer) -> str:
                  "gradient, which otherwise pulls the six colour words together faster than the head can tell them "
                  "apart."
                  if cfg.tie_word_embeddings and not a.get("embedding_input_grad", 1) else "")
-    embedding += " Stages:"
     return f"""# toy-llava: a tiny LLaVA-1.5 trained on a synthetic GQA-like world
 
 A LLaVA-1.5-architecture model (CLIP ViT -> Linear-GELU-Linear projector -> Llama decoder) small enough for
@@ -258,7 +256,7 @@ resize, OpenAI CLIP normalisation).
 
 Seed {m['seed']} (initialisation, batch order, training data); held-out data seed {m['heldout_seed']}.
 {m['train_questions']} training questions ({m['train_questions'] // 6} per task) and as many scenes
-without distractors, AdamW (cosine schedule, peak {a['lr']:g}, batch {a['batch']}), float32.{embedding}
+without distractors, AdamW (cosine schedule, peak {a['lr']:g}, batch {a['batch']}), float32.{embedding} Stages:
 
 0. vision tower ({a['vision_steps']} steps, batch {a['vision_batch']}): per patch, the shape, colour,
    material and size of the object centred in it, and the patch's column (a linear probe, discarded); then
