@@ -36,8 +36,10 @@ from jaxflow.config import LlavaConfig  # noqa: E402
 from jaxflow.model import Model  # noqa: E402
 from jaxflow.world import TASKS, examples  # noqa: E402
 from jaxflow.world import train as T  # noqa: E402
-from jaxflow.world.tokenizer import build_tokenizer  # noqa: E402
+from jaxflow.world.scene import COLORS  # noqa: E402
+from jaxflow.world.tokenizer import build_tokenizer, word_token_ids  # noqa: E402
 
+STOP_INPUT_GRAD = ("none", "colors", "all")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxflow", "assets",
                            "toy-llava")
 
@@ -62,9 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--focus-steps", type=int, default=1500, help="stage 3 steps")
     p.add_argument("--focus-lr", type=float, default=1e-3)
     p.add_argument("--focus-mix-every", type=int, default=3, help="in stage 3, every N-th step is a batch of all tasks")
-    p.add_argument("--embedding-input-grad", type=int, default=1,
-                   help="0: with a tied head, train the embedding matrix only as the output head, not through the "
-                        "input lookup (keeps the colour words apart); an untied model always trains both")
+    p.add_argument("--stop-input-grad", choices=STOP_INPUT_GRAD, default="none",
+                   help="tokens whose tied embedding rows learn only as the output head, not through the input "
+                        "lookup (colors: keeps the six colour words apart); untied models: none only")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
@@ -89,8 +91,12 @@ def main(argv=None) -> int:
     log(f"$ {command}")
     start = time.time()
     arch = T.Arch(**{f.name: getattr(args, f.name) for f in dataclasses.fields(T.Arch)})
-    embedding_input_grad = bool(args.embedding_input_grad or not arch.tie_word_embeddings)
+    if args.stop_input_grad != "none" and not arch.tie_word_embeddings:
+        raise SystemExit(f"--stop-input-grad {args.stop_input_grad} needs --tie-word-embeddings 1: an untied "
+                         "model's input rows would not learn at all")
     tokenizer = build_tokenizer()
+    stop_input_grad = {"none": (), "colors": word_token_ids(tokenizer, COLORS),
+                       "all": tuple(range(len(tokenizer)))}[args.stop_input_grad]
     hf_cfg = T.hf_config(tokenizer, arch)
     cfg = LlavaConfig.from_hf(hf_cfg)
     log(f"arch {arch}; vocab {len(tokenizer)}; image tokens {cfg.features_per_crop}")
@@ -121,7 +127,7 @@ def main(argv=None) -> int:
     vision_s = time.time() - t0
     log(f"vision pretraining: {args.vision_steps} steps in {vision_s:.0f} s")
 
-    fit = functools.partial(T.train, cfg=cfg, batch=args.batch, log=log, embedding_input_grad=embedding_input_grad)
+    fit = functools.partial(T.train, cfg=cfg, batch=args.batch, log=log, stop_input_grad=stop_input_grad)
     stage1 = fit(module, plan=lambda i: sources["caption"], steps=args.caption_steps, lr=args.lr,
                  warmup=args.warmup, seed=args.seed)
     log(f"stage 1 (captions): {args.caption_steps} steps in {stage1.wall_s:.0f} s")
@@ -215,10 +221,10 @@ def model_card(m: dict, cfg: LlavaConfig, tokenizer) -> str:
                  "that in mind." if weak else ""))
     w = m["wall_s"]
     head = "tied" if cfg.tie_word_embeddings else "untied"
-    embedding = (" The tied embedding matrix learns only as the output head: the input lookup passes it no "
-                 "gradient, which otherwise pulls the six colour words together faster than the head can tell them "
-                 "apart."
-                 if cfg.tie_word_embeddings and not a.get("embedding_input_grad", 1) else "")
+    stopped = {"colors": "The six colour words' rows of the tied embedding matrix learn",
+               "all": "The tied embedding matrix learns"}.get(a.get("stop_input_grad", "none"))
+    embedding = (f" {stopped} only as the output head: their input lookups pass no gradient, which otherwise "
+                 "pulls the colour words together faster than the head can tell them apart." if stopped else "")
     return f"""# toy-llava: a tiny LLaVA-1.5 trained on a synthetic GQA-like world
 
 A LLaVA-1.5-architecture model (CLIP ViT -> Linear-GELU-Linear projector -> Llama decoder) small enough for
