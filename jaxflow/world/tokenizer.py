@@ -82,9 +82,3 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>", pad_token="<pad>", clean_up_tokenization_spaces=False,
                                    extra_special_tokens={"image_token": "<image>"}, model_max_length=512,
                                    padding_side="right")
-
-
-def word_token_ids(tokenizer: PreTrainedTokenizerFast, words) -> tuple[int, ...]:
-    """Ids of every piece that spells one of `words` whole, in any capitalisation, at a word start or not."""
-    wanted = {w.lower() for w in words}
-    return tuple(sorted(i for piece, i in tokenizer.get_vocab().items() if piece.lstrip("▁").lower() in wanted))

@@ -241,7 +241,7 @@ def image_start(data: Data, cfg: LlavaConfig) -> int:
 
 
 def answer_logits(module: Llava, states, input_ids, seq_lengths, positions, start: int,
-                  stop_input_grad: Sequence[int] = ()):
+                  embedding_input_grad: bool = True):
     """[B, A, V] logits at `positions` [B, A].
 
     states [B, F, Dv] (`image_states`) are projected into the rows' image positions start..start+F. The text
@@ -250,9 +250,8 @@ def answer_logits(module: Llava, states, input_ids, seq_lengths, positions, star
     """
     lm = module.language_model
     x = lm.embed_tokens(jnp.where(input_ids == module.cfg.image_token_id, 0, input_ids))  # [B, T, D]
-    if len(stop_input_grad):  # the same values; these tokens' lookups pass no gradient to the embedding matrix
-        stop = jnp.isin(input_ids, jnp.asarray(stop_input_grad, input_ids.dtype))[..., None]  # [B, T, 1]
-        x = jnp.where(stop, jax.lax.stop_gradient(x), x)
+    if not embedding_input_grad:  # the same values; no gradient reaches the embedding matrix through this lookup
+        x = jax.lax.stop_gradient(x)
     x = x.at[:, start:start + states.shape[1]].set(module.projector(states).astype(x.dtype))
     b, t = input_ids.shape
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -269,9 +268,9 @@ def answer_logits(module: Llava, states, input_ids, seq_lengths, positions, star
 
 
 def answer_loss(module: Llava, states, input_ids, seq_lengths, positions, targets, target_mask, start: int,
-                stop_input_grad: Sequence[int] = ()):
+                embedding_input_grad: bool = True):
     """Mean cross-entropy of the answer tokens (and each `</s>` closing one) and their accuracy."""
-    logits = answer_logits(module, states, input_ids, seq_lengths, positions, start, stop_input_grad)
+    logits = answer_logits(module, states, input_ids, seq_lengths, positions, start, embedding_input_grad)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     loss = (ce * target_mask).sum() / target_mask.sum()
     acc = ((jnp.argmax(logits, -1) == targets) * target_mask).sum() / target_mask.sum()
@@ -362,15 +361,14 @@ class TrainResult:
 def train(module: Llava, cfg: LlavaConfig, plan: Callable[[int], Source], *, steps: int, batch: int,
           lr: float = 2e-3, warmup: int = 100, seed: int = 0, log: Callable[[str], None] | None = print,
           log_every: int = 250, on_log: Callable[[int, Llava], None] | None = None,
-          stop_input_grad: Sequence[int] = ()) -> TrainResult:
+          embedding_input_grad: bool = True) -> TrainResult:
     """AdamW (cosine schedule, warmup) on the projector and the language model; the CLIP tower stays frozen.
     Step i draws a random batch from `plan(i)` (one source, or a mix over steps).
 
-    stop_input_grad: token ids whose input lookups pass no gradient to the embedding matrix; with a tied head
-    their rows then learn only as the output head (an untied model's rows learn nothing). With a tied head the
+    embedding_input_grad=False: the input lookup passes no gradient to the embedding matrix, which then learns
+    only as the tied output head (an untied model's input embeddings then learn nothing). With a tied head the
     input side pulls the six colour words together (as inputs they play the same part) faster than the output
-    side tells them apart: trained through both sides, the colour embeddings end at mean cosine 0.83 and the
-    model names colours poorly."""
+    side tells them apart: toy-llava's colour embeddings end at mean cosine 0.83 and it names colours poorly."""
     trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision_tower")))
     graphdef, params, frozen = nnx.split(module, trainable, ...)
     tx = make_optimizer(steps, lr, warmup)
@@ -379,7 +377,7 @@ def train(module: Llava, cfg: LlavaConfig, plan: Callable[[int], Source], *, ste
     @functools.partial(jax.jit, static_argnames="start")
     def step(params, opt_state, arrays, start):
         def loss_fn(p):
-            return answer_loss(nnx.merge(graphdef, p, frozen), *arrays, start, stop_input_grad)
+            return answer_loss(nnx.merge(graphdef, p, frozen), *arrays, start, embedding_input_grad)
 
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
