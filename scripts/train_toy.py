@@ -44,6 +44,17 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
                            "toy-llava")
 
 
+def stage_list(text: str) -> list[int]:
+    """"1,3" -> [1, 3]: training stages named on the command line."""
+    try:
+        stages = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of stage numbers: {text!r}") from None
+    if not set(stages) <= {1, 2, 3}:
+        raise argparse.ArgumentTypeError(f"the stages are 1, 2 and 3; got {text!r}")
+    return stages
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DEFAULT_OUT, help="checkpoint directory to write (llava-hf layout)")
@@ -64,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--focus-steps", type=int, default=1500, help="stage 3 steps")
     p.add_argument("--focus-lr", type=float, default=1e-3)
     p.add_argument("--focus-mix-every", type=int, default=3, help="in stage 3, every N-th step is a batch of all tasks")
-    p.add_argument("--head-only-embedding-stages", default="",
+    p.add_argument("--head-only-embedding-stages", type=stage_list, default=[],
                    help="stages (of 1,2,3, comma-separated) in which a tied embedding matrix learns only as the output "
                         "head, its input lookup passing no gradient (in stage 1 this keeps the six colour words "
                         "apart); untied models train both in every stage")
@@ -92,7 +103,7 @@ def main(argv=None) -> int:
     log(f"$ {command}")
     start = time.time()
     arch = T.Arch(**{f.name: getattr(args, f.name) for f in dataclasses.fields(T.Arch)})
-    head_only = {int(s) for s in args.head_only_embedding_stages.split(",") if s} if arch.tie_word_embeddings else set()
+    head_only = args.head_only_embedding_stages if arch.tie_word_embeddings else []
     tokenizer = build_tokenizer()
     hf_cfg = T.hf_config(tokenizer, arch)
     cfg = LlavaConfig.from_hf(hf_cfg)
@@ -220,7 +231,7 @@ def model_card(m: dict, cfg: LlavaConfig, tokenizer) -> str:
                  "that in mind." if weak else ""))
     w = m["wall_s"]
     head = "tied" if cfg.tie_word_embeddings else "untied"
-    stages = [s for s in a.get("head_only_embedding_stages", "").split(",") if s] if cfg.tie_word_embeddings else []
+    stages = [str(s) for s in a.get("head_only_embedding_stages", [])] if cfg.tie_word_embeddings else []
     embedding = (f" In stage{'s' * (len(stages) > 1)} {' and '.join(stages)} the tied embedding matrix learns only as "
                  "the output head (its input lookup passes no gradient): trained through both from the start, the "
                  "six colour words' embeddings collapse together and the model cannot name colours." if stages else "")

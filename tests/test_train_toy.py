@@ -190,7 +190,7 @@ def test_shipped_model_answers_fresh_questions(tmp_path):
     assert min(per_task.values()) >= 0.75, per_task
 
 
-def test_train_toy_script_runs_every_stage(tmp_path):
+def test_train_toy_script_runs_every_stage(tmp_path, capsys):
     """The whole recipe at toy sizes (the tied matrix trained only as the head in stages 1 and 3): every stage runs,
     the export converts back (checked inside), and the card reports the measured accuracy, the recipe and an
     honest status."""
@@ -209,6 +209,9 @@ def test_train_toy_script_runs_every_stage(tmp_path):
     card = open(out / "README.md").read()
     assert "3. focus (3 steps" in card and "is not met" in card  # 3 steps cannot reach the target
     assert "In stages 1 and 3 the tied embedding matrix learns only as the output head" in card
+    with pytest.raises(SystemExit):
+        script.parse_args(["--head-only-embedding-stages", "1,4"])
+    assert "--head-only-embedding-stages: the stages are 1, 2 and 3; got '1,4'" in capsys.readouterr().err
     log = open(tmp_path / "toy.train.log").read()
     assert "stage 3 (focus on CompareAttr, LogicalObj)" in log
     assert float(log.split("max |logits diff| = ")[1].split()[0]) < 1e-5
