@@ -10,7 +10,8 @@ The recipe follows LLaVA's, scaled down, with one stage added because nothing he
    left to right. The projector and the language model learn to read the image tokens.
 2. Instruction tuning (stage 2): the study's vicuna_v1 prompt, one question of the six task kinds, the answer
    and `</s>` as targets; the first part on scenes without distractor objects; every `--caption-every`-th
-   step a caption batch, so the alignment is not forgotten.
+   step a caption batch, so the alignment is not forgotten. `--verify-per-task` adds training-only yes/no
+   questions "Is the circle red?" (here and in stage 3), the one-object check LogicalObj combines.
 3. Focus: the task kinds that combine two objects' attributes (`--focus-tasks`), which stage 2 learns last
    if at all, on fresh questions, every `--focus-mix-every`-th step a batch of all six kinds.
 With a tied head, `--head-only-embedding-stages` names stages in which the embedding matrix learns only as the
@@ -38,6 +39,7 @@ from jaxflow.config import LlavaConfig  # noqa: E402
 from jaxflow.model import Model  # noqa: E402
 from jaxflow.world import TASKS, examples  # noqa: E402
 from jaxflow.world import train as T  # noqa: E402
+from jaxflow.world.generate import verify_examples  # noqa: E402
 from jaxflow.world.tokenizer import build_tokenizer  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxflow", "assets",
@@ -70,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--caption-every", type=int, default=3, help="in stage 2, every N-th step is a caption batch")
     p.add_argument("--question-weight", type=float, default=0.5,
                    help="stage 2 also predicts the question's own tokens, at this weight (the answer weighs 1)")
+    p.add_argument("--verify-per-task", type=int, default=0,
+                   help="training-only yes/no questions 'Is the circle red?' added to stage 2 and, as many again, to "
+                        "stage 3 (the one-object check LogicalObj combines; 0: none)")
     p.add_argument("--focus-tasks", default="CompareAttr,LogicalObj", help="stage 3 task kinds (comma-separated)")
     p.add_argument("--focus-per-task", type=int, default=3000, help="fresh stage 3 questions per focus task")
     p.add_argument("--focus-steps", type=int, default=1500, help="stage 3 steps")
@@ -110,15 +115,17 @@ def main(argv=None) -> int:
     log(f"arch {arch}; vocab {len(tokenizer)}; image tokens {cfg.features_per_crop}")
 
     t0 = time.time()
-    items = examples(args.train_per_task, args.seed)
+    items = examples(args.train_per_task, args.seed) + verify_examples(args.verify_per_task, args.seed + 4)
     qa = T.encode_examples(items, cfg, tokenizer, workers=args.workers, question_weight=args.question_weight)
     captions = T.encode_examples(items, cfg, tokenizer, captions=True, images_from=qa)
     easy_items = examples(args.train_per_task, args.seed + 2, max_objects=1)
     easy = T.encode_examples(easy_items, cfg, tokenizer, workers=args.workers,
                              question_weight=args.question_weight)
     focus_tasks = [t for t in args.focus_tasks.split(",") if t]
-    focus = T.encode_examples(examples(args.focus_per_task, args.seed + 3, tasks=focus_tasks), cfg, tokenizer,
-                              workers=args.workers, question_weight=args.question_weight) if focus_tasks else None
+    focus_items = examples(args.focus_per_task, args.seed + 3, tasks=focus_tasks)
+    focus_items += verify_examples(args.verify_per_task, args.seed + 5) if focus_items else []
+    focus = T.encode_examples(focus_items, cfg, tokenizer, workers=args.workers,
+                              question_weight=args.question_weight) if focus_items else None
     heldout = T.encode_examples(examples(args.eval_per_task, args.seed + 1), cfg, tokenizer, workers=args.workers)
     data_s = time.time() - t0
     log(f"data: {len(qa)} training questions (+ {len(easy)} without distractors, {len(captions)} captions, "
@@ -230,6 +237,10 @@ def model_card(m: dict, cfg: LlavaConfig, tokenizer) -> str:
               + (f"Below 0.75 (chance 0.5): {', '.join(weak)}; FINDINGS.md reads their knockout rows with "
                  "that in mind." if weak else ""))
     w = m["wall_s"]
+    verify = a.get("verify_per_task", 0)
+    verify = (f" Stages 2 and 3 also see {verify} training-only yes/no questions each, \"Is the circle red?\" "
+              "(colour, material or size of one named object): the one-object check that LogicalObj combines."
+              if verify else "")
     head = "tied" if cfg.tie_word_embeddings else "untied"
     stages = [str(s) for s in a.get("head_only_embedding_stages", [])] if cfg.tie_word_embeddings else []
     embedding = (f" In stage{'s' * (len(stages) > 1)} {' and '.join(stages)} the tied embedding matrix learns only as "
@@ -271,8 +282,8 @@ resize, OpenAI CLIP normalisation).
 ```
 
 Seed {m['seed']} (initialisation, batch order, training data); held-out data seed {m['heldout_seed']}.
-{m['train_questions']} training questions ({m['train_questions'] // 6} per task) and as many scenes
-without distractors, AdamW (cosine schedule, peak {a['lr']:g}, batch {a['batch']}), float32.{embedding} Stages:
+{a['train_per_task'] * 6} training questions ({a['train_per_task']} per task) and as many scenes
+without distractors, AdamW (cosine schedule, peak {a['lr']:g}, batch {a['batch']}), float32.{verify}{embedding} Stages:
 
 0. vision tower ({a['vision_steps']} steps, batch {a['vision_batch']}): per patch, the shape, colour,
    material and size of the object centred in it, and the patch's column (a linear probe, discarded); then

@@ -191,7 +191,8 @@ def test_shipped_model_answers_fresh_questions(tmp_path):
 
 
 def test_train_toy_script_runs_every_stage(tmp_path, capsys):
-    """The whole recipe at toy sizes (the tied matrix trained only as the head in stages 1 and 3): every stage runs,
+    """The whole recipe at toy sizes (the tied matrix trained only as the head in stages 1 and 3, verify questions
+    added): every stage runs,
     the export converts back (checked inside), and the card reports the measured accuracy, the recipe and an
     honest status."""
     import importlib.util
@@ -203,12 +204,15 @@ def test_train_toy_script_runs_every_stage(tmp_path, capsys):
     assert script.main(["--out", str(out), "--train-per-task", "12", "--eval-per-task", "4", "--vision-steps", "3",
                         "--vision-batch", "8", "--caption-steps", "3", "--qa-steps", "4", "--focus-per-task", "12",
                         "--focus-steps", "3", "--batch", "4", "--workers", "1", "--vision-hidden", "32",
-                        "--text-hidden", "32", "--text-intermediate", "64", "--head-only-embedding-stages", "1,3"]) == 0
+                        "--text-hidden", "32", "--text-intermediate", "64", "--head-only-embedding-stages", "1,3",
+                        "--verify-per-task", "6"]) == 0
     metrics = json.load(open(out / "training_metrics.json"))
+    assert metrics["train_questions"] == 6 * 12 + 6  # the six kinds plus the verify questions
     assert metrics["wall_s"]["stage3"] > 0 and metrics["arch"]["text_hidden"] == 32
     card = open(out / "README.md").read()
     assert "3. focus (3 steps" in card and "is not met" in card  # 3 steps cannot reach the target
     assert "In stages 1 and 3 the tied embedding matrix learns only as the output head" in card
+    assert 'Stages 2 and 3 also see 6 training-only yes/no questions each, "Is the circle red?"' in card
     with pytest.raises(SystemExit):
         script.parse_args(["--head-only-embedding-stages", "1,4"])
     assert "--head-only-embedding-stages: the stages are 1, 2 and 3; got '1,4'" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from jaxflow.config import LlavaConfig
 from jaxflow.inputs import gqa
 from jaxflow.inputs.regions import build_sample
 from jaxflow.world import TASKS, examples, generate, image_of, load_scenes
+from jaxflow.world.generate import verify_examples
 from jaxflow.world.scene import COLORS, MIN_VISIBLE, PLURALS, SHAPES, coverage, visible_fraction
 from jaxflow.world.tokenizer import build_tokenizer
 
@@ -114,6 +115,20 @@ def test_answers_correct_by_recomputation_and_balanced(dataset):
         if "true option" in rows[0]:  # the true option comes first half of the time, roughly
             first = sum(r["question"].index(r["true option"]) < r["question"].index(r["false option"]) for r in rows)
             assert 4 <= first <= 20, (task, first)
+
+
+def test_verify_questions_correct_and_balanced():
+    items = verify_examples(60, 5)
+    truths, kinds = [], collections.Counter()
+    for ex in items:
+        m = re.fullmatch(r"Is the (\w+) (\w+)\?", ex.question)
+        (obj,) = [o for o in ex.scene.objects if o.shape == m[1]]
+        kinds[_kind(m[2])] += 1
+        truths.append(getattr(obj, _kind(m[2])) == m[2])
+        assert ex.answer == ("yes" if truths[-1] else "no"), ex.question
+    assert 20 <= sum(truths) <= 40 and set(kinds) == {"color", "material", "size"}
+    assert {ex.task for ex in items} == {"LogicalObj"}
+    assert [ex.question for ex in verify_examples(60, 5)] == [ex.question for ex in items]
 
 
 def test_boxes_match_drawn_pixels(dataset):

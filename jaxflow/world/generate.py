@@ -13,6 +13,7 @@ so a model trained in memory sees exactly the pixels a sweep later reads from di
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -48,6 +49,20 @@ def examples(n_per_task: int, seed: int, tasks: Sequence[str] = TASKS, max_objec
             # ids as GQA writes them: numeric strings, question ids with a leading zero
             out.append(make_example(task, rng, i, question_id=f"{seed % 100:02d}{k}{i:06d}",
                                     img_id=f"{k}{seed % 100:02d}{i:06d}", max_objects=max_objects))
+    return out
+
+
+def verify_examples(n: int, seed: int) -> list[Example]:
+    """n training-only yes/no questions "Is the circle red?" on ChooseAttr's scenes, half of them true: the
+    one-object check that LogicalObj combines. Tagged LogicalObj (same answers); never in task files."""
+    rng = np.random.default_rng([seed, len(TASKS)])
+    out = []
+    for ex in examples(n, seed, tasks=["ChooseAttr"]):
+        yes = bool(rng.random() < 0.5)
+        value = ex.row["true option" if yes else "false option"]
+        question = f"Is the {ex.row['central object name']} {value}?"
+        row = ex.row | {"question": question, "answer": "yes" if yes else "no"}
+        out.append(dataclasses.replace(ex, task="LogicalObj", row=row))
     return out
 
 
