@@ -192,9 +192,8 @@ def test_shipped_model_answers_fresh_questions(tmp_path):
 
 def test_train_toy_script_runs_every_stage(tmp_path, capsys):
     """The whole recipe at toy sizes (the tied matrix trained only as the head in stages 1 and 3, verify questions
-    added): every stage runs,
-    the export converts back (checked inside), and the card reports the measured accuracy, the recipe and an
-    honest status."""
+    added): every stage runs, the export converts back (checked inside), and the card reports the measured
+    accuracy, the recipe and an honest status."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_toy", os.path.join(ROOT, "scripts", "train_toy.py"))
