@@ -68,6 +68,29 @@ def test_shared_prefix_is_the_same_function(tiny):
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
+def test_deepen_inserts_layers_that_change_nothing_until_trained(tiny):
+    """deepen() puts zero-output layers before layer `at`: same logits, the old layers shifted past them, and the
+    new layers' own weights (which training then moves) not zero."""
+    _, cfg, data = tiny
+    module = T.init_module(cfg, 0)
+    deeper, deeper_cfg = T.deepen(module, cfg, 2, 1, seed=3)
+    assert deeper_cfg.text.num_layers == cfg.text.num_layers + 2 == len(deeper.language_model.layers)
+    batch = data.take(np.arange(3))
+    mask = np.arange(batch.input_ids.shape[1])[None] < batch.seq_lengths[:, None]
+    before = jaxflow.Model(module, cfg, None).logits(batch.input_ids, batch.pixel_values, attention_mask=mask)
+    after = jaxflow.Model(deeper, deeper_cfg, None).logits(batch.input_ids, batch.pixel_values, attention_mask=mask)
+    np.testing.assert_array_equal(np.asarray(after)[mask], np.asarray(before)[mask])
+    old, new = module.language_model.layers, deeper.language_model.layers
+    for i, j in ((0, 0), (1, 3)):
+        np.testing.assert_array_equal(new[j].up_proj.kernel.get_value(), old[i].up_proj.kernel.get_value())
+    for j in (1, 2):
+        assert not np.any(new[j].self_attn.o_proj.kernel.get_value())
+        assert not np.any(new[j].down_proj.kernel.get_value())
+        assert np.abs(new[j].up_proj.kernel.get_value()).max() > 0
+    with pytest.raises(ValueError, match="0 <= at <= 2"):
+        T.deepen(module, cfg, 1, 3, seed=0)
+
+
 def test_a_few_steps_lower_the_loss(tiny, tokenizer):
     _, cfg, data = tiny
     module = T.init_module(cfg, 0)
@@ -192,8 +215,8 @@ def test_shipped_model_answers_fresh_questions(tmp_path):
 
 def test_train_toy_script_runs_every_stage(tmp_path, capsys):
     """The whole recipe at toy sizes (the tied matrix trained only as the head in stages 1 and 3, verify questions
-    added): every stage runs, the export converts back (checked inside), and the card reports the measured
-    accuracy, the recipe and an honest status."""
+    added, two layers added in stage 4): every stage runs, the export converts back (checked inside), and the
+    card reports the measured accuracy, the recipe and an honest status."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_toy", os.path.join(ROOT, "scripts", "train_toy.py"))
@@ -204,17 +227,22 @@ def test_train_toy_script_runs_every_stage(tmp_path, capsys):
                         "--vision-batch", "8", "--caption-steps", "3", "--qa-steps", "4", "--focus-per-task", "12",
                         "--focus-steps", "3", "--batch", "4", "--workers", "1", "--vision-hidden", "32",
                         "--text-hidden", "32", "--text-intermediate", "64", "--head-only-embedding-stages", "1,3",
-                        "--verify-per-task", "6"]) == 0
+                        "--verify-per-task", "6", "--deepen-layers", "2", "--deepen-per-task", "8",
+                        "--deepen-steps", "3"]) == 0
     metrics = json.load(open(out / "training_metrics.json"))
     assert metrics["train_questions"] == 6 * 12 + 6  # the six kinds plus the verify questions
-    assert metrics["wall_s"]["stage3"] > 0 and metrics["arch"]["text_hidden"] == 32
+    assert metrics["wall_s"]["stage3"] > 0 and metrics["wall_s"]["stage4"] > 0 and metrics["arch"]["text_hidden"] == 32
+    assert json.load(open(out / "config.json"))["text_config"]["num_hidden_layers"] == 4 + 2
     card = open(out / "README.md").read()
     assert "3. focus (3 steps" in card and "is not met" in card  # 3 steps cannot reach the target
     assert "In stages 1 and 3 the tied embedding matrix learns only as the output head" in card
-    assert 'Stages 2 and 3 also see 6 training-only yes/no questions each, "Is the circle red?"' in card
+    assert "4. deepen (3 steps, peak 0.001): 2 decoder layers inserted before\n   layer 2 (4 -> 6)" in card
+    assert "| hidden 32, 6 layers" in card
+    assert 'Stages 2, 3 and 4 also see 6 training-only yes/no questions each, "Is the circle red?"' in card
     with pytest.raises(SystemExit):
-        script.parse_args(["--head-only-embedding-stages", "1,4"])
-    assert "--head-only-embedding-stages: the stages are 1, 2 and 3; got '1,4'" in capsys.readouterr().err
+        script.parse_args(["--head-only-embedding-stages", "1,5"])
+    assert "--head-only-embedding-stages: the stages are 1, 2, 3 and 4; got '1,5'" in capsys.readouterr().err
     log = open(tmp_path / "toy.train.log").read()
     assert "stage 3 (focus on CompareAttr, LogicalObj)" in log
+    assert "stage 4 (2 layers added, 6 in all; on LogicalObj): 3 steps" in log
     assert float(log.split("max |logits diff| = ")[1].split()[0]) < 1e-5

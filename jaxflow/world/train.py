@@ -96,6 +96,33 @@ def init_module(cfg: LlavaConfig, seed: int) -> Llava:
     return module
 
 
+def deepen(module: Llava, cfg: LlavaConfig, n_new: int, at: int, seed: int) -> tuple[Llava, LlavaConfig]:
+    """`module` with `n_new` decoder layers inserted before layer `at`. The new layers' attention output and
+    MLP down projections are zero, so each adds nothing to the residual stream and the deeper model computes
+    exactly what `module` did until training moves them (depth growth, as in progressive stacking)."""
+    layers = cfg.text.num_layers
+    if n_new < 1 or not 0 <= at <= layers:
+        raise ValueError(f"deepen: need n_new >= 1 and 0 <= at <= {layers} (the layer count); got {n_new}, {at}")
+    deeper_cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_layers=layers + n_new))
+    deeper = init_module(deeper_cfg, seed)
+    old = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    flat = []
+    for path, var in nnx.to_flat_state(nnx.state(deeper, nnx.Param)):
+        if path[:2] == ("language_model", "layers"):
+            i = path[2]
+            if at <= i < at + n_new:  # a new layer: zero the projections writing into the residual stream
+                zero = path[-2] in ("o_proj", "down_proj")
+                flat.append((path, var.replace(jnp.zeros_like(var.get_value())) if zero else var))
+                continue
+            path_old = path[:2] + (i if i < at else i - n_new,) + path[3:]
+            flat.append((path, old.pop(path_old)))
+        else:
+            flat.append((path, old.pop(path)))
+    assert not old, f"deepen: parameters left uncopied: {sorted(old)[:3]}"
+    nnx.update(deeper, nnx.from_flat_state(flat))
+    return deeper, deeper_cfg
+
+
 # --- data ------------------------------------------------------------------------------------------
 
 
