@@ -111,6 +111,7 @@ def read_metadata(directory: str) -> dict:
 def restore_params(directory: str, targets: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, object]:
     """Restores every parameter named in `targets` (flat name -> ShapeDtypeStruct, optionally with
     a sharding and a dtype to cast to). Missing or unexpected parameters raise, naming them."""
+    directory = os.path.abspath(directory)  # orbax refuses relative paths
     meta = read_metadata(directory)
     shapes = {name: tuple(shape) for names in meta["groups"].values() for name, shape in names.items()}
     missing = sorted(set(targets) - set(shapes))

@@ -172,6 +172,17 @@ def test_sharded_converts(pristine_sharded, pristine, tmp_path):
     assert checkpoint.read_metadata(a)["groups"] == checkpoint.read_metadata(b)["groups"]
 
 
+def test_relative_paths(pristine, tmp_path, monkeypatch):
+    """`jaxflow convert src out` and `jaxflow.load(out)` with paths relative to the working directory
+    (orbax itself takes only absolute ones)."""
+    monkeypatch.chdir(tmp_path)
+    out = convert(os.path.relpath(pristine, tmp_path), "rel", progress=False)
+    model = jaxflow.load(out)
+    want = jaxflow.load(convert(pristine, str(tmp_path / "abs"), progress=False))
+    np.testing.assert_array_equal(np.asarray(model.module.language_model.embed_tokens.embedding),
+                                  np.asarray(want.module.language_model.embed_tokens.embedding))
+
+
 @pytest.mark.parametrize("stored", ["bfloat16", "float16"])
 def test_half_precision_source(src, tmp_path, stored):
     """bf16 / fp16 checkpoints (as most released LLaVA weights are) convert exactly."""
