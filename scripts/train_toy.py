@@ -84,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--focus-steps", type=int, default=3000, help="stage 3 steps")
     p.add_argument("--focus-lr", type=float, default=1e-3)
     p.add_argument("--focus-mix-every", type=int, default=3, help="in stage 3, every N-th step is a batch of all tasks")
-    p.add_argument("--deepen-layers", type=int, default=0,
+    p.add_argument("--deepen-layers", type=int, default=2,
                    help="stage 4 first inserts this many decoder layers, zero-initialised so the model's output is "
                         "unchanged (0: no stage 4)")
     p.add_argument("--deepen-at", type=int, default=2, help="the new layers go before this decoder layer")

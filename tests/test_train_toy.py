@@ -190,12 +190,12 @@ def test_shipped_model_matches_transformers_after_convert(tmp_path, tokenizer):
 
 def test_shipped_model_answers_fresh_questions(tmp_path):
     """Greedy answers on questions the model never saw (a seed no training or report used), built exactly as
-    a sweep builds them (build_sample: preprocess + vicuna_v1 prompt). The five task kinds its card reports
-    above 0.75 must stay there (chance 0.5); LogicalObj is lower (see the card)."""
+    a sweep builds them (build_sample: preprocess + vicuna_v1 prompt). Every task kind must answer at
+    least 0.75 of 50 such questions right (chance 0.5; the card reports 0.81-0.995 on 200)."""
     model = jaxflow.load(convert(ASSET, str(tmp_path / "jf"), progress=False))
     tok = model.tokenizer
-    learned = ["ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "QueryAttr"]
-    items = examples(20, 4242, learned)
+    learned = ["ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr"]
+    items = examples(50, 4242, learned)
     samples = [build_sample(model.config, tok, image_of(e), e.question) for e in items]
     t = max(map(len, samples))
     ids = np.full((len(samples), t), tok.pad_token_id)
