@@ -128,25 +128,26 @@ def main(argv=None) -> int:
     cfg = LlavaConfig.from_hf(hf_cfg)
     log(f"arch {arch}; vocab {len(tokenizer)}; image tokens {cfg.features_per_crop}")
 
+    def encode(items: list) -> T.Data | None:
+        """Training questions as batches (None if there are none)."""
+        return T.encode_examples(items, cfg, tokenizer, workers=args.workers,
+                                 question_weight=args.question_weight) if items else None
+
     t0 = time.time()
     items = examples(args.train_per_task, args.seed) + verify_examples(args.verify_per_task, args.seed + 4)
-    qa = T.encode_examples(items, cfg, tokenizer, workers=args.workers, question_weight=args.question_weight)
+    qa = encode(items)
     captions = T.encode_examples(items, cfg, tokenizer, captions=True, images_from=qa)
-    easy_items = examples(args.train_per_task, args.seed + 2, max_objects=1)
-    easy = T.encode_examples(easy_items, cfg, tokenizer, workers=args.workers,
-                             question_weight=args.question_weight)
+    easy = encode(examples(args.train_per_task, args.seed + 2, max_objects=1))
     focus_tasks = [t for t in args.focus_tasks.split(",") if t]
     focus_items = examples(args.focus_per_task, args.seed + 3, tasks=focus_tasks)
     focus_items += verify_examples(args.verify_per_task, args.seed + 5) if focus_items else []
-    focus = T.encode_examples(focus_items, cfg, tokenizer, workers=args.workers,
-                              question_weight=args.question_weight) if focus_items else None
+    focus = encode(focus_items)
     deepen_tasks = [t for t in args.deepen_tasks.split(",") if t] if args.deepen_layers else []
     half = args.deepen_per_task // 2
     deepen_items = (examples(half, args.seed + 6, tasks=deepen_tasks)
                     + examples(args.deepen_per_task - half, args.seed + 7, tasks=deepen_tasks, max_objects=1))
     deepen_items += verify_examples(args.verify_per_task, args.seed + 8) if deepen_items else []
-    deep = T.encode_examples(deepen_items, cfg, tokenizer, workers=args.workers,
-                             question_weight=args.question_weight) if deepen_items else None
+    deep = encode(deepen_items)
     heldout = T.encode_examples(examples(args.eval_per_task, args.seed + 1), cfg, tokenizer, workers=args.workers)
     data_s = time.time() - t0
     log(f"data: {len(qa)} training questions (+ {len(easy)} without distractors, {len(captions)} captions, "
@@ -194,11 +195,8 @@ def main(argv=None) -> int:
     final, stage3_s = stage2.module, 0.0
     if focus is not None and args.focus_steps:
         sources["focus"] = T.Source("focus", focus, T.image_states(module, cfg, focus.pixel_values))
-
-        plan3 = mixed_plan("focus")
-
-        stage3 = fit(3, final, plan=plan3, steps=args.focus_steps, lr=args.focus_lr, warmup=min(args.warmup, 50),
-                     seed=args.seed + 2, on_log=lambda step, m: report(step, m, every=500))
+        stage3 = fit(3, final, plan=mixed_plan("focus"), steps=args.focus_steps, lr=args.focus_lr,
+                     warmup=min(args.warmup, 50), seed=args.seed + 2, on_log=lambda step, m: report(step, m, every=500))
         final, stage3_s = stage3.module, stage3.wall_s
         log(f"stage 3 (focus on {', '.join(focus_tasks)}): {args.focus_steps} steps in {stage3_s:.0f} s")
 
