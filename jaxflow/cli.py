@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("lens", "logit lens at the last position")):
         p = sub.add_parser(name, help=f"{what} on a GQA task file")
         p.add_argument("--model", required=True, help="converted model directory")
-        p.add_argument("--data", required=True, help="task CSV (GQA task-file schema)")
+        p.add_argument("--data", required=True, help="task CSV (GQA task-file schema), or a packaged study task: "
+                       "ChooseAttr, ChooseCat, ChooseRel, CompareAttr, LogicalObj, QueryAttr")
         p.add_argument("--images", help="image folder holding <img_id>.jpg")
         p.add_argument("--out", required=True, help="results directory (resumed if it exists)")
         p.add_argument("--flows", nargs="+", help="flows: the study's names (e.g. 'Image->Question') or "

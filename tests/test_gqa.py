@@ -11,10 +11,19 @@ import PIL.Image
 import pytest
 import toy_tokenizers as toy
 
-from jaxflow.inputs.gqa import GQASample, RowError, find_option, load_tasks, option_spans, token_error
+from jaxflow.inputs.gqa import (
+    TASK_DIR,
+    TASKS,
+    GQASample,
+    RowError,
+    find_option,
+    load_tasks,
+    option_spans,
+    token_error,
+)
 from jaxflow.inputs.prompts import build_prompt, encode, token_span
 
-DATA = "/work/shared/data/gqa_tasks"
+DATA = str(TASK_DIR)
 ROWS = {"ChooseAttr": 1000, "ChooseCat": 1000, "QueryAttr": 1000, "ChooseRel": 964, "CompareAttr": 570,
         "LogicalObj": 991}
 # Rows whose box lies far outside the image (more than the 2 px tolerance): (row, question_id, object)
@@ -23,9 +32,6 @@ OUTSIDE = {"ChooseCat": [(806, "1595102", "central object")], "CompareAttr": [(3
 LEADING_ZERO = {"ChooseAttr": 523, "ChooseCat": 505, "QueryAttr": 506, "ChooseRel": 479, "CompareAttr": 291,
                 "LogicalObj": 511}  # question_ids with a leading zero
 CHOOSE = ("ChooseAttr", "ChooseCat", "ChooseRel")
-
-needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"{DATA} not on this machine")
-
 
 def path(task):
     return os.path.join(DATA, f"{task}.csv")
@@ -36,7 +42,6 @@ def tasks():
     return {task: load_tasks(path(task)) for task in ROWS}
 
 
-@needs_data
 @pytest.mark.parametrize("task", ROWS)
 def test_real_files_load(tasks, task):
     samples, errors = tasks[task]
@@ -63,7 +68,6 @@ def test_real_files_load(tasks, task):
     assert sum(s.question_id.startswith("0") for s in samples) == LEADING_ZERO[task]
 
 
-@needs_data
 def test_real_file_details(tasks):
     cat = {s.question_id: s for s in tasks["ChooseCat"][0]}
     s = cat["00556075"]
@@ -78,7 +82,6 @@ def test_real_file_details(tasks):
     assert first.box_names == ("surfboard", "surfer") and first.question_id == "13515212"
 
 
-@needs_data
 def test_options_found_in_every_choose_question(tasks):
     """Every Choose* option occurs in its question; the two spans never overlap. Where an option only occurs
     inside a longer word (3 ChooseCat rows: "phone" in "telephone", "elephant" in "elephants") the span is that
@@ -113,7 +116,6 @@ def test_option_spans_resolve_repeated_words():
     assert find_option("Which animals are those, giraffes or elephants?", "elephant") == (37, 46)
 
 
-@needs_data
 @pytest.mark.parametrize("tokenizer,template", [("llama2", "vicuna_v1"), ("llama3", "llava_llama_3")])
 def test_every_question_span_is_found(tasks, tokenizer, template, capsys):
     """Every row's question (and options) maps onto whole tokens, in both modes; reports the counts."""
@@ -135,7 +137,6 @@ def test_every_question_span_is_found(tasks, tokenizer, template, capsys):
     assert not failures, "\n".join(failures[:20])
 
 
-@needs_data
 def test_question_tokens_decode_to_the_question(tasks):
     """A sample of rows per file: the Question tokens decode back to the question, option tokens to the option word."""
     for tok, template in ((toy.llama2_tokenizer(), "vicuna_v1"), (toy.llama3_tokenizer(), "llava_llama_3")):
@@ -190,7 +191,6 @@ def row(qid, img, w=40, h=30, box=(0, 0, 40, 30), q="Is the jar full or empty?",
     return [qid, img, q, t, t, f, "jar", w, h, bw, bh, x, y]
 
 
-@needs_data
 def test_broken_rows_in_an_edited_copy(tmp_path):
     """An edited copy of a real task file: the broken rows become RowErrors naming row and question_id."""
     with open(path("ChooseAttr"), newline="", encoding="utf-8") as f:
@@ -275,3 +275,19 @@ def test_object2_dash_and_bad_files(tmp_path):
     bad.write_text("question_id,question\n1,What?\n")
     with pytest.raises(ValueError, match="not a GQA task file"):
         load_tasks(bad)
+
+
+def test_packaged_tasks_resolve_by_name_and_path(tmp_path):
+    assert set(TASKS) == set(ROWS)
+    for task in TASKS:
+        assert load_tasks(task)[0] == load_tasks(path(task))[0]  # a task name reads the packaged file
+    assert {f for f in os.listdir(DATA) if f.endswith(".csv")} == {f"{t}.csv" for t in TASKS}
+    notice = open(os.path.join(DATA, "README.md")).read()
+    assert "CC BY 4.0" in notice and "MIT" in open(os.path.join(DATA, "LICENSE-study-code.txt")).read()
+    copy = tmp_path / "ChooseAttr.csv"  # a path still wins over the packaged name
+    with open(path("ChooseAttr"), newline="") as f:
+        lines = f.readlines()
+    copy.write_text("".join(lines[:4]))
+    assert len(load_tasks(copy)[0]) == 3
+    with pytest.raises(FileNotFoundError, match="ChooseAtr: no such task file.*ChooseAttr, ChooseCat"):
+        load_tasks("ChooseAtr")

@@ -16,7 +16,7 @@ from jaxflow.image_layout import image_layout
 from jaxflow.inputs import gqa
 from jaxflow.inputs.regions import locate
 
-GQA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "gqa_tasks")
+GQA = str(gqa.TASK_DIR)
 TASKS = ["ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr"]
 
 

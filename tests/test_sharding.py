@@ -14,10 +14,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxflow
+from jaxflow.inputs import gqa
 from jaxflow.sharding import RULES, make_mesh, parse_mesh
 from jaxflow.sweep import engine
 
-GQA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "gqa_tasks")
+GQA = str(gqa.TASK_DIR)
 MESHES = ["data=8,model=1", "data=1,model=8", "data=2,model=4"]
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (XLA_FLAGS from conftest.py)")

@@ -18,7 +18,7 @@ from jaxflow.inputs import gqa
 from jaxflow.sweep import engine, run
 from jaxflow.sweep.results import RunMismatchError, Table
 
-GQA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "gqa_tasks")
+GQA = str(gqa.TASK_DIR)
 FLOWS = [run.parse_flow(f) for f in list(run.STUDY_FLOWS) + ["question->last@0,2", "true_option->last"]]
 
 

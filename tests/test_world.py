@@ -18,7 +18,7 @@ from jaxflow.world.generate import verify_examples
 from jaxflow.world.scene import COLORS, MIN_VISIBLE, PLURALS, SHAPES, coverage, visible_fraction
 from jaxflow.world.tokenizer import build_tokenizer
 
-GQA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "gqa_tasks")
+GQA = str(gqa.TASK_DIR)
 SINGULAR = {p: s for s, p in PLURALS.items()}
 
 
@@ -172,9 +172,8 @@ def test_task_files_load_and_questions_tokenize(dataset, tokenizer):
     image_dir = os.path.join(out, "images")
     for task in TASKS:
         path = paths[task]
-        if os.path.isdir(GQA):  # the very header of the study's file
-            with open(os.path.join(GQA, f"{task}.csv"), newline="") as f, open(path, newline="") as g:
-                assert next(csv.reader(g)) == next(csv.reader(f))
+        with open(os.path.join(GQA, f"{task}.csv"), newline="") as f, open(path, newline="") as g:
+            assert next(csv.reader(g)) == next(csv.reader(f))  # the very header of the study's file
         samples, errors = gqa.load_tasks(path, image_dir)
         assert errors == [] and len(samples) == 24
         assert all(s.question_id.startswith("0") for s in samples)  # read as strings

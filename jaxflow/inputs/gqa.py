@@ -30,6 +30,8 @@ from pathlib import Path
 
 from jaxflow.inputs.prompts import Encoded, Prompt, span_problem
 
+TASK_DIR = Path(__file__).resolve().parent.parent / "data" / "gqa_tasks"  # the study's six files, packaged
+TASKS = ("ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr")
 CENTRAL = ("central object",)
 PAIR = ("object1", "object2")
 REQUIRED = ("question_id", "img_id", "question", "answer", "image_w", "image_h")
@@ -214,14 +216,26 @@ def _check_image(path: str, width: int, height: int) -> None:
         raise _Bad(f"image {path} is {size[0]}x{size[1]}, the row says {width}x{height}")
 
 
+def task_file(name_or_path: str | os.PathLike) -> Path:
+    """A task CSV: an existing path as given, else one of the packaged study tasks by name ("ChooseAttr")."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if os.fspath(name_or_path) in TASKS:
+        return TASK_DIR / f"{name_or_path}.csv"
+    raise FileNotFoundError(f"{os.fspath(name_or_path)}: no such task file, and not a packaged task name "
+                            f"({', '.join(TASKS)})")
+
+
 def load_tasks(csv_path: str | os.PathLike, images_dir: str | os.PathLike | None = None, *, check_images: bool = True,
                box_tolerance: float = DEFAULT_BOX_TOLERANCE) -> tuple[list[GQASample], list[RowError]]:
     """Loads one task CSV; returns the valid samples and a `RowError` for every other row, both in file order.
 
-    The task name is the file's stem. Image files are checked only when `images_dir` is given and `check_images`.
-    A file that is not a task file (missing columns) raises ValueError.
+    `csv_path` may also name a packaged task ("ChooseAttr", see `task_file`). The task name is the file's stem.
+    Image files are checked only when `images_dir` is given and `check_images`. A file that is not a task file
+    (missing columns) raises ValueError.
     """
-    path = Path(csv_path)
+    path = task_file(csv_path)
     task = path.stem
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)

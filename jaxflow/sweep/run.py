@@ -199,6 +199,7 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
     Returns a summary (rows written, samples kept / skipped, compiled shapes)."""
     cfg = model.config
     num_layers, num_heads = cfg.text.num_layers, cfg.text.num_heads
+    data = os.fspath(gqa.task_file(data))
     kind = "lens" if lens else "sweep"
     pid, procs = jax.process_index(), jax.process_count()
     shard = "" if procs == 1 else f".process-{pid}-of-{procs}"  # each process owns a disjoint shard
