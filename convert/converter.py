@@ -1,12 +1,30 @@
-"""`jaxflow convert SRC OUT`: stream a LLaVA safetensors checkpoint into a jaxflow model directory.
+"""`jaxflow convert SRC OUT`: stream a LLaVA checkpoint into a jaxflow model directory.
 
-Every check (layout, config, missing / unexpected / mis-shaped tensors) runs before anything is
-written. Tensors are then read, cast and transformed one at a time and written one parameter
-group (a layer) at a time, into a temporary directory that is renamed to OUT only when complete.
+Every check (layout, config, tokenizer, missing / unexpected / mis-shaped tensors) runs before any
+parameter is written. Tensors are then read, cast and transformed one at a time and written one
+parameter group (a layer) at a time, into a temporary directory that is renamed to OUT only when
+complete.
+
+Original-layout checkpoints (liuhaotian/*, lmms-lab/*) are converted as LLaVA's own code
+(llava-torch 1.2.2) runs them:
+- vision tower: LLaVA builds the CLIP tower before loading the checkpoint, so the tower stored in
+  it (model.vision_tower.vision_tower.vision_model.*) replaces the separate CLIP, when config.json
+  says the tower was trained (`unfreeze_mm_vision_tower`, or `mm_tunable_parts` naming
+  `mm_vision_tower`, as LLaVA-NeXT's code reads it). Otherwise LLaVA runs the --clip checkpoint;
+  a complete stored tower then is a frozen copy of it, checked here: one that differs from --clip
+  beyond rounding to the stored dtype was trained anyway and is used (`vision_tower="auto"`).
+  --clip supplies the vision config and the image processor in every case.
+- `image_grid_pinpoints`: LLaVA reads (width, height) pairs; they are stored as jaxflow's
+  (height, width).
+- image processor: LLaVA uses the CLIP tower's (CLIPImageProcessor.from_pretrained(--clip)).
+- tokenizer: LLaVA-1.5/1.6 ship only a SentencePiece tokenizer.model; a fast tokenizer.json is
+  built from it here (transformers, with sentencepiece and protobuf), so loading is fast and has
+  character offsets.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -19,16 +37,18 @@ import numpy as np
 from tqdm import tqdm
 
 from convert import mapping
-from convert.safetensors_source import CheckpointError, SafetensorsSource
+from convert.sources import CheckpointError, PickleSource, Source, open_source
 from jaxflow import checkpoint
 from jaxflow.config import LlavaConfig
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
-    "chat_template.json", "chat_template.jinja", "generation_config.json", "preprocessor_config.json",
-    "processor_config.json", "vocab.json", "merges.txt",
+    "chat_template.json", "chat_template.jinja", "generation_config.json", "processor_config.json", "vocab.json",
+    "merges.txt",
 )
+PREPROCESSOR_FILE = "preprocessor_config.json"
+VISION_TOWER_CHOICES = ("auto", "checkpoint", "clip")
 
 
 class ConversionError(ValueError):
@@ -45,11 +65,13 @@ def _read_json(path: str) -> dict:
         raise ConversionError(f"{path}: invalid JSON ({e})") from e
 
 
+# mm_* attributes of original configs that are read below or never change inference (learning rates)
 _ORIGINAL_HANDLED_MM = {
     "mm_vision_tower", "mm_hidden_size", "mm_projector_type", "mm_vision_select_layer",
     "mm_vision_select_feature", "mm_use_im_start_end", "mm_use_im_patch_token", "mm_patch_merge_type",
-    "mm_projector_lr", "mm_vision_tower_lr", "mm_newline_position", "mm_spatial_pool_mode",
+    "mm_projector_lr", "mm_vision_tower_lr", "mm_newline_position", "mm_spatial_pool_mode", "mm_tunable_parts",
 }
+_TUNABLE_PARTS = {"mm_vision_tower", "mm_mlp_adapter", "mm_language_model", "mm_vision_resampler"}
 _LLAMA_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
@@ -57,6 +79,42 @@ _LLAMA_KEYS = (
     "bos_token_id", "eos_token_id", "pad_token_id",
 )
 IMAGE_TOKEN_INDEX_ORIGINAL = -200  # LLaVA's placeholder id; never looked up in the embedding
+
+
+def tower_trained(cfg: dict) -> str | None:
+    """Why an original config says its vision tower was trained (LLaVA then runs the tower stored in the
+    checkpoint), or None."""
+    if cfg.get("unfreeze_mm_vision_tower"):
+        return "config.json: unfreeze_mm_vision_tower is true"
+    if "mm_vision_tower" in _tunable_parts(cfg):
+        return "config.json: mm_tunable_parts names mm_vision_tower"
+    return None
+
+
+def _tunable_parts(cfg: dict) -> set[str]:
+    value = cfg.get("mm_tunable_parts") or ""
+    return {p.strip() for p in value.split(",") if p.strip()} if isinstance(value, str) else {None}
+
+
+def pinpoints_hw(value, where: str) -> list[list[int]]:
+    """An original config's image_grid_pinpoints, (width, height) pairs as LLaVA reads them (a list, or a string
+    holding a Python list literal), as jaxflow's (height, width) pairs."""
+    given, problem = value, "expected a list of [width, height] pairs"
+    if isinstance(value, str):
+        if re.search(r"\d\s*x\s*\d", value):
+            problem = "the grid-range form '(1x1),...,(3x3)' of later LLaVA-NeXT code is not supported"
+            value = None
+        else:
+            try:
+                value = ast.literal_eval(value)  # llava-torch 1.2.2 reads a string this way
+            except (ValueError, SyntaxError):
+                value = None
+    ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(p, (list, tuple)) and len(p) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in p) for p in value)
+    if not ok:
+        raise ConversionError(f"{where}: config attribute image_grid_pinpoints={given!r} is not supported: {problem}")
+    return [[h, w] for w, h in value]
 
 
 def original_to_hf_config(cfg: dict, clip_cfg: dict, where: str) -> dict:
@@ -68,6 +126,8 @@ def original_to_hf_config(cfg: dict, clip_cfg: dict, where: str) -> dict:
     for key, value in cfg.items():
         if key.startswith("mm_") and key not in _ORIGINAL_HANDLED_MM and value not in (None, False):
             refuse(key)
+    if not _tunable_parts(cfg) <= _TUNABLE_PARTS:
+        refuse("mm_tunable_parts")
     if cfg.get("mm_projector_type", "linear") != "mlp2x_gelu":
         refuse("mm_projector_type")
     for key in ("mm_use_im_start_end", "mm_use_im_patch_token"):
@@ -98,7 +158,7 @@ def original_to_hf_config(cfg: dict, clip_cfg: dict, where: str) -> dict:
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
     }
     if anyres:
-        out["image_grid_pinpoints"] = cfg.get("image_grid_pinpoints")
+        out["image_grid_pinpoints"] = pinpoints_hw(cfg.get("image_grid_pinpoints"), where)
     return out
 
 
@@ -110,36 +170,41 @@ def _transformed_shape(shape: tuple, transform: str) -> tuple:
     return tuple(shape)
 
 
-def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32", progress: bool = True) -> str:
-    """Converts `src` into a new directory `out`; returns `out`."""
+def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32", progress: bool = True,
+            allow_pickle: bool = False, vision_tower: str = "auto") -> str:
+    """Converts `src` into a new directory `out`; returns `out`.
+
+    clip: the CLIP checkpoint directory, for original-layout checkpoints. allow_pickle: read PyTorch pickle
+    checkpoints (weights-only, see convert.sources). vision_tower (original layout): "auto" (as LLaVA, module
+    docstring), or "checkpoint" / "clip" to force the stored tower or the --clip one.
+    """
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    if vision_tower not in VISION_TOWER_CHOICES:
+        raise ConversionError(f"--vision-tower {vision_tower!r}: choose one of {list(VISION_TOWER_CHOICES)}")
     if os.path.exists(out):
         raise ConversionError(f"{out}: already exists; remove it or choose another output directory")
     src_dir = src if os.path.isdir(src) else os.path.dirname(src)
+    main = _open(src, allow_pickle)
     try:
-        main = SafetensorsSource(src)
         layout = mapping.detect_layout(main.keys())
-    except (CheckpointError, ValueError) as e:
-        raise ConversionError(str(e)) from e
+    except ValueError as e:
+        raise ConversionError(f"{src}: {e}") from e
 
     # config.json in llava-hf form
-    raw = _read_json(os.path.join(src_dir, "config.json"))
-    sources = [(layout, main)]
+    config_path = os.path.join(src_dir, "config.json")
+    raw = _read_json(config_path)
+    clip_dir = None
     if layout == "original":
         if clip is None:
             raise ConversionError(f"{src}: original LLaVA layout: pass the CLIP vision checkpoint with --clip")
-        try:
-            clip_source = SafetensorsSource(clip)
-        except CheckpointError as e:
-            raise ConversionError(str(e)) from e
         clip_dir = clip if os.path.isdir(clip) else os.path.dirname(clip)
-        hf_config = original_to_hf_config(raw, _read_json(os.path.join(clip_dir, "config.json")),
-                                          os.path.join(src_dir, "config.json"))
-        sources.append(("clip", clip_source))
+        hf_config = original_to_hf_config(raw, _read_json(os.path.join(clip_dir, "config.json")), config_path)
     else:
         if clip is not None:
             raise ConversionError(f"--clip: {src} is a llava-hf checkpoint with its own vision tower")
+        if vision_tower != "auto":
+            raise ConversionError(f"--vision-tower: {src} is a llava-hf checkpoint with its own vision tower")
         hf_config = raw
 
     parent = os.path.dirname(os.path.abspath(out))
@@ -151,8 +216,14 @@ def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32",
         try:
             cfg = LlavaConfig.from_pretrained(tmp)
         except ValueError as e:
-            raise ConversionError(f"{os.path.join(src_dir, 'config.json')}: {e}") from e
+            raise ConversionError(f"{config_path}: {e}") from e
+        if layout == "original":
+            sources, tower = _original_sources(cfg, raw, main, src, clip, allow_pickle, vision_tower)
+        else:
+            sources = [(layout, main, ())]
+            tower = {"vision_tower": "checkpoint", "vision_tower_path": os.path.abspath(src)}
         plan = _plan(cfg, sources)
+        files = _copy_side_files(src_dir, clip_dir, tmp)
         groups: dict[str, list[str]] = defaultdict(list)
         for param in plan:
             groups[checkpoint.group_of(param)].append(param)
@@ -167,10 +238,8 @@ def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32",
             writer.write(group, tensors)
             del tensors
         writer.finish(dtype=dtype, layout=layout, source=os.path.abspath(src),
-                      image_aspect_ratio=raw.get("image_aspect_ratio"))
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(src_dir, name)):
-                shutil.copy2(os.path.join(src_dir, name), os.path.join(tmp, name))
+                      source_format="pickle" if isinstance(main, PickleSource) else "safetensors",
+                      image_aspect_ratio=raw.get("image_aspect_ratio"), **tower, **files)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,18 +247,136 @@ def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32",
     return out
 
 
-def _plan(cfg: LlavaConfig, sources) -> dict[str, tuple[SafetensorsSource, str, str]]:
-    """jaxflow parameter -> (source, on-disk name, transform), after checking every name and shape."""
+def _open(path: str, allow_pickle: bool) -> Source:
+    try:
+        return open_source(path, allow_pickle)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from e
+
+
+def _original_sources(cfg: LlavaConfig, raw: dict, main: Source, src: str, clip: str, allow_pickle: bool,
+                      choice: str):
+    """Where the vision tower of an original-layout checkpoint comes from (see the module docstring):
+    the `_plan` sources, and the jaxflow.json record of the choice."""
     from jaxflow.model import param_shapes
 
-    by_canonical: dict[str, tuple[SafetensorsSource, str]] = {}
-    dropped: set[str] = set()
-    for layout, source in sources:
+    needed = sorted({mapping.source_of(p)[0] for p in param_shapes(cfg) if p.startswith("vision_tower.")})
+    stored = {mapping.canonical("original", n): n for n in main.keys() if n.startswith(mapping.STORED_TOWER_PREFIX)}
+    missing = [mapping.STORED_TOWER_PREFIX + c[len("vision."):] for c in needed if c not in stored]
+    trained = tower_trained(raw)
+    clip_source = None
+    if choice != "auto":
+        use, reason = choice, f"--vision-tower {choice}"
+    elif trained:
+        use, reason = "checkpoint", trained
+    elif missing:
+        use, reason = "clip", "config.json does not flag the tower as trained and the checkpoint stores no complete one"
+    else:
+        clip_source = _open(clip, allow_pickle)
+        differs = _first_difference(main, stored, clip_source, needed)
+        if differs:
+            use, reason = "checkpoint", ("config.json does not flag the tower as trained, but the stored tower "
+                                         f"differs from --clip ({differs})")
+        else:
+            use, reason = "clip", "the stored tower is a frozen copy of --clip (equal up to rounding)"
+    if use == "checkpoint" and missing:
+        raise ConversionError(f"{src}: the vision tower stored in the checkpoint is to be used ({reason}), but it is "
+                              f"incomplete: missing tensors ({len(missing)}): {missing}")
+    record = {"vision_tower": use, "vision_tower_reason": reason}
+    if use == "checkpoint":
+        # the stored tower replaces CLIP; --clip gives only the vision config and the image processor
+        record["vision_tower_path"] = os.path.abspath(src)
+        return [("original", main, ())], record
+    record["vision_tower_path"] = os.path.abspath(clip)
+    clip_source = clip_source or _open(clip, allow_pickle)
+    return [("original", main, ("vision.",)), ("clip", clip_source, ())], record
+
+
+def _first_difference(main: Source, stored: dict[str, str], clip_source: Source, needed: list[str]) -> str | None:
+    """The first needed tower tensor in which the checkpoint's copy differs from --clip by more than rounding to
+    bfloat16 / float16 (relative 2^-8), described; None when all agree. Tensors --clip lacks are not compared
+    (converting with --clip then names them as missing)."""
+    clip_names = {mapping.canonical("clip", n): n for n in clip_source.keys()}
+    for canon in needed:
+        if canon not in clip_names:
+            continue
+        s = main.get(stored[canon]).astype(np.float32)
+        c = clip_source.get(clip_names[canon]).astype(np.float32)
+        if s.shape != c.shape:
+            return f"{stored[canon]} has shape {s.shape}, --clip {clip_names[canon]} {c.shape}"
+        err = np.abs(s - c)
+        if not np.all(err <= 2.0**-8 * np.abs(c) + 2.0**-24):
+            return f"{stored[canon]}: max |diff| {err.max():.3g}"
+    return None
+
+
+def _copy_side_files(src_dir: str, clip_dir: str | None, tmp: str) -> dict:
+    """Tokenizer, generation and processor files next to the parameters; a tokenizer.json built when the source
+    has only a SentencePiece tokenizer.model. Returns their jaxflow.json record."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src_dir, name)):
+            shutil.copy2(os.path.join(src_dir, name), os.path.join(tmp, name))
+    # LLaVA's own code preprocesses with the CLIP tower's image processor; llava-hf saves carry their own
+    candidates = [clip_dir, src_dir] if clip_dir is not None else [src_dir]
+    preprocessor = next((os.path.join(d, PREPROCESSOR_FILE) for d in candidates
+                         if os.path.isfile(os.path.join(d, PREPROCESSOR_FILE))), None)
+    if preprocessor:
+        shutil.copy2(preprocessor, os.path.join(tmp, PREPROCESSOR_FILE))
+    return {"preprocessor_config": preprocessor and os.path.abspath(preprocessor),
+            "tokenizer_json": _fast_tokenizer(src_dir, tmp)}
+
+
+# prompt pieces the built tokenizer.json must tokenize exactly as the tokenizer it was built from
+_TOKENIZER_PROBES = (
+    "A chat between a curious user and an artificial intelligence assistant. USER: ",
+    "\nIs the jar full or empty? \nAnswer the question using a single word or phrase. ASSISTANT:",
+)
+
+
+def _fast_tokenizer(src_dir: str, tmp: str) -> str | None:
+    """'source' when the source has a tokenizer.json, 'built' when one is built here from the other tokenizer files,
+    None without a tokenizer."""
+    if not os.path.isfile(os.path.join(tmp, "tokenizer_config.json")):
+        return None
+    if os.path.isfile(os.path.join(tmp, "tokenizer.json")):
+        return "source"
+    where = os.path.join(src_dir, "tokenizer_config.json")
+    if os.path.isfile(os.path.join(tmp, "tokenizer.model")):
+        try:
+            import google.protobuf  # noqa: F401
+            import sentencepiece  # noqa: F401
+        except ImportError as e:
+            raise ConversionError(f"{os.path.join(src_dir, 'tokenizer.model')}: reading a SentencePiece tokenizer "
+                                  "needs the sentencepiece and protobuf packages (pip install sentencepiece protobuf)"
+                                  ) from e
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    except Exception as e:  # transformers raises many kinds here
+        raise ConversionError(f"{where}: the tokenizer does not load with transformers ({e})") from e
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConversionError(f"{where}: transformers builds no fast tokenizer from these files; jaxflow needs one "
+                              "(character offsets)")
+    tokenizer.backend_tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    reloaded = AutoTokenizer.from_pretrained(tmp)
+    for probe in _TOKENIZER_PROBES:
+        if reloaded(probe).input_ids != tokenizer(probe).input_ids:
+            raise ConversionError(f"{where}: the tokenizer.json built from it tokenizes {probe!r} differently")
+    return "built"
+
+
+def _plan(cfg: LlavaConfig, sources) -> dict[str, tuple[Source, str, str]]:
+    """jaxflow parameter -> (source, on-disk name, transform), after checking every name and shape.
+
+    sources: (layout, source, canonical prefixes not to take from this source) in order."""
+    from jaxflow.model import param_shapes
+
+    by_canonical: dict[str, tuple[Source, str]] = {}
+    for layout, source, skip in sources:
         for name in source.keys():
             canon = mapping.canonical(layout, name)
-            if canon is None:
-                dropped.add(name)
-            else:
+            if canon is not None and not canon.startswith(skip):
                 by_canonical[canon] = (source, name)
     targets = param_shapes(cfg)
     plan, missing, misshaped = {}, [], []

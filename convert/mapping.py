@@ -52,12 +52,14 @@ LAYOUTS: dict[str, list[tuple[str, str | None]]] = {
         ("model.multi_modal_projector.", "projector."),
         ("model.image_newline", "image_newline"),
     ],
-    # original LLaVA (liuhaotian/*, lmms-lab/*); the CLIP tower comes from --clip
+    # original LLaVA (liuhaotian/*, lmms-lab/*). The CLIP tower LLaVA trained with is stored under
+    # STORED_TOWER_PREFIX; the converter decides whether it or the --clip checkpoint's tower is used
     "original": [
         ("model.mm_projector.0.", "projector.linear_1."),
         ("model.mm_projector.2.", "projector.linear_2."),
         ("model.image_newline", "image_newline"),
-        ("model.vision_tower.", None),  # stale copies; LLaVA itself loads CLIP separately
+        ("model.vision_tower.vision_tower.vision_model.", "vision."),
+        ("model.vision_tower.", None),
         ("model.", "text."),
         ("lm_head.", "lm_head."),
     ],
@@ -70,6 +72,8 @@ LAYOUTS: dict[str, list[tuple[str, str | None]]] = {
         ("logit_scale", None),
     ],
 }
+
+STORED_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
 
 # Canonical tensors that exist in real checkpoints but are not parameters of the computation.
 IGNORED = [

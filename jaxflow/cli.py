@@ -10,7 +10,8 @@ def _convert(args) -> int:
     from convert import ConversionError, convert
 
     try:
-        out = convert(args.src, args.out, clip=args.clip, dtype=args.dtype)
+        out = convert(args.src, args.out, clip=args.clip, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                      vision_tower=args.vision_tower)
     except ConversionError as e:
         print(f"jaxflow convert: error: {e}", file=sys.stderr)
         return 2
@@ -62,11 +63,17 @@ def demo_defaults() -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("convert", help="convert a LLaVA safetensors checkpoint into a jaxflow model directory")
+    p = sub.add_parser("convert", help="convert a LLaVA checkpoint into a jaxflow model directory")
     p.add_argument("src", help="checkpoint directory (config.json + *.safetensors) or one .safetensors file")
     p.add_argument("out", help="output directory (must not exist; written atomically)")
-    p.add_argument("--clip", help="CLIP checkpoint directory, for the original LLaVA layout")
+    p.add_argument("--clip", help="CLIP checkpoint directory, for the original LLaVA layout (vision config, image "
+                   "processor, and the tower unless the checkpoint's own trained tower is used)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--allow-pickle", action="store_true", help="read PyTorch pickle checkpoints (pytorch_model*.bin) "
+                   "with PyTorch's weights-only loader (needs torch); refused by default")
+    p.add_argument("--vision-tower", default="auto", choices=["auto", "checkpoint", "clip"],
+                   help="original layout: the tower stored in the checkpoint or the --clip one (default: as LLaVA "
+                   "runs it: the stored tower when the config or the tensors say it was trained)")
     p.set_defaults(func=_convert)
     for name, what in (("sweep", "attention-knockout sweep over flows x layers"),
                        ("lens", "logit lens at the last position")):

@@ -128,7 +128,8 @@ def test_pickle_directory_refused(tmp_path):
     (src / "config.json").write_text(json.dumps({"model_type": "llava"}))
     # not a valid pickle: the converter must refuse by name, never try to unpickle
     (src / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle" * 10)
-    message = fails(str(src), str(tmp_path / "out"), "pickle", "refused", str(src / "pytorch_model.bin"))
+    message = fails(str(src), str(tmp_path / "out"), "pickle", "refused", "--allow-pickle",
+                    str(src / "pytorch_model.bin"))
     assert "safetensors" in message.replace(str(tmp_path), "")
 
 
@@ -136,7 +137,20 @@ def test_pickle_directory_refused(tmp_path):
 def test_pickle_file_refused(tmp_path, suffix):
     path = tmp_path / f"model{suffix}"
     path.write_bytes(b"\x80\x04not really a pickle" * 10)
-    fails(str(path), str(tmp_path / "out"), "pickle", "refused", str(path))
+    fails(str(path), str(tmp_path / "out"), "pickle", "refused", "--allow-pickle", str(path))
+
+
+def test_corrupt_pickle_with_allow_pickle(tmp_path):
+    """--allow-pickle reads through PyTorch's weights-only loader; a damaged file is refused by name."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    (src / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle" * 10)
+    out = str(tmp_path / "out")
+    with pytest.raises(ConversionError) as info:
+        convert(str(src), out, allow_pickle=True, progress=False)
+    assert str(info.value).startswith(f"{src / 'pytorch_model.bin'}: refused: not a plain tensor checkpoint")
+    assert_clean(out)
 
 
 def test_empty_directory(tmp_path):
@@ -287,6 +301,17 @@ def test_cli_error_exit_code(src, tmp_path, capsys):
     assert "missing tensors" in err
     assert MISSING in err or MISSING_CANONICAL in err
     assert_clean(out)
+
+
+def test_cli_allow_pickle(model, tmp_path, capsys):
+    """`jaxflow convert --allow-pickle` reads a pytorch_model.bin checkpoint; without the flag it is refused."""
+    src, clip = tiny.save_original(model, str(tmp_path / "src"), str(tmp_path / "clip"), pickle=True)
+    assert cli.main(["convert", src, str(tmp_path / "refused"), "--clip", clip]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    out = str(tmp_path / "out")
+    assert cli.main(["convert", src, out, "--clip", clip, "--allow-pickle", "--vision-tower", "clip"]) == 0
+    meta = checkpoint.read_metadata(out)
+    assert (meta["source_format"], meta["vision_tower"]) == ("pickle", "clip")
 
 
 def test_cli_success(src, tmp_path, capsys):

@@ -1,11 +1,13 @@
 """Tiny random twins of LLaVA-1.5 and LLaVA-NeXT, built with transformers (PyTorch), and savers
-for every checkpoint layout jaxflow converts."""
+for every checkpoint layout jaxflow converts (safetensors or pickle, the tokenizer files of original
+LLaVA)."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import ml_dtypes
 import numpy as np
 import torch
 from safetensors.numpy import save_file
@@ -24,11 +26,13 @@ IMAGE_SIZE = 42  # 3 x 3 patches of 14 px per crop
 PINPOINTS = [[42, 84], [84, 42], [84, 84], [126, 42], [42, 126]]
 
 
-def hf_config(kind="llava", kv_heads=4, tie=False, strategy="default", feature_layer=-2, init=0.2):
+def hf_config(kind="llava", kv_heads=4, tie=False, strategy="default", feature_layer=-2, init=0.2, vocab=128,
+              image_size=IMAGE_SIZE, pinpoints=PINPOINTS):
+    """pinpoints: (height, width) pairs, transformers' convention."""
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=IMAGE_SIZE, patch_size=14, hidden_act="quick_gelu",
+                              image_size=image_size, patch_size=14, hidden_act="quick_gelu",
                               initializer_range=init, initializer_factor=5.0)
-    text = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    text = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
                        initializer_range=init, tie_word_embeddings=tie, pad_token_id=PAD_TOKEN,
                        rope_parameters={"rope_type": "default", "rope_theta": 500000.0 if kv_heads < 4 else 10000.0})
@@ -36,7 +40,7 @@ def hf_config(kind="llava", kv_heads=4, tie=False, strategy="default", feature_l
                   vision_feature_select_strategy=strategy, vision_feature_layer=feature_layer,
                   tie_word_embeddings=tie)
     if kind == "llava_next":
-        return LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common)
+        return LlavaNextConfig(image_grid_pinpoints=[list(p) for p in pinpoints], **common)
     return LlavaConfig(**common)
 
 
@@ -58,6 +62,7 @@ def make_inputs(cfg, num_text=6, image_sizes=((42, 42),), batch=None, seed=0):
     from jaxflow.image_layout import image_layout
 
     rng = np.random.default_rng(seed)
+    size_px = cfg.vision.image_size
     rows, pixels = [], []
     counts = [num_text] * len(image_sizes) if np.isscalar(num_text) else num_text
     for size, count in zip(image_sizes, counts, strict=True):
@@ -65,7 +70,7 @@ def make_inputs(cfg, num_text=6, image_sizes=((42, 42),), batch=None, seed=0):
         text = rng.integers(2, 120, count)
         rows.append(np.concatenate([[1], np.full(len(lay), IMAGE_TOKEN), text]))
         crops = lay.num_crops
-        pixels.append(rng.standard_normal((crops, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32))
+        pixels.append(rng.standard_normal((crops, 3, size_px, size_px)).astype(np.float32))
     t = max(map(len, rows))
     input_ids = np.full((len(rows), t), PAD_TOKEN)
     mask = np.zeros((len(rows), t), np.int64)
@@ -74,7 +79,7 @@ def make_inputs(cfg, num_text=6, image_sizes=((42, 42),), batch=None, seed=0):
         mask[i, : len(r)] = 1
     if cfg.is_next:
         p = max(len(x) for x in pixels)
-        pv = np.zeros((len(pixels), p, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+        pv = np.zeros((len(pixels), p, 3, size_px, size_px), np.float32)
         for i, x in enumerate(pixels):
             pv[i, : len(x)] = x
         return input_ids, pv, np.asarray(image_sizes), mask
@@ -114,16 +119,18 @@ def save_llava_hf(model, path, layout="llava-hf", shard=False):
     return path
 
 
-def save_original(model, path, clip_path):
-    """The original LLaVA layout (model.layers.*, model.mm_projector.*) plus a CLIP checkpoint."""
-    os.makedirs(path, exist_ok=True)
-    os.makedirs(clip_path, exist_ok=True)
-    cfg = model.config
-    text, vision = cfg.text_config.to_dict(), cfg.vision_config.to_dict()
-    llava, clip = {}, {}
+STORED_TOWER = "model.vision_tower.vision_tower.vision_model."  # where LLaVA's own save puts the CLIP tower
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def original_tensors(model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The twin's tensors in original-LLaVA names: (language model + projector, stored tower, CLIP checkpoint)."""
+    llava, tower, clip = {}, {}, {}
     for name, value in _state(model).items():
         if name.startswith("model.vision_tower."):
-            clip[name.replace("model.vision_tower.", "vision_model.")] = value
+            rest = name[len("model.vision_tower."):]
+            clip["vision_model." + rest] = value
+            tower[STORED_TOWER + rest] = value
         elif name.startswith("model.language_model."):
             llava[name.replace("model.language_model.", "model.")] = value
         elif name.startswith("model.multi_modal_projector.linear_"):
@@ -133,9 +140,62 @@ def save_original(model, path, clip_path):
             llava["model.image_newline"] = value
         else:
             llava[name] = value
-    llava["model.vision_tower.vision_tower.vision_model.post_layernorm.weight"] = np.ones(32, np.float32)  # stale
-    save_file(llava, os.path.join(path, "model.safetensors"))
-    save_file(clip, os.path.join(clip_path, "model.safetensors"))
+    return llava, tower, clip
+
+
+def save_tensors(tensors: dict[str, np.ndarray], path: str, pickle=False, shards=1, dtype=None) -> None:
+    """Writes `tensors` into directory `path` as model.safetensors or (pickle) pytorch_model.bin, in `shards`
+    files with an index when shards > 1; dtype (e.g. "bfloat16") casts every floating tensor."""
+    names = list(tensors)
+    if dtype is not None:
+        tensors = {k: v.astype(np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else dtype)
+                   if v.dtype.kind == "f" else v for k, v in tensors.items()}
+    stem, ext = ("pytorch_model", "bin") if pickle else ("model", "safetensors")
+    parts = [names[i::shards] for i in range(shards)]
+    files = [f"{stem}.{ext}"] if shards == 1 else [f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}" for i in range(shards)]
+    for file, part in zip(files, parts, strict=True):
+        chunk = {k: tensors[k] for k in part}
+        if pickle:
+            torch.save({k: _torch(v) for k, v in chunk.items()}, os.path.join(path, file))
+        else:
+            save_file(chunk, os.path.join(path, file))
+    if shards > 1:
+        index = f"{stem}.{ext}.index.json"
+        weight_map = {k: file for file, part in zip(files, parts, strict=True) for k in part}
+        with open(os.path.join(path, index), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def _torch(x: np.ndarray):
+    if x.dtype == np.dtype(ml_dtypes.bfloat16):
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def save_original(model, path, clip_path, tower="stale", clip_model=None, unfreeze=False, pickle=False, shards=1,
+                  dtype=None, clip_pickle=False, preprocessor=True):
+    """The original LLaVA layout (model.layers.*, model.mm_projector.*) plus a CLIP checkpoint.
+
+    tower: what the LLaVA checkpoint stores under model.vision_tower.vision_tower.vision_model.*: "stale" (one
+    lone post_layernorm tensor), "stored" (the twin's whole tower, as LLaVA saves it), "none".
+    clip_model: whose tower the separate CLIP checkpoint holds (default: the twin's own; another twin plays the
+    CLIP a tuned tower started from). unfreeze: config.json says the tower was trained (LLaVA-1.6 style).
+    pickle / clip_pickle: pytorch_model*.bin instead of safetensors; shards, dtype: see save_tensors.
+    preprocessor: write the CLIP checkpoint's preprocessor_config.json (CLIPImageProcessor at the twin's size).
+    """
+    os.makedirs(path, exist_ok=True)
+    os.makedirs(clip_path, exist_ok=True)
+    cfg = model.config
+    text, vision = cfg.text_config.to_dict(), cfg.vision_config.to_dict()
+    llava, stored, clip = original_tensors(model)
+    if clip_model is not None:
+        clip = original_tensors(clip_model)[2]
+    if tower == "stored":
+        llava.update(stored)
+    elif tower == "stale":
+        llava[STORED_TOWER + "post_layernorm.weight"] = np.ones(vision["hidden_size"], np.float32)
+    save_tensors(llava, path, pickle=pickle, shards=shards, dtype=dtype)
+    save_tensors(clip, clip_path, pickle=clip_pickle)
     next_ = cfg.model_type == "llava_next"
     original = {
         "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
@@ -150,10 +210,72 @@ def save_original(model, path, clip_path):
         "image_aspect_ratio": "anyres" if next_ else "pad",
         "mm_patch_merge_type": "spatial_unpad" if next_ else "flat",
     }
-    if next_:
-        original["image_grid_pinpoints"] = cfg.image_grid_pinpoints
+    if unfreeze:
+        original.update(unfreeze_mm_vision_tower=True, mm_vision_tower_lr=2e-06)
+    if next_:  # LLaVA reads (width, height) pairs; the twin's are transformers' (height, width)
+        original["image_grid_pinpoints"] = [[w, h] for h, w in cfg.image_grid_pinpoints]
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(original, f)
     with open(os.path.join(clip_path, "config.json"), "w") as f:
         json.dump({**vision, "model_type": "clip_vision_model"}, f)
+    if preprocessor:
+        size = vision["image_size"]
+        with open(os.path.join(clip_path, "preprocessor_config.json"), "w") as f:
+            json.dump({"crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_convert_rgb": True,
+                       "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": CLIP_MEAN,
+                       "image_processor_type": "CLIPImageProcessor", "image_std": CLIP_STD, "resample": 3,
+                       "rescale_factor": 1 / 255, "size": {"shortest_edge": size}}, f)
     return path, clip_path
+
+
+# ---- original LLaVA tokenizer: SentencePiece tokenizer.model + Llama tokenizer_config.json -----------------------
+
+
+def _added(content):
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False}
+
+
+def sentencepiece_lines(n=400, seed=0) -> list[str]:
+    """Generated LLaVA-like prompt text (system sentence, questions, instructions, digits) to train on."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("a the of is are what which color shape jar full empty floor brown white cat dog bird left right red "
+             "blue green round square circle table chair user assistant image answer question single word phrase "
+             "chat between curious and artificial intelligence gives helpful detailed polite answers using").split()
+    lines = []
+    for i in range(n):
+        s = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+        if i % 3 == 0:
+            s = f"USER: {s.capitalize()}? {rng.randint(0, 999)} \nAnswer the question. ASSISTANT:"
+        lines.append(s)
+    return lines
+
+
+def save_sentencepiece_tokenizer(path, vocab=320, legacy=False) -> int:
+    """A Llama-2-style SentencePiece BPE tokenizer.model (byte fallback, identity normalization, dummy prefix,
+    <unk>/<s>/</s> = 0/1/2), trained here on generated text, with the tokenizer_config.json and
+    special_tokens_map.json LLaVA-1.5 ships. Returns the vocabulary size."""
+    import io
+
+    import sentencepiece as spm
+
+    os.makedirs(path, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentencepiece_lines()), model_writer=model, vocab_size=vocab, model_type="bpe",
+        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=1.0, minloglevel=2)
+    with open(os.path.join(path, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"add_bos_token": True, "add_eos_token": False, "bos_token": _added("<s>"),
+                   "clean_up_tokenization_spaces": False, "eos_token": _added("</s>"), "legacy": legacy,
+                   "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
+                   "tokenizer_class": "LlamaTokenizer", "unk_token": _added("<unk>")}, f)
+    with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
+        json.dump({"bos_token": _added("<s>"), "eos_token": _added("</s>"), "pad_token": "<unk>",
+                   "unk_token": _added("<unk>")}, f)
+    return spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
