@@ -28,9 +28,10 @@ def _demo(args) -> int:
 def _sweep(args) -> int:
     import jaxflow
     from jaxflow import sharding
+    from jaxflow.sweep import flows as sweep_flows
     from jaxflow.sweep import run
 
-    flows = [run.parse_flow(f) for f in (args.flows or list(run.STUDY_FLOWS))]
+    flows = [sweep_flows.parse_flow(f) for f in (args.flows or list(sweep_flows.STUDY_FLOWS))]
     if args.distributed or args.coordinator:
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     import jax

@@ -16,10 +16,12 @@ from PIL import Image
 import jaxflow
 from jaxflow.inputs import gqa
 from jaxflow.sweep import engine, run
+from jaxflow.sweep.batching import prepare
+from jaxflow.sweep.flows import STUDY_FLOWS, parse_flow
 from jaxflow.sweep.results import RunMismatchError, Table
 
 GQA = str(gqa.TASK_DIR)
-FLOWS = [run.parse_flow(f) for f in list(run.STUDY_FLOWS) + ["question->last@0,2", "true_option->last"]]
+FLOWS = [parse_flow(f) for f in list(STUDY_FLOWS) + ["question->last@0,2", "true_option->last"]]
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +170,7 @@ def test_logit_lens_matches_forward_hidden_states(world):
     rows = _rows(root / "lens" / "lens.csv")
     qid = rows[0]["question_id"]
     sample = next(s for s in gqa.load_tasks(data, images)[0] if s.question_id == qid)
-    prepared = next(run.prepare(model, [sample], None))
+    prepared = next(prepare(model, [sample], None))
     ids = prepared.inputs.input_ids[None]
     out = model.forward(ids, prepared.inputs.pixel_values, np.asarray([prepared.inputs.image_size]),
                         return_hidden_states=True)
