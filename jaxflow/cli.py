@@ -37,10 +37,11 @@ def _sweep(args) -> int:
     import jax
 
     mesh = sharding.make_mesh(args.mesh) if args.mesh or len(jax.local_devices()) > 1 else None
-    model = jaxflow.load(args.model, mesh=mesh)
+    model = jaxflow.load(args.model, mesh=mesh, no_anyres=args.no_anyres)
     summary = run.sweep(model, args.data, args.out, flows=flows, window_size=args.window, batch=args.batch,
                         method=args.method, limit=args.limit, images=args.images, template=args.template,
-                        chunk=args.chunk, lens=args.command == "lens", filter_correct=not args.keep_incorrect)
+                        chunk=args.chunk, lens=args.command == "lens", filter_correct=not args.keep_incorrect,
+                        max_new_tokens=args.max_new_tokens)
     print(f"{summary['kept']} samples recorded, {summary['skipped']} skipped (see skipped.csv), "
           f"{len(summary['compiled_shapes'])} batch shapes {summary['compiled_shapes']}; results in {args.out}")
     return 0
@@ -86,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, help="only the first N rows")
         p.add_argument("--template", choices=["vicuna_v1", "llava_llama_3", "plain"], help="default: from tokenizer")
         p.add_argument("--keep-incorrect", action="store_true", help="keep samples the model answers wrongly")
+        p.add_argument("--max-new-tokens", type=int, default=128,
+                       help="greedy answers are decoded until EOS, at most this many tokens (default 128, as the "
+                       "study); an answer without EOS within it is skipped")
+        p.add_argument("--no-anyres", action="store_true",
+                       help="LLaVA-NeXT checkpoints: LLaVA-1.5 image handling (pad to a square, one crop, no "
+                       "image_newline), as the study's --noHD_noPad")
         p.add_argument("--mesh", help="device mesh of this process, e.g. data=4,model=2 (default: data=all devices)")
         p.add_argument("--distributed", action="store_true",
                        help="join JAX's multi-process runtime, cluster detected by JAX (TPU pod slice, SLURM)")

@@ -81,9 +81,10 @@ def test_wrong_answers_are_skipped_with_reason(world):
     summary = run.sweep(model, data, str(root / "filtered"), flows=FLOWS[:1], window_size=3, images=images,
                         progress=False)
     skipped = _rows(root / "filtered" / "skipped.csv")
-    wrong = [r for r in skipped if r["reason"].startswith("wrong answer")]
+    # a random model rarely says "empty", and rarely ends its answer within the study's 128 tokens
+    wrong = [r for r in skipped if r["reason"].startswith(("wrong answer", "no EOS within 128 new tokens"))]
     assert summary["kept"] + len(skipped) == 8
-    assert len(wrong) == 6 - summary["kept"]  # a random model rarely says "empty"
+    assert len(wrong) == 6 - summary["kept"]
 
 
 def test_engine_chunking_and_order_do_not_change_results(world):

@@ -23,7 +23,7 @@ from jaxflow.sharding import barrier
 from jaxflow.sweep import engine
 from jaxflow.sweep.batching import Prepared, batches, prepare, stack_inputs
 from jaxflow.sweep.flows import STUDY_FLOWS, Flow, knockout_masks, parse_flow, window
-from jaxflow.sweep.greedy import greedy_filter
+from jaxflow.sweep.greedy import MAX_NEW_TOKENS, greedy_filter
 from jaxflow.sweep.results import Table, merge_shards, open_run
 from jaxflow.sweep.rows import LENS_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, lens_rows, lens_words, result_rows, skip_row
 
@@ -57,10 +57,11 @@ def run_header(model: Model, data: str, **flags) -> dict:
 
 def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_size: int = 9, batch: int = 4,
           method: str = "incremental", limit: int | None = None, images: str | None = None, template: str | None = None,
-          max_new_tokens: int = 5, chunk: int | None = None, lens: bool = False, image_loader=None,
+          max_new_tokens: int = MAX_NEW_TOKENS, chunk: int | None = None, lens: bool = False, image_loader=None,
           filter_correct: bool = True, progress: bool = True) -> dict:
     """Runs the knockout sweep (or, with lens=True, the logit lens) of one task file into `out`.
-    Returns a summary (rows written, samples kept / skipped, compiled shapes)."""
+    max_new_tokens: greedy-decoding limit of the correct-answer filter (an answer without EOS within it is
+    skipped). Returns a summary (rows written, samples kept / skipped, compiled shapes)."""
     cfg = model.config
     num_layers, num_heads = cfg.text.num_layers, cfg.text.num_heads
     data = os.fspath(gqa.task_file(data))
@@ -69,9 +70,9 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
     shard = "" if procs == 1 else f".process-{pid}-of-{procs}"  # each process owns a disjoint shard
     header = run_header(model, data, kind=kind, flows=[f.name for f in flows], window=window_size, method=method,
                         template=template, max_new_tokens=max_new_tokens, images=images, filter_correct=filter_correct,
-                        processes=procs)
+                        processes=procs, no_anyres=model.no_anyres)
     open_run(out, header, compare=["model", "data", "kind", "flows", "window", "method", "template", "filter_correct",
-                                   "processes"], name=f"run{shard}.json")
+                                   "max_new_tokens", "no_anyres", "processes"], name=f"run{shard}.json")
     columns, per_key = (LENS_COLUMNS, 2 * (num_layers + 1)) if lens else (RESULT_COLUMNS, len(flows) * num_layers)
     table_name = "lens" if lens else "results"
     skipped = Table(os.path.join(out, f"skipped{shard}.csv"), SKIP_COLUMNS, 1)
