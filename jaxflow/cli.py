@@ -55,6 +55,19 @@ def _plot(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from jaxflow.sweep.export import ExportError, export_study
+
+    try:
+        written = export_study(args.study, args.runs, model=args.model_name)
+    except ExportError as e:
+        print(f"jaxflow export: error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
 def demo_defaults() -> tuple[int, int]:
     from jaxflow import demo
 
@@ -107,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="directory holding results.csv / lens.csv (searched recursively)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_plot)
+    p = sub.add_parser("export", help="sweep results as the study's CSV files (its plotting scripts read them)")
+    p.add_argument("runs", nargs="+", help="sweep result directories (searched recursively for run.json)")
+    p.add_argument("--study", required=True, metavar="OUT",
+                   help="writes OUT/output/information_flow/{model}/{task}/val/{flow}/..._window{k}_{flow}.csv")
+    p.add_argument("--model-name", help="the study's model name, e.g. llava_v1_5_7b (default: the name of the "
+                   "checkpoint the model was converted from, '-' and '.' as '_')")
+    p.set_defaults(func=_export)
     p = sub.add_parser("demo", help="the whole analysis on the shipped toy LLaVA: convert, toy-world data, six flows, "
                        "logit lens, plots, report")
     p.add_argument("--out", default="jaxflow-demo",

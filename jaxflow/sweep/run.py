@@ -48,7 +48,8 @@ def run_header(model: Model, data: str, **flags) -> dict:
 
     import jaxflow
 
-    return {"model": os.path.abspath(model.path) if model.path else None, "data": os.path.abspath(data), **flags,
+    return {"model": os.path.abspath(model.path) if model.path else None, "model_source": model.metadata.get("source"),
+            "data": os.path.abspath(data), **flags,
             "versions": {"jaxflow": getattr(jaxflow, "__version__", "0.1.0"), "jax": jax.__version__,
                          "flax": flax.__version__, "transformers": transformers.__version__},
             "git_commit": _git_commit(), "device": str(jax.local_devices()[0]),
