@@ -29,18 +29,20 @@ def _demo(args) -> int:
 def _sweep(args) -> int:
     import jaxflow
     from jaxflow import sharding
+    from jaxflow.sweep import flows as sweep_flows
     from jaxflow.sweep import run
 
-    flows = [run.parse_flow(f) for f in (args.flows or list(run.STUDY_FLOWS))]
+    flows = [sweep_flows.parse_flow(f) for f in (args.flows or list(sweep_flows.STUDY_FLOWS))]
     if args.distributed or args.coordinator:
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     import jax
 
     mesh = sharding.make_mesh(args.mesh) if args.mesh or len(jax.local_devices()) > 1 else None
-    model = jaxflow.load(args.model, mesh=mesh)
+    model = jaxflow.load(args.model, mesh=mesh, no_anyres=args.no_anyres)
     summary = run.sweep(model, args.data, args.out, flows=flows, window_size=args.window, batch=args.batch,
                         method=args.method, limit=args.limit, images=args.images, template=args.template,
-                        chunk=args.chunk, lens=args.command == "lens", filter_correct=not args.keep_incorrect)
+                        chunk=args.chunk, lens=args.command == "lens", filter_correct=not args.keep_incorrect,
+                        max_new_tokens=args.max_new_tokens)
     print(f"{summary['kept']} samples recorded, {summary['skipped']} skipped (see skipped.csv), "
           f"{len(summary['compiled_shapes'])} batch shapes {summary['compiled_shapes']}; results in {args.out}")
     return 0
@@ -50,6 +52,19 @@ def _plot(args) -> int:
     from jaxflow.sweep.plots import plot
 
     for path in plot(args.results, args.out):
+        print(path)
+    return 0
+
+
+def _export(args) -> int:
+    from jaxflow.sweep.export import ExportError, export_study
+
+    try:
+        written = export_study(args.study, args.runs, model=args.model_name)
+    except ExportError as e:
+        print(f"jaxflow export: error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
         print(path)
     return 0
 
@@ -92,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, help="only the first N rows")
         p.add_argument("--template", choices=["vicuna_v1", "llava_llama_3", "plain"], help="default: from tokenizer")
         p.add_argument("--keep-incorrect", action="store_true", help="keep samples the model answers wrongly")
+        p.add_argument("--max-new-tokens", type=int, default=128,
+                       help="greedy answers are decoded until EOS, at most this many tokens (default 128, as the "
+                       "study); an answer without EOS within it is skipped")
+        p.add_argument("--no-anyres", action="store_true",
+                       help="LLaVA-NeXT checkpoints: LLaVA-1.5 image handling (pad to a square, one crop, no "
+                       "image_newline), as the study's --noHD_noPad")
         p.add_argument("--mesh", help="device mesh of this process, e.g. data=4,model=2 (default: data=all devices)")
         p.add_argument("--distributed", action="store_true",
                        help="join JAX's multi-process runtime, cluster detected by JAX (TPU pod slice, SLURM)")
@@ -106,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="directory holding results.csv / lens.csv (searched recursively)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_plot)
+    p = sub.add_parser("export", help="sweep results as the study's CSV files (its plotting scripts read them)")
+    p.add_argument("runs", nargs="+", help="sweep result directories (searched recursively for run.json)")
+    p.add_argument("--study", required=True, metavar="OUT",
+                   help="writes OUT/output/information_flow/{model}/{task}/val/{flow}/..._window{k}_{flow}.csv")
+    p.add_argument("--model-name", help="the study's model name, e.g. llava_v1_5_7b (default: the name of the "
+                   "checkpoint the model was converted from, '-' and '.' as '_')")
+    p.set_defaults(func=_export)
     p = sub.add_parser("demo", help="the whole analysis on the shipped toy LLaVA: convert, toy-world data, six flows, "
                        "logit lens, plots, report")
     p.add_argument("--out", default="jaxflow-demo",

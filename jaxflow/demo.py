@@ -36,6 +36,7 @@ def run(out: str, samples_per_task: int = SAMPLES_PER_TASK, seed: int = SEED, mo
     from convert import convert
     from jaxflow.sweep import plots
     from jaxflow.sweep import run as sweep_run
+    from jaxflow.sweep.flows import STUDY_FLOWS, parse_flow
     from jaxflow.world import TASKS, generate
 
     model_dir = os.path.join(out, "model")
@@ -49,7 +50,7 @@ def run(out: str, samples_per_task: int = SAMPLES_PER_TASK, seed: int = SEED, mo
     paths = _generate_once(generate, data_dir, samples_per_task, seed)
 
     k = demo_window(model.config.text.num_layers)
-    flows = [sweep_run.parse_flow(name) for name in sweep_run.STUDY_FLOWS]
+    flows = [parse_flow(name) for name in STUDY_FLOWS]
     step(3, f"sweeping {len(flows)} flows x {model.config.text.num_layers} layers (window {k}) and the logit lens")
     summaries = {}
     for task in TASKS:
@@ -143,7 +144,7 @@ def write_report(out: str, model, summaries: dict, k: int, n: int, seed: int, me
 
 
 def _flow_names(curves: dict) -> list[str]:
-    from jaxflow.sweep.run import STUDY_FLOWS
+    from jaxflow.sweep.flows import STUDY_FLOWS
 
     seen = {flow for task in curves.values() for flow in task}
     return [f for f in STUDY_FLOWS if f in seen] + sorted(seen - set(STUDY_FLOWS))

@@ -46,8 +46,9 @@ class ForwardOutput:
 
 @dataclasses.dataclass
 class GenerateOutput:
-    tokens: np.ndarray  # [B, N] greedy tokens (eos_token_id repeated after a row ends)
+    tokens: np.ndarray  # [B, N] greedy tokens (the first eos id repeated after a row ends)
     first_token_probs: np.ndarray  # [B, V] softmax of the first generated token's logits
+    finished: np.ndarray  # [B] bool: the row emitted an eos token within max_new_tokens
 
 
 def prepare_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, image_sizes=None,
@@ -142,12 +143,13 @@ def _decode_step(module: Llava, token: jax.Array, pos: jax.Array, k_cache: jax.A
 
 class Model:
     """A loaded LLaVA model: `.config`, `.tokenizer`, `.module` (the Flax NNX module), `.path` and
-    `.metadata` (jaxflow.json: source layout, dtype) of the converted directory."""
+    `.metadata` (jaxflow.json: source layout, dtype) of the converted directory; `.no_anyres`: a LLaVA-NeXT
+    checkpoint run with LLaVA-1.5 image handling (see `load`)."""
 
     def __init__(self, module: Llava, config: LlavaConfig, tokenizer=None, path: str | None = None,
-                 metadata: dict | None = None, mesh: jax.sharding.Mesh | None = None):
+                 metadata: dict | None = None, mesh: jax.sharding.Mesh | None = None, no_anyres: bool = False):
         self.module, self.config, self.tokenizer = module, config, tokenizer
-        self.path, self.metadata, self.mesh = path, metadata or {}, mesh
+        self.path, self.metadata, self.mesh, self.no_anyres = path, metadata or {}, mesh, no_anyres
 
     @property
     def prompt_mode(self) -> str:
@@ -180,15 +182,19 @@ class Model:
         return self.forward(input_ids, pixel_values, image_sizes, attention_mask, position_ids, knockouts).logits
 
     def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
-                 max_new_tokens: int = 8, eos_token_id: int | None = None) -> GenerateOutput:
-        """Greedy decoding with a KV cache. Prompts in a batch must be right-padded. `input_ids` may
-        also be ready ModelInputs (from `prepare`)."""
+                 max_new_tokens: int = 8, eos_token_id: int | Sequence[int] | None = None) -> GenerateOutput:
+        """Greedy decoding with a KV cache, until every row emitted an eos token (any of `eos_token_id`,
+        default the tokenizer's) or `max_new_tokens`. Prompts in a batch must be right-padded. `input_ids`
+        may also be ready ModelInputs (from `prepare`). The caches hold T + max_new_tokens slots, so one
+        batch shape and one limit compile once."""
         inputs = input_ids if isinstance(input_ids, ModelInputs) else self.prepare(
             input_ids, pixel_values, image_sizes, attention_mask)
         mask = np.asarray(inputs.attention_mask)
         lengths = mask.sum(axis=1)
         if not (mask == (np.arange(mask.shape[1]) < lengths[:, None])).all():
             raise ValueError("attention_mask: generate needs right-padded prompts (ones, then zeros)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
         b, t = mask.shape
         text = self.config.text
         dtype = self.module.language_model.embed_tokens.embedding.dtype
@@ -199,19 +205,20 @@ class Model:
         first_probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
+        eos = [] if eos_token_id is None else [eos_token_id] if np.isscalar(eos_token_id) else list(eos_token_id)
         tokens, done = [], np.zeros(b, bool)
         pos = sharding.replicate(jnp.asarray(lengths), self.mesh)
         for step in range(max_new_tokens):
             token = np.asarray(jnp.argmax(logits, axis=-1))
-            if eos_token_id is not None:
-                token = np.where(done, eos_token_id, token)
-                done |= token == eos_token_id
+            if eos:
+                token = np.where(done, eos[0], token)
+                done |= np.isin(token, eos)
             tokens.append(token)
             if done.all() or step == max_new_tokens - 1:
                 break
             token = sharding.replicate(jnp.asarray(token, jnp.int32), self.mesh)
             logits, k_cache, v_cache = _decode_step(self.module, token, pos + step, k_cache, v_cache)
-        return GenerateOutput(np.stack(tokens, axis=1), first_probs)
+        return GenerateOutput(np.stack(tokens, axis=1), first_probs, done)
 
 
 def abstract_module(cfg: LlavaConfig, dtype) -> Llava:
@@ -224,12 +231,17 @@ def param_shapes(cfg: LlavaConfig, dtype=jnp.float32) -> dict[str, jax.ShapeDtyp
     return {checkpoint.path_str(path): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
-def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None) -> Model:
+def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None,
+         no_anyres: bool = False) -> Model:
     """Loads a directory written by `jaxflow convert`.
 
     dtype: cast parameters on restore (default: as stored). mesh: a ('data', 'model') mesh
     (`jaxflow.sharding.make_mesh`); each parameter is restored straight into the sharding its
     logical axes get from `jaxflow.sharding.RULES`, each device reading only its shard.
+    no_anyres: run a LLaVA-NeXT checkpoint as LLaVA does with `image_aspect_ratio="pad"` and
+    `mm_patch_merge_type="spatial"` (the study's `--noHD_noPad`): the image padded to a square and one
+    crop, its features alone (for a single crop, `spatial` appends no `image_newline`), i.e. the
+    LLaVA-1.5 geometry; `.config` is then kind "llava".
     """
     path = os.fspath(path)
     cfg = LlavaConfig.from_pretrained(path)
@@ -248,4 +260,8 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return Model(nnx.merge(graphdef, state), cfg, tokenizer, path, meta, mesh)
+    if no_anyres:
+        if not cfg.is_next:
+            raise ValueError(f"{path}: no_anyres applies to LLaVA-NeXT checkpoints; this one is {cfg.kind!r}")
+        cfg = dataclasses.replace(cfg, kind="llava", image_grid_pinpoints=())  # image_newline stays, unused
+    return Model(nnx.merge(graphdef, state), cfg, tokenizer, path, meta, mesh, no_anyres)

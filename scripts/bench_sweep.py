@@ -75,7 +75,7 @@ FLOWS = [("image", "question"), ("image", "last"), ("question", "last"), ("last"
 
 
 def configs(regions, num_layers: int, k: int):
-    from jaxflow.sweep.run import window
+    from jaxflow.sweep.flows import window
 
     return [(regions[s], regions[d], window(layer, k, num_layers)) for s, d in FLOWS for layer in range(num_layers)]
 

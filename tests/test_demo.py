@@ -5,7 +5,7 @@ import os
 
 from jaxflow import demo
 from jaxflow.cli import main
-from jaxflow.sweep.run import STUDY_FLOWS
+from jaxflow.sweep.flows import STUDY_FLOWS
 from jaxflow.world import TASKS
 
 

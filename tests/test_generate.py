@@ -28,6 +28,7 @@ def test_greedy_generation_matches_transformers(twins, kind, kv):
         ref_tokens = ref.sequences[0, n:].numpy()
         ours = out.tokens[row, : len(ref_tokens)]
         np.testing.assert_array_equal(ours, ref_tokens)
+        assert out.finished[row] == (EOS in ref_tokens)
         if len(ref_tokens) < out.tokens.shape[1]:  # finished rows are filled with eos
             assert (out.tokens[row, len(ref_tokens):] == EOS).all()
         ref_probs = torch.softmax(ref.scores[0][0].float(), -1).numpy()
@@ -40,3 +41,18 @@ def test_generate_rejects_left_padding(twins):
     mask[0, 0] = 0
     with pytest.raises(ValueError, match="right-padded"):
         model.generate(ids, pv, attention_mask=mask)
+
+
+def test_generate_stops_on_any_eos_id(twins):
+    _, model = twins("llava", "llava-hf", kv_heads=2)
+    ids, pv, _, mask = tiny.make_inputs(model.config, image_sizes=((42, 42),) * 3, num_text=[5, 3, 8], seed=3)
+    free = model.generate(ids, pv, attention_mask=mask, max_new_tokens=4, eos_token_id=EOS)
+    stop = int(free.tokens[0, 0])  # row 0's first token ends its answer when it is an eos id
+    assert stop != EOS and not free.finished.any()
+    out = model.generate(ids, pv, attention_mask=mask, max_new_tokens=4, eos_token_id=[EOS, stop])
+    assert out.finished[0] and out.tokens[0, 0] == stop and (out.tokens[0, 1:] == EOS).all()  # filled: first id
+    for row in range(len(ids)):  # every row is the free decoding up to its first eos id
+        end = next((i for i, t in enumerate(free.tokens[row]) if t in (EOS, stop)), None)
+        assert out.finished[row] == (end is not None)
+        n = 4 if end is None else end + 1
+        np.testing.assert_array_equal(out.tokens[row, :n], free.tokens[row, :n])

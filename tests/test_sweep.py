@@ -16,10 +16,12 @@ from PIL import Image
 import jaxflow
 from jaxflow.inputs import gqa
 from jaxflow.sweep import engine, run
+from jaxflow.sweep.batching import prepare
+from jaxflow.sweep.flows import STUDY_FLOWS, parse_flow
 from jaxflow.sweep.results import RunMismatchError, Table
 
 GQA = str(gqa.TASK_DIR)
-FLOWS = [run.parse_flow(f) for f in list(run.STUDY_FLOWS) + ["question->last@0,2", "true_option->last"]]
+FLOWS = [parse_flow(f) for f in list(STUDY_FLOWS) + ["question->last@0,2", "true_option->last"]]
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +81,10 @@ def test_wrong_answers_are_skipped_with_reason(world):
     summary = run.sweep(model, data, str(root / "filtered"), flows=FLOWS[:1], window_size=3, images=images,
                         progress=False)
     skipped = _rows(root / "filtered" / "skipped.csv")
-    wrong = [r for r in skipped if r["reason"].startswith("wrong answer")]
+    # a random model rarely says "empty", and rarely ends its answer within the study's 128 tokens
+    wrong = [r for r in skipped if r["reason"].startswith(("wrong answer", "no EOS within 128 new tokens"))]
     assert summary["kept"] + len(skipped) == 8
-    assert len(wrong) == 6 - summary["kept"]  # a random model rarely says "empty"
+    assert len(wrong) == 6 - summary["kept"]
 
 
 def test_engine_chunking_and_order_do_not_change_results(world):
@@ -168,7 +171,7 @@ def test_logit_lens_matches_forward_hidden_states(world):
     rows = _rows(root / "lens" / "lens.csv")
     qid = rows[0]["question_id"]
     sample = next(s for s in gqa.load_tasks(data, images)[0] if s.question_id == qid)
-    prepared = next(run.prepare(model, [sample], None))
+    prepared = next(prepare(model, [sample], None))
     ids = prepared.inputs.input_ids[None]
     out = model.forward(ids, prepared.inputs.pixel_values, np.asarray([prepared.inputs.image_size]),
                         return_hidden_states=True)

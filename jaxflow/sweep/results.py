@@ -100,3 +100,20 @@ def open_run(out_dir: str, header: dict, compare: Iterable[str], name: str = "ru
         json.dump(header, f, indent=1)
     os.replace(tmp, path)
     return header
+
+
+def merge_shards(out: str, name: str, columns: list[str], per_key: int, procs: int) -> Table:
+    """Merges the per-process tables into `name`.csv (rebuilt from the shards each time)."""
+    path = os.path.join(out, f"{name}.csv")
+    if os.path.exists(path):
+        os.remove(path)
+    merged = Table(path, columns, per_key)
+    for pid in range(procs):
+        rows = Table(os.path.join(out, f"{name}.process-{pid}-of-{procs}.csv"), columns, per_key).read()
+        by_key: dict[str, list[dict]] = {}
+        for r in rows:
+            by_key.setdefault(r["question_id"], []).append(r)
+        for key, key_rows in by_key.items():
+            if key not in merged.done:
+                merged.append(key, key_rows)
+    return merged

@@ -1,0 +1,83 @@
+"""The tables a sweep writes: their columns and one sample's rows."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxflow.sweep.flows import window
+
+RESULT_COLUMNS = [
+    # the study's columns
+    "question_id", "image", "answer", "predicted_answer", "question", "block_desc", "layer",
+    "base_score_first", "new_score_first", "relative_diff_first",
+    # ours
+    "task", "source", "target", "heads", "window_start", "window_end", "answer_token", "new_top1", "top1_changed",
+    "method",
+]
+LENS_COLUMNS = ["question_id", "task", "answer", "layer", "norm", "p_answer", "p_answer_capitalized",
+                "p_false_option", "answer_token", "capitalized_token", "false_option_token"]
+SKIP_COLUMNS = ["question_id", "task", "reason"]
+
+
+def skip_row(sample, reason: str) -> dict:
+    return {"question_id": sample.question_id, "task": sample.task, "reason": reason}
+
+
+def result_rows(p, predicted: str, flows, num_layers: int, k: int, token: int, p_base: float, p_block, top1,
+                method: str) -> list[dict]:
+    """One row per (flow, layer) configuration f * L + l; p_block, top1 [F * L] for this sample."""
+    s = p.sample
+    rows = []
+    for f, flow in enumerate(flows):
+        for layer in range(num_layers):
+            i = f * num_layers + layer
+            win = window(layer, k, num_layers)
+            new = float(p_block[i])
+            rows.append({
+                "question_id": s.question_id, "image": s.image_file, "answer": s.answer, "predicted_answer": predicted,
+                "question": s.question, "block_desc": flow.name, "layer": layer,
+                "base_score_first": p_base, "new_score_first": new,
+                "relative_diff_first": (new - p_base) / p_base * 100,
+                "task": s.task, "source": flow.source, "target": flow.target,
+                "heads": "all" if flow.heads is None else " ".join(map(str, flow.heads)),
+                "window_start": win[0], "window_end": win[-1], "answer_token": token, "new_top1": int(top1[i]),
+                "top1_changed": int(top1[i]) != token, "method": method,
+            })
+    return rows
+
+
+def first_token(tokenizer, word: str) -> int:
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"{word!r} tokenizes to nothing")
+    return ids[0]
+
+
+def lens_words(tokenizer, keep, n: int):
+    """Token ids [n, 3] read by the lens (lowercase answer, capitalized answer, false option) of the kept
+    rows, and which rows have a false option [n]."""
+    words = np.zeros((n, 3), np.int64)
+    has_false = np.zeros(n, bool)
+    for j, p, _ in keep:
+        answer = p.sample.answer.strip()
+        words[j, 0] = first_token(tokenizer, answer.lower())
+        words[j, 1] = first_token(tokenizer, answer[:1].upper() + answer[1:].lower())
+        if p.sample.false_option:
+            words[j, 2] = first_token(tokenizer, p.sample.false_option.strip())
+            has_false[j] = True
+    return words, has_false
+
+
+def lens_rows(p, lens, words, has_false: bool) -> list[dict]:
+    """lens [2 (norm), L + 1, 3] probabilities of `words` [3] for one sample."""
+    rows = []
+    for norm in (0, 1):
+        for layer in range(lens.shape[1]):
+            v = lens[norm, layer]
+            rows.append({"question_id": p.sample.question_id, "task": p.sample.task, "answer": p.sample.answer,
+                         "layer": layer, "norm": bool(norm), "p_answer": float(v[0]),
+                         "p_answer_capitalized": float(v[1]),
+                         "p_false_option": float(v[2]) if has_false else "",
+                         "answer_token": int(words[0]), "capitalized_token": int(words[1]),
+                         "false_option_token": int(words[2]) if has_false else ""})
+    return rows
