@@ -241,6 +241,9 @@ def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32",
                       source_format="pickle" if isinstance(main, PickleSource) else "safetensors",
                       image_aspect_ratio=raw.get("image_aspect_ratio"), **tower, **files)
         os.rename(tmp, out)
+    except CheckpointError as e:  # a tensor that cannot be read
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConversionError(str(e)) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

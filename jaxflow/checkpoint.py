@@ -2,9 +2,12 @@
 
 A converted model directory holds:
   config.json          transformers config (llava-hf form)
-  jaxflow.json         format version, dtype, source layout, parameter groups
+  jaxflow.json         format version, dtype, parameter groups, and where everything came from: source
+                       (path), layout, source_format (safetensors | pickle), vision_tower (checkpoint | clip),
+                       vision_tower_path, vision_tower_reason (original layout), preprocessor_config (the file
+                       copied, or null), tokenizer_json (source | built | null)
   params/<group>/      one orbax checkpoint per group (a decoder/vision layer, or one tensor)
-  tokenizer files
+  tokenizer files, preprocessor_config.json
 
 Groups keep peak memory at about one layer while converting and let a restore target any
 sharding, parameter by parameter.
