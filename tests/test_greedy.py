@@ -71,3 +71,18 @@ def test_batches_of_one_shape_compile_once(rigged, tmp_path):
         jax.monitoring.unregister_event_duration_listener(listen)
     assert first["compiled_shapes"] == second["compiled_shapes"] and len(second["compiled_shapes"]) == 1
     assert second["kept"] == 7 and not compiles, f"{len(compiles)} compilations for new samples of a known shape"
+
+
+def test_stop_tokens_are_the_tokenizers_and_generation_configs_eos(tmp_path):
+    from types import SimpleNamespace
+
+    from jaxflow.sweep.greedy import stop_tokens
+
+    tok = SimpleNamespace(eos_token_id=2)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [128001, 2, 128009]}')
+    assert stop_tokens(SimpleNamespace(tokenizer=tok, path=str(tmp_path))) == (2, 128001, 128009)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 7}')
+    assert stop_tokens(SimpleNamespace(tokenizer=tok, path=str(tmp_path))) == (2, 7)
+    (tmp_path / "generation_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no eos token"):
+        stop_tokens(SimpleNamespace(tokenizer=SimpleNamespace(eos_token_id=None), path=str(tmp_path)))

@@ -72,3 +72,14 @@ def test_no_anyres_needs_a_next_checkpoint(twins):
     _, model = twins("llava", "llava-hf", kv_heads=2)
     with pytest.raises(ValueError, match="no_anyres applies to LLaVA-NeXT"):
         jaxflow.load(model.path, no_anyres=True)
+
+
+def test_sweep_and_lens_take_no_anyres_and_the_decoding_limit():
+    from jaxflow.cli import build_parser
+
+    for command in ("sweep", "lens"):
+        args = build_parser().parse_args([command, "--model", "m", "--data", "ChooseAttr", "--out", "o"])
+        assert (args.no_anyres, args.max_new_tokens) == (False, 128)
+        args = build_parser().parse_args([command, "--model", "m", "--data", "ChooseAttr", "--out", "o",
+                                          "--no-anyres", "--max-new-tokens", "7"])
+        assert (args.no_anyres, args.max_new_tokens) == (True, 7)
