@@ -39,7 +39,8 @@ def _sweep(args) -> int:
     model = jaxflow.load(args.model, mesh=mesh)
     summary = run.sweep(model, args.data, args.out, flows=flows, window_size=args.window, batch=args.batch,
                         method=args.method, limit=args.limit, images=args.images, template=args.template,
-                        chunk=args.chunk, lens=args.command == "lens", filter_correct=not args.keep_incorrect)
+                        chunk=args.chunk, lens=args.command == "lens", filter_correct=not args.keep_incorrect,
+                        related_patches=args.related_patches)
     print(f"{summary['kept']} samples recorded, {summary['skipped']} skipped (see skipped.csv), "
           f"{len(summary['compiled_shapes'])} batch shapes {summary['compiled_shapes']}; results in {args.out}")
     return 0
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, help="only the first N rows")
         p.add_argument("--template", choices=["vicuna_v1", "llava_llama_3", "plain"], help="default: from tokenizer")
         p.add_argument("--keep-incorrect", action="store_true", help="keep samples the model answers wrongly")
+        p.add_argument("--related-patches", choices=["study", "overlap"], default="study",
+                       help="related image patches: 'study' (the study's rule: a patch of the preprocessed red-box "
+                            "mask stays pure red) or 'overlap' (the patch overlaps the transformed box)")
         p.add_argument("--mesh", help="device mesh of this process, e.g. data=4,model=2 (default: data=all devices)")
         p.add_argument("--distributed", action="store_true",
                        help="join JAX's multi-process runtime, cluster detected by JAX (TPU pod slice, SLURM)")

@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from jaxflow.inputs import gqa
-from jaxflow.inputs.regions import SampleInputs, build_sample
+from jaxflow.inputs.regions import SampleInputs, build_sample, check_region_names
 from jaxflow.knockout import KnockoutMasks
 from jaxflow.model import Model
 from jaxflow.sharding import barrier
@@ -42,7 +42,7 @@ RESULT_COLUMNS = [
     "base_score_first", "new_score_first", "relative_diff_first",
     # ours
     "task", "source", "target", "heads", "window_start", "window_end", "answer_token", "new_top1", "top1_changed",
-    "method",
+    "method", "related_patches", "n_source", "n_target",  # n_*: positions cut from / in (0: the flow cut nothing)
 ]
 LENS_COLUMNS = ["question_id", "task", "answer", "layer", "norm", "p_answer", "p_answer_capitalized",
                 "p_false_option", "answer_token", "capitalized_token", "false_option_token"]
@@ -84,8 +84,9 @@ class Prepared:
     inputs: SampleInputs
 
 
-def prepare(model: Model, samples: Sequence[gqa.GQASample], template: str | None, image_loader=None):
-    """Yields Prepared, or (sample, reason) for a sample that cannot be used."""
+def prepare(model: Model, samples: Sequence[gqa.GQASample], template: str | None, image_loader=None,
+            related_patches: str = "study", required: Sequence[str] = ()):
+    """Yields Prepared, or (sample, reason) for a sample that cannot be used (e.g. lacks a `required` region)."""
     for s in samples:
         try:
             if image_loader is not None:
@@ -95,7 +96,9 @@ def prepare(model: Model, samples: Sequence[gqa.GQASample], template: str | None
                     image = im.convert("RGB")
             yield Prepared(s, build_sample(model.config, model.tokenizer, image, s.question, mode=model.prompt_mode,
                                            template=template, boxes=s.boxes,
-                                           option_spans=(s.true_option_span, s.false_option_span)))
+                                           option_spans=(s.true_option_span, s.false_option_span),
+                                           object_names=s.box_names, related_patches=related_patches,
+                                           settings=model.processor, required=required))
         except Exception as e:  # a bad sample is recorded with its reason; the run goes on
             yield s, f"{type(e).__name__}: {e}"
 
@@ -194,20 +197,22 @@ def first_token(tokenizer, word: str) -> int:
 def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_size: int = 9, batch: int = 4,
           method: str = "incremental", limit: int | None = None, images: str | None = None, template: str | None = None,
           max_new_tokens: int = 5, chunk: int | None = None, lens: bool = False, image_loader=None,
-          filter_correct: bool = True, progress: bool = True) -> dict:
+          filter_correct: bool = True, progress: bool = True, related_patches: str = "study") -> dict:
     """Runs the knockout sweep (or, with lens=True, the logit lens) of one task file into `out`.
     Returns a summary (rows written, samples kept / skipped, compiled shapes)."""
     cfg = model.config
     num_layers, num_heads = cfg.text.num_layers, cfg.text.num_heads
+    required = () if lens else sorted({name for f in flows for name in (f.source, f.target)})
+    check_region_names(required, cfg)
     data = os.fspath(gqa.task_file(data))
     kind = "lens" if lens else "sweep"
     pid, procs = jax.process_index(), jax.process_count()
     shard = "" if procs == 1 else f".process-{pid}-of-{procs}"  # each process owns a disjoint shard
     header = run_header(model, data, kind=kind, flows=[f.name for f in flows], window=window_size, method=method,
                         template=template, max_new_tokens=max_new_tokens, images=images, filter_correct=filter_correct,
-                        processes=procs)
+                        processes=procs, related_patches=related_patches)
     open_run(out, header, compare=["model", "data", "kind", "flows", "window", "method", "template", "filter_correct",
-                                   "processes"], name=f"run{shard}.json")
+                                   "processes", "related_patches"], name=f"run{shard}.json")
     columns, per_key = (LENS_COLUMNS, 2 * (num_layers + 1)) if lens else (RESULT_COLUMNS, len(flows) * num_layers)
     table_name = "lens" if lens else "results"
     skipped = Table(os.path.join(out, f"skipped{shard}.csv"), SKIP_COLUMNS, 1)
@@ -223,7 +228,7 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
     samples, errors = samples[pid::procs], errors[pid::procs]
     todo = [s for s in samples if s.question_id not in table.done and s.question_id not in skipped.done]
     prepared = []
-    for item in prepare(model, todo, template, image_loader):
+    for item in prepare(model, todo, template, image_loader, related_patches, required):
         if isinstance(item, Prepared):
             prepared.append(item)
         else:
@@ -303,7 +308,8 @@ def _result_rows(model, p: Prepared, predicted, flows, num_layers, k, token, p_b
                 "task": s.task, "source": flow.source, "target": flow.target,
                 "heads": "all" if flow.heads is None else " ".join(map(str, flow.heads)),
                 "window_start": win[0], "window_end": win[-1], "answer_token": token, "new_top1": int(top1[i]),
-                "top1_changed": int(top1[i]) != token, "method": method,
+                "top1_changed": int(top1[i]) != token, "method": method, "related_patches": p.inputs.related_patches,
+                "n_source": len(p.inputs.regions[flow.source]), "n_target": len(p.inputs.regions[flow.target]),
             })
     return rows
 
