@@ -61,6 +61,8 @@ def demo_defaults() -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxflow.inputs.images import RELATED_PATCH_RULES
+
     parser = argparse.ArgumentParser(prog="jaxflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert", help="convert a LLaVA safetensors checkpoint into a jaxflow model directory")
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, help="only the first N rows")
         p.add_argument("--template", choices=["vicuna_v1", "llava_llama_3", "plain"], help="default: from tokenizer")
         p.add_argument("--keep-incorrect", action="store_true", help="keep samples the model answers wrongly")
-        p.add_argument("--related-patches", choices=["study", "overlap"], default="study",
+        p.add_argument("--related-patches", choices=RELATED_PATCH_RULES, default="study",
                        help="related image patches: 'study' (the study's rule: a patch of the preprocessed red-box "
                             "mask stays pure red) or 'overlap' (the patch overlaps the transformed box)")
         p.add_argument("--mesh", help="device mesh of this process, e.g. data=4,model=2 (default: data=all devices)")

@@ -207,12 +207,14 @@ def _task_file(root, rows):
 
 
 def test_every_command_uses_the_model_processor(custom_model, monkeypatch, capsys):
+    import jaxflow
     from jaxflow.inputs import regions as regions_module
     from jaxflow.sweep import run
 
     model, hf_cfg, root = custom_model
     assert model.processor == ProcessorSettings(MEAN, STD, model.config.vision.image_size,
                                                 model.config.vision.image_size, 3)
+    assert jaxflow.Model(model.module, model.config).processor == ProcessorSettings()  # no directory: defaults
     data = _task_file(root, [("0001", "Is the jar full or empty?", "jar", (120, 90), (30, 20, 40, 30))])
     sample = gqa.load_tasks(data, str(root / "images"))[0][0]
     prepared = next(run.prepare(model, [sample], None))

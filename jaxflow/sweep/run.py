@@ -42,7 +42,7 @@ RESULT_COLUMNS = [
     "base_score_first", "new_score_first", "relative_diff_first",
     # ours
     "task", "source", "target", "heads", "window_start", "window_end", "answer_token", "new_top1", "top1_changed",
-    "method", "related_patches", "n_source", "n_target",  # n_*: positions cut from / in (0: the flow cut nothing)
+    "method", "related_patches", "n_source", "n_target",  # n_*: sizes of the source / target regions (0: nothing cut)
 ]
 LENS_COLUMNS = ["question_id", "task", "answer", "layer", "norm", "p_answer", "p_answer_capitalized",
                 "p_false_option", "answer_token", "capitalized_token", "false_option_token"]
