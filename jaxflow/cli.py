@@ -42,7 +42,7 @@ def _sweep(args) -> int:
     summary = run.sweep(model, args.data, args.out, flows=flows, window_size=args.window, batch=args.batch,
                         method=args.method, limit=args.limit, images=args.images, template=args.template,
                         chunk=args.chunk, lens=args.command == "lens", filter_correct=not args.keep_incorrect,
-                        max_new_tokens=args.max_new_tokens)
+                        max_new_tokens=args.max_new_tokens, related_patches=args.related_patches)
     print(f"{summary['kept']} samples recorded, {summary['skipped']} skipped (see skipped.csv), "
           f"{len(summary['compiled_shapes'])} batch shapes {summary['compiled_shapes']}; results in {args.out}")
     return 0
@@ -76,6 +76,8 @@ def demo_defaults() -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxflow.inputs.images import RELATED_PATCH_RULES
+
     parser = argparse.ArgumentParser(prog="jaxflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert", help="convert a LLaVA checkpoint into a jaxflow model directory")
@@ -113,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-anyres", action="store_true",
                        help="LLaVA-NeXT checkpoints: LLaVA-1.5 image handling (pad to a square, one crop, no "
                        "image_newline), as the study's --noHD_noPad")
+        p.add_argument("--related-patches", choices=RELATED_PATCH_RULES, default="study",
+                       help="related image patches: 'study' (the study's rule: a patch of the preprocessed red-box "
+                            "mask stays pure red) or 'overlap' (the patch overlaps the transformed box)")
         p.add_argument("--mesh", help="device mesh of this process, e.g. data=4,model=2 (default: data=all devices)")
         p.add_argument("--distributed", action="store_true",
                        help="join JAX's multi-process runtime, cluster detected by JAX (TPU pod slice, SLURM)")

@@ -20,6 +20,7 @@ from flax import nnx
 from jaxflow import checkpoint, sharding
 from jaxflow.config import LlavaConfig
 from jaxflow.image_layout import image_layout
+from jaxflow.inputs.images import ProcessorSettings
 from jaxflow.knockout import DenseKnockout, Knockout, KnockoutMasks, stack_knockouts
 from jaxflow.nn.llama import KVCache
 from jaxflow.nn.llava import Llava
@@ -150,6 +151,13 @@ class Model:
                  metadata: dict | None = None, mesh: jax.sharding.Mesh | None = None, no_anyres: bool = False):
         self.module, self.config, self.tokenizer = module, config, tokenizer
         self.path, self.metadata, self.mesh, self.no_anyres = path, metadata or {}, mesh, no_anyres
+
+    @functools.cached_property
+    def processor(self) -> ProcessorSettings:
+        """The image preprocessing settings of this model: its directory's preprocessor_config.json (or
+        processor_config.json), read once; OpenAI CLIP's defaults when it has neither. Every command builds
+        pixels (and the study's masks) with these."""
+        return ProcessorSettings.from_dir(self.path) if self.path else ProcessorSettings()
 
     @property
     def prompt_mode(self) -> str:

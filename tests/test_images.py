@@ -1,4 +1,5 @@
-"""Image preprocessing parity with transformers' PIL processors, and box -> related-feature geometry.
+"""Image preprocessing parity with transformers' PIL processors, and box -> related-feature geometry (the overlap
+rule here; the study's red-mask rule in test_related_patches.py).
 
 Real-model settings: CLIP ViT-L/14 at 336 px, llava-1.6 pinpoints. Run with -s to see the measured errors.
 """
@@ -224,25 +225,26 @@ def test_related_features_brute_force(kind):
         cases = [[], [(0, 0, w, h)], [(w / 2, h / 2, 0, h)], [(-10, -10, 5, 5)]]
         cases += [_random_boxes(rng, h, w, n) for n in (1, 1, 2, 3)] + [[(0, 0, w / 2, h / 2)]]
         for boxes in cases:
-            got = related_features(cfg, size, boxes)
+            got = related_features(cfg, size, boxes, "overlap")
             assert got.dtype == bool and len(got) == len(image_layout(cfg, size))
             np.testing.assert_array_equal(got, _expected_related(kind, size, boxes), err_msg=f"{size} {boxes}")
             checked += 1
-    print(f"{kind}: related_features equals the exact brute force on {checked} (size, boxes) cases")
+    print(f"{kind}: overlap related_features equals the exact brute force on {checked} (size, boxes) cases")
 
 
-def test_whole_image_box():
+@pytest.mark.parametrize("rule", ["study", "overlap"])
+def test_whole_image_box(rule):
     for size in SIZES:
         h, w = size
         lay = image_layout(CFGNEXT, size)
-        np.testing.assert_array_equal(related_features(CFGNEXT, size, [(0, 0, w, h)]), lay.crop >= 0)
-        assert not related_features(CFGNEXT, size, []).any()
-    sq = related_features(CFG15, (300, 300), [(0, 0, 300, 300)])
+        np.testing.assert_array_equal(related_features(CFGNEXT, size, [(0, 0, w, h)], rule), lay.crop >= 0)
+        assert not related_features(CFGNEXT, size, [], rule).any()
+    sq = related_features(CFG15, (300, 300), [(0, 0, 300, 300)], rule)
     assert sq.all() and len(sq) == G * G
-    wide = related_features(CFG15, (300, 600), [(0, 0, 600, 300)]).reshape(G, G)  # pad rows 0-5 and 18-23
+    wide = related_features(CFG15, (300, 600), [(0, 0, 600, 300)], rule).reshape(G, G)  # pad rows 0-5 and 18-23
     assert wide[6:18].all() and not wide[:6].any() and not wide[18:].any()
     full = _config("llava", strategy="full")  # the CLS feature is never related
-    flags = related_features(full, (300, 300), [(0, 0, 300, 300)])
+    flags = related_features(full, (300, 300), [(0, 0, 300, 300)], rule)
     assert len(flags) == G * G + 1 and not flags[0] and flags[1:].all()
 
 
@@ -263,12 +265,12 @@ def test_box_transforms():
 def test_box_edges_on_patch_boundaries():
     """A box whose edges land exactly on patch edges relates only the patches inside (touching is not overlap)."""
     box = (25, 0, 25, 300)  # in a 300x600 (h, w) image
-    base15 = related_features(CFG15, (300, 600), [box]).reshape(G, G)  # x 25..50 -> 14..28, y -> 84..252
+    base15 = related_features(CFG15, (300, 600), [box], "overlap").reshape(G, G)  # x 25..50 -> 14..28, y -> 84..252
     expected = np.zeros((G, G), bool)
     expected[6:18, 1] = True
     np.testing.assert_array_equal(base15, expected)
     lay = image_layout(CFGNEXT, (300, 600))
-    flags = related_features(CFGNEXT, (300, 600), [box])
+    flags = related_features(CFGNEXT, (300, 600), [box], "overlap")
     base = flags[lay.crop == 0].reshape(G, G)  # squash: x -> 14..28, y -> 0..336
     expected = np.zeros((G, G), bool)
     expected[:, 1] = True
@@ -292,8 +294,9 @@ def _tint_planes(pixels, cfg, size):
     return planes
 
 
+@pytest.mark.parametrize("rule", ["study", "overlap"])
 @pytest.mark.parametrize("kind", ["llava", "llava_next"])
-def test_related_features_match_drawn_box(kind):
+def test_related_features_match_drawn_box(kind, rule):
     cfg = CFG15 if kind == "llava" else CFGNEXT
     rng = np.random.default_rng(3)
     dominated_seen = 0
@@ -306,7 +309,7 @@ def test_related_features_match_drawn_box(kind):
             pv, size = preprocess(PIL.Image.fromarray(pixels), cfg)
             planes = _tint_planes(pv, cfg, size)
             lay = image_layout(cfg, size)
-            related = related_features(cfg, size, [(x, y, bw, bh)])
+            related = related_features(cfg, size, [(x, y, bw, bh)], rule)
             for plane, tint in planes.items():
                 rows, cols = tint.shape[0] // P, tint.shape[1] // P
                 per_patch = tint.reshape(rows, P, cols, P).transpose(0, 2, 1, 3).reshape(rows, cols, P * P)

@@ -24,8 +24,15 @@ def test_regions_json_and_png(toy_model_dir, tmp_path, capsys):
     assert related and not related & other and related | other <= set(regions["image"])
     assert set(regions["box:0"]) < set(regions["image"]) and regions["box:0"]  # the left half of the image
     assert (tmp_path / "r.png").stat().st_size > 5000
+    assert out["related_patches"] == "study"
     assert cli.main(args[:-6]) == 0  # the human-readable table
-    assert "question" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "question" in table and "related patches: study rule" in table
+    assert cli.main(args[:7] + ["--box", "10,10,1,1", "--related-patches", "overlap", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["related_patches"] == "overlap" and out["regions"]["related_image_patches"]
+    assert cli.main(args[:7] + ["--box", "10,10,1,1"]) == 0  # too small to stay pure red in 56 px crops
+    assert "no related image patch" in capsys.readouterr().out
     assert cli.main(["regions", "--model", toy_model_dir, "--image", str(tmp_path / "missing.jpg"),
                      "--question", "Is it?"]) == 2
     assert "missing.jpg" in capsys.readouterr().err

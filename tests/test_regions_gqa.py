@@ -1,9 +1,11 @@
 """Regions on every row of the six real GQA task files, at the real models' geometry (CLIP 336 px,
 llava-1.6 pinpoints) with the rows' image sizes: the Question span decodes back to the question,
-options decode to the option words, related patches equal an exact brute force, and LLaVA-NeXT
-feature counts equal transformers' processor counts."""
+options and object names decode to their words, related patches (overlap rule) equal an exact brute
+force, and LLaVA-NeXT feature counts equal transformers' processor counts. The study's red-mask rule on
+every row: scripts/compare_related_patches.py."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -42,7 +44,7 @@ def test_regions_on_every_real_row(kind, tok_name, template):
     processor = transformers.LlavaNextProcessor(image_processor=HFNEXT, tokenizer=_local_tokenizer(), patch_size=14,
                                                 vision_feature_select_strategy="default",
                                                 num_additional_image_tokens=1)
-    total, passed, invalid = 0, 0, []
+    total, passed, invalid, no_name = 0, 0, [], []
     for task in TASKS:
         samples, errors = gqa.load_tasks(os.path.join(GQA, f"{task}.csv"))
         invalid += errors
@@ -54,13 +56,24 @@ def test_regions_on_every_real_row(kind, tok_name, template):
                 assert len(image_layout(cfg, size)) == count, size
         for s in samples:
             _, enc, regions = locate(cfg, tok, s.image_size, s.question, template=template, boxes=s.boxes,
-                                     option_spans=(s.true_option_span, s.false_option_span))
+                                     option_spans=(s.true_option_span, s.false_option_span),
+                                     object_names=s.box_names, related_patches="overlap")
             ids = enc.input_ids
             assert _norm(tok.decode(ids[regions["question"]])) == _norm(s.question), s.question_id
             for name, option in (("true_option", s.true_option), ("false_option", s.false_option)):
                 if option is not None:
                     decoded = _norm(tok.decode(ids[regions[name]])).lower()
                     assert option.lower() in decoded, (s.question_id, option, decoded)
+            if "central_object" in regions:  # every name, or the word holding it ("tables", "necktie")
+                decoded = _norm(tok.decode(ids[regions["central_object"]])).lower()
+                assert all(n.lower() in decoded for n in s.box_names), (s.question_id, s.box_names, decoded)
+                assert set(regions["central_object"]) <= set(regions["question"])
+            else:  # a name that is not a word of the question, and too short to look inside words
+                why = regions.undefined["central_object"]
+                name = next(n for n in s.box_names if repr(n) in why)
+                assert not re.search(rf"(?<!\w){re.escape(name)}(?!\w)", s.question, re.IGNORECASE), why
+                assert len(name) < 3 or name.lower() not in s.question.lower(), why
+                no_name.append(s.question_id)
             related = np.asarray(_expected_related(kind, s.image_size, s.boxes))
             image = regions["image"]
             assert np.array_equal(regions["related_image_patches"], image[related]), s.question_id
@@ -69,6 +82,7 @@ def test_regions_on_every_real_row(kind, tok_name, template):
             assert regions["last"][0] == len(ids) - 1 and regions["question"][-1] < regions["last"][0]
             passed += 1
     print(f"{kind}/{tok_name}: {passed} of {total} rows pass the region checks; "
-          f"{len(invalid)} invalid rows: {[str(e) for e in invalid]}")
+          f"{len(invalid)} invalid rows: {[str(e) for e in invalid]}; central_object undefined on {len(no_name)}")
     assert total == 5525
     assert passed == total - len(invalid) and len(invalid) == 3
+    assert len(no_name) < 0.01 * total

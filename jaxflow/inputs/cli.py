@@ -7,6 +7,9 @@ import sys
 
 from PIL import Image
 
+from jaxflow.inputs.images import RELATED_PATCH_RULES
+from jaxflow.inputs.regions import NEXT_REGIONS
+
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
     parts = text.split(",")
@@ -17,22 +20,23 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
 
 def regions_command(args) -> int:
     import jaxflow
-    from jaxflow.inputs.images import ProcessorSettings
     from jaxflow.inputs.regions import RegionError, box_region, build_sample, render, substring_region
 
     model = jaxflow.load(args.model)
+    rule = args.related_patches
     try:
         boxes = [parse_box(b) for b in args.box or []]
         with Image.open(args.image) as im:
             image = im.convert("RGB")
-        settings = ProcessorSettings.from_dir(args.model)
         sample = build_sample(model.config, model.tokenizer, image, args.question, mode=model.prompt_mode,
-                              template=args.template, boxes=boxes, settings=settings)
+                              template=args.template, boxes=boxes, object_names=args.object_name or (),
+                              related_patches=rule, settings=model.processor)
         regions = dict(sample.regions)
         for sub in args.substring or []:
             regions[f"substring:{sub}"] = substring_region(sample.prompt, sample.encoded, sub)
         for i, box in enumerate(args.region_box or []):
-            regions[f"box:{i}"] = box_region(model.config, sample.image_size, sample.encoded, [parse_box(box)])
+            regions[f"box:{i}"] = box_region(model.config, sample.image_size, sample.encoded, [parse_box(box)],
+                                             rule, model.processor)
     except (RegionError, ValueError, OSError) as e:
         print(f"jaxflow regions: error: {e}", file=sys.stderr)
         return 2
@@ -40,18 +44,25 @@ def regions_command(args) -> int:
     tokens = ["<image>" if i == model.config.image_token_id else t for i, t in zip(sample.input_ids, tokens,
                                                                                    strict=True)]
     if args.png:
-        render(sample, model.config, boxes, args.png, settings)
+        render(sample, model.config, boxes, args.png, model.processor)
     if args.json:
-        print(json.dumps({"regions": {k: [int(i) for i in v] for k, v in regions.items()},
-                          "input_ids": [int(i) for i in sample.input_ids], "tokens": tokens}))
+        print(json.dumps({"regions": {k: [int(i) for i in v] for k, v in regions.items()}, "related_patches": rule,
+                          "undefined": sample.regions.undefined, "input_ids": [int(i) for i in sample.input_ids],
+                          "tokens": tokens}))
         return 0
-    print(f"{len(sample)} positions; image size (H, W) = {sample.image_size}")
+    print(f"{len(sample)} positions; image size (H, W) = {sample.image_size}; related patches: {rule} rule")
+    if boxes and not len(sample.regions["related_image_patches"]):
+        print("no related image patch: no patch keeps a pure red pixel of the boxes (too small for the study rule)"
+              if rule == "study" else "no related image patch")
+    image_regions = {"image", "related_image_patches", "other_image_patches", *NEXT_REGIONS}
     for name, pos in regions.items():
         shown = [int(i) for i in pos]
-        text = "" if name in ("image", "related_image_patches", "other_image_patches") else \
+        text = "" if name in image_regions or name.startswith("box:") else \
             " " + repr("".join(tokens[i] for i in shown))
         compact = shown if len(shown) <= 16 else f"{shown[:6]} ... {shown[-4:]}"
         print(f"{name:<26} {len(shown):>5}  {compact}{text}")
+    if args.object_name and "central_object" not in regions:
+        print(f"{'central_object':<26} undefined: {sample.regions.undefined['central_object']}")
     if args.png:
         print(f"picture: {args.png}")
     return 0
@@ -63,6 +74,11 @@ def add_parser(sub) -> None:
     p.add_argument("--image", required=True)
     p.add_argument("--question", required=True)
     p.add_argument("--box", action="append", help="x,y,w,h of a question-related object (repeatable)")
+    p.add_argument("--object-name", action="append",
+                   help="name of a question-related object, for the central_object region (repeatable)")
+    p.add_argument("--related-patches", choices=RELATED_PATCH_RULES, default="study",
+                   help="which patches a box relates: 'study' (a patch of the preprocessed red-box mask stays pure "
+                        "red, the study's rule) or 'overlap' (the patch overlaps the transformed box); default study")
     p.add_argument("--substring", action="append", help="also locate this prompt substring (repeatable)")
     p.add_argument("--region-box", action="append", help="also locate the image patches of x,y,w,h (repeatable)")
     p.add_argument("--template", choices=["vicuna_v1", "llava_llama_3", "plain"])

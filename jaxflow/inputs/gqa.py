@@ -71,7 +71,7 @@ class GQASample:
     true_option_span: tuple[int, int] | None
     false_option_span: tuple[int, int] | None
     boxes: tuple[Box, ...]  # question-related objects: the central object, or object1 (and object2)
-    box_names: tuple[str, ...]
+    box_names: tuple[str, ...]  # their names (`central object name`, `object1 name`, ...), one per box
     image_size: tuple[int, int]  # (height, width), as transformers' LlavaNext
     columns: Mapping[str, str] = dataclasses.field(repr=False, compare=False)  # the whole row, as read
 
@@ -168,6 +168,16 @@ def option_spans(question: str, true_option: str | None, false_option: str | Non
 def find_option(question: str, option: str) -> tuple[int, int] | None:
     """Character span of one option inside the question (see `option_spans`), or None when it does not occur."""
     return option_spans(question, option, None)[0]
+
+
+def find_name(question: str, name: str) -> tuple[int, int] | None:
+    """Character span of an object name inside the question: its first whole-word occurrence (case-insensitive),
+    else, for a name of three or more characters, the first word containing it ("table" in "tables", "tie" in
+    "necktie"); None otherwise. A shorter name must occur as a word: "he" would otherwise land inside "the"."""
+    found = _word_candidates(question, name)
+    if not found or (not found[0][2] and len(name.strip()) < 3):
+        return None
+    return found[0][0], found[0][1]
 
 
 def _parse_row(task: str, index: int, columns: dict[str, str], prefixes: tuple[str, ...], images_dir: str | None,

@@ -5,10 +5,17 @@
 `LlavaNextImageProcessorPil` for LLaVA-NeXT). Every step works on uint8 pixels through PIL exactly as
 transformers does; only the final rescale/normalize is float.
 
-The box functions carry a box (x, y, w, h) in original image pixels through the same geometry, into the
-pixel frame of the base crop (`box_in_base`) or of the padded best-resolution anyres image
-(`box_in_grid`), and `related_features` marks the image features whose patch overlaps a box, in the
-feature order of `jaxflow.image_layout.image_layout` (the model's own plan).
+`related_features` marks the image features that hold a question-related object (boxes (x, y, w, h) in
+original image pixels), in the feature order of `jaxflow.image_layout.image_layout` (the model's own plan;
+newline and CLS features are never related), by one of two rules (`RELATED_PATCH_RULES`):
+
+- "study" (the study's released code): the boxes are drawn pure red on a pure green mask of the image's size
+  (`study_mask`), the mask goes through the very crops the image goes through (`vision_crops`: the same pad /
+  resize / anyres code, without rescale and normalize), and a patch is related when any of its pixels is still
+  exactly (255, 0, 0). Bicubic resizing blends the box border, so a tiny box can have no related patch at all.
+- "overlap": the patch rectangle overlaps a box with positive area, the box carried through the same geometry
+  into the pixel frame of the base crop (`box_in_base`) or of the padded best-resolution anyres image
+  (`box_in_grid`). It marks the blended border patches too.
 
 Sizes are (height, width) throughout, as in transformers' LlavaNext; boxes and PIL sizes are (x, y, ...).
 """
@@ -23,6 +30,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 
 from jaxflow.config import LlavaConfig
 from jaxflow.image_layout import image_layout, select_best_resolution
@@ -32,6 +40,8 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Box = tuple[float, float, float, float]  # (x, y, w, h) in original image pixels
 Rect = tuple[float, float, float, float]  # (x0, y0, x1, y1)
+RELATED_PATCH_RULES = ("study", "overlap")
+RED, GREEN = (255, 0, 0), (0, 255, 0)  # the study's mask colours: box, background
 
 
 def _side(value, key: str) -> int | None:
@@ -103,20 +113,24 @@ def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def _clip_preprocess(image: PIL.Image.Image, side: int, settings: ProcessorSettings) -> np.ndarray:
-    """CLIP steps on one RGB image: resize the shortest edge to `side`, center crop side x side, rescale 1/255,
-    normalize. Returns [3, side, side] float32."""
+def _clip_resize_crop(image: PIL.Image.Image, side: int, resample: int) -> np.ndarray:
+    """CLIP's geometric steps on one RGB image: resize the shortest edge to `side`, center crop side x side.
+    Returns [side, side, 3] uint8."""
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(side * long / short)  # transformers' get_resize_output_image_size truncates
     new_w, new_h = (side, new_long) if w <= h else (new_long, side)
     if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), resample=settings.resample)
+        image = image.resize((new_w, new_h), resample=resample)
     top, left = (new_h - side) // 2, (new_w - side) // 2
-    pixels = np.asarray(image)[top:top + side, left:left + side]
-    x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    return np.asarray(image)[top:top + side, left:left + side]
+
+
+def normalize(crops: np.ndarray, settings: ProcessorSettings) -> np.ndarray:
+    """Rescale 1/255 and normalize uint8 crops [N, S, S, 3]; returns [N, 3, S, S] float32."""
+    x = (crops.astype(np.float64) * (1 / 255)).astype(np.float32)
     x = (x - np.asarray(settings.image_mean, np.float32)) / np.asarray(settings.image_std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def _pad_geometry(size_hw: tuple[int, int]) -> tuple[int, int, int]:
@@ -151,12 +165,14 @@ def _anyres_geometry(cfg: LlavaConfig, size_hw: tuple[int, int]):
     return best, fit, paste
 
 
-def preprocess(image: PIL.Image.Image, cfg: LlavaConfig,
-               settings: ProcessorSettings | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """Pixel values of one image for `cfg` and its (height, width).
+def vision_crops(image: PIL.Image.Image, cfg: LlavaConfig,
+                 settings: ProcessorSettings | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """The crops the vision tower sees, as uint8 pixels [N, S, S, 3] before rescale and normalize, and the
+    image's (height, width).
 
-    LLaVA-1.5: [1, 3, S, S] (pad to a square of the mean colour, then CLIP preprocessing).
-    LLaVA-NeXT: [1, crops, 3, S, S] (base image squashed to S x S, then the anyres grid crops row-major).
+    LLaVA-1.5: N = 1 (pad to a square of the mean colour, CLIP resize and center crop).
+    LLaVA-NeXT: N = 1 + grid crops (the base image squashed to S x S, then the anyres grid crops row-major,
+    cut from the best-resolution canvas: the image resized into it keeping its aspect, centred on black).
     """
     settings = settings or ProcessorSettings()
     _check_settings(settings, cfg)
@@ -170,13 +186,26 @@ def preprocess(image: PIL.Image.Image, cfg: LlavaConfig,
             square = PIL.Image.new("RGB", (side, side), fill)
             square.paste(image, (ox, oy))
             image = square
-        return _clip_preprocess(image, s, settings)[None], size_hw
+        return _clip_resize_crop(image, s, settings.resample)[None], size_hw
     (bh, bw), (fh, fw), (py, px) = _anyres_geometry(cfg, size_hw)
     canvas = PIL.Image.new("RGB", (bw, bh), (0, 0, 0))
     canvas.paste(image.resize((fw, fh), resample=settings.resample), (px, py))
     crops = [image.resize((s, s), resample=settings.resample)]
     crops += [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(bh // s) for c in range(bw // s)]
-    return np.stack([_clip_preprocess(c, s, settings) for c in crops])[None], size_hw
+    return np.stack([_clip_resize_crop(c, s, settings.resample) for c in crops]), size_hw
+
+
+def preprocess(image: PIL.Image.Image, cfg: LlavaConfig,
+               settings: ProcessorSettings | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pixel values of one image for `cfg` and its (height, width).
+
+    LLaVA-1.5: [1, 3, S, S] (pad to a square of the mean colour, then CLIP preprocessing).
+    LLaVA-NeXT: [1, crops, 3, S, S] (base image squashed to S x S, then the anyres grid crops row-major).
+    """
+    settings = settings or ProcessorSettings()
+    crops, size_hw = vision_crops(image, cfg, settings)
+    x = normalize(crops, settings)  # [N, 3, S, S]
+    return (x[None] if cfg.is_next else x), size_hw
 
 
 def box_in_base(box: Box, size_hw: tuple[int, int], cfg: LlavaConfig) -> Rect:
@@ -204,10 +233,9 @@ def _clip_to_image(box: Box, size_hw: tuple[int, int]) -> Box:
     return x0, y0, min(x + w, size_hw[1]) - x0, min(y + h, size_hw[0]) - y0
 
 
-def related_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[Box]) -> np.ndarray:
-    """Per image feature (order of `image_layout(cfg, size_hw)`): does its patch overlap any box with positive
-    area? Boxes are (x, y, w, h) in original pixels, clipped to the image first. Newline and CLS features are
-    never related."""
+def overlap_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[Box]) -> np.ndarray:
+    """The "overlap" rule, per image feature (order of `image_layout(cfg, size_hw)`): does its patch overlap any
+    box with positive area? Boxes are (x, y, w, h) in original pixels, clipped to the image first."""
     size_hw = (int(size_hw[0]), int(size_hw[1]))
     layout = image_layout(cfg, size_hw)
     related = np.zeros(len(layout), bool)
@@ -227,3 +255,50 @@ def related_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable
         dy = np.minimum(y0 + p, r[:, 3]) - np.maximum(y0, r[:, 1])
         related[sel] = ((dx > 0) & (dy > 0)).any(axis=1)
     return related
+
+
+def study_mask(size_hw: tuple[int, int], boxes: Iterable[Box]) -> PIL.Image.Image:
+    """The study's mask of an image of size_hw: pure green, each box (x, y, w, h) filled pure red with
+    `ImageDraw.rectangle((x, y, x + w, y + h))` after truncating x, y, w and h to integers, as the study does.
+    Both corners are inclusive, so a box covers (w + 1) x (h + 1) pixels."""
+    h, w = int(size_hw[0]), int(size_hw[1])
+    mask = PIL.Image.new("RGB", (w, h), GREEN)
+    draw = PIL.ImageDraw.Draw(mask)
+    for box in boxes:
+        x, y, bw, bh = (int(v) for v in box)
+        if bw < 0 or bh < 0:
+            raise ValueError(f"box {tuple(box)}: width and height must not be negative")
+        draw.rectangle((x, y, x + bw, y + bh), fill=RED)
+    return mask
+
+
+def study_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[Box],
+                   settings: ProcessorSettings | None = None) -> np.ndarray:
+    """The "study" rule, per image feature (order of `image_layout(cfg, size_hw)`): does its patch, in the crops
+    the vision tower sees of the `study_mask`, hold a pixel that is exactly pure red?"""
+    size_hw = (int(size_hw[0]), int(size_hw[1]))
+    layout = image_layout(cfg, size_hw)
+    boxes = list(boxes)
+    if not boxes:
+        return np.zeros(len(layout), bool)
+    crops, _ = vision_crops(study_mask(size_hw, boxes), cfg, settings)  # [N, S, S, 3] uint8
+    g, p = cfg.vision.grid, cfg.vision.patch_size
+    c = crops[:, :g * p, :g * p]
+    red = (c[..., 0] == RED[0]) & (c[..., 1] == RED[1]) & (c[..., 2] == RED[2])  # [N, g*p, g*p]
+    per_patch = red.reshape(len(crops), g, p, g, p).any(axis=(2, 4)).reshape(len(crops), g * g)  # [N, g*g]
+    per_feature = np.zeros((len(crops), cfg.features_per_crop), bool)  # [N, features_per_crop], CLS first
+    per_feature[:, cfg.features_per_crop - g * g:] = per_patch
+    index = layout.feature_index(cfg, 0)  # the model's own gather plan; newline: -2
+    return np.where(index >= 0, per_feature.ravel()[np.maximum(index, 0)], False)
+
+
+def related_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[Box], rule: str = "study",
+                     settings: ProcessorSettings | None = None) -> np.ndarray:
+    """Per image feature (order of `image_layout(cfg, size_hw)`): is it a related image patch of `boxes` under
+    `rule` ("study" or "overlap", see the module docstring)? `settings` (the model's processor settings) matter
+    for the study rule only. Newline and CLS features are never related."""
+    if rule == "study":
+        return study_features(cfg, size_hw, boxes, settings)
+    if rule == "overlap":
+        return overlap_features(cfg, size_hw, boxes)
+    raise ValueError(f"related_patches={rule!r}: expected one of {', '.join(RELATED_PATCH_RULES)}")

@@ -21,8 +21,9 @@ class Prepared:
     inputs: SampleInputs
 
 
-def prepare(model: Model, samples: Sequence[gqa.GQASample], template: str | None, image_loader=None):
-    """Yields Prepared, or (sample, reason) for a sample that cannot be used."""
+def prepare(model: Model, samples: Sequence[gqa.GQASample], template: str | None, image_loader=None,
+            related_patches: str = "study", required: Sequence[str] = ()):
+    """Yields Prepared, or (sample, reason) for a sample that cannot be used (e.g. lacks a `required` region)."""
     for s in samples:
         try:
             if image_loader is not None:
@@ -32,7 +33,9 @@ def prepare(model: Model, samples: Sequence[gqa.GQASample], template: str | None
                     image = im.convert("RGB")
             yield Prepared(s, build_sample(model.config, model.tokenizer, image, s.question, mode=model.prompt_mode,
                                            template=template, boxes=s.boxes,
-                                           option_spans=(s.true_option_span, s.false_option_span)))
+                                           option_spans=(s.true_option_span, s.false_option_span),
+                                           object_names=s.box_names, related_patches=related_patches,
+                                           settings=model.processor, required=required))
         except Exception as e:  # a bad sample is recorded with its reason; the run goes on
             yield s, f"{type(e).__name__}: {e}"
 

@@ -12,7 +12,7 @@ RESULT_COLUMNS = [
     "base_score_first", "new_score_first", "relative_diff_first",
     # ours
     "task", "source", "target", "heads", "window_start", "window_end", "answer_token", "new_top1", "top1_changed",
-    "method",
+    "method", "related_patches", "n_source", "n_target",  # n_*: sizes of the source / target regions (0: nothing cut)
 ]
 LENS_COLUMNS = ["question_id", "task", "answer", "layer", "norm", "p_answer", "p_answer_capitalized",
                 "p_false_option", "answer_token", "capitalized_token", "false_option_token"]
@@ -41,7 +41,8 @@ def result_rows(p, predicted: str, flows, num_layers: int, k: int, token: int, p
                 "task": s.task, "source": flow.source, "target": flow.target,
                 "heads": "all" if flow.heads is None else " ".join(map(str, flow.heads)),
                 "window_start": win[0], "window_end": win[-1], "answer_token": token, "new_top1": int(top1[i]),
-                "top1_changed": int(top1[i]) != token, "method": method,
+                "top1_changed": int(top1[i]) != token, "method": method, "related_patches": p.inputs.related_patches,
+                "n_source": len(p.inputs.regions[flow.source]), "n_target": len(p.inputs.regions[flow.target]),
             })
     return rows
 

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxflow.inputs import gqa
+from jaxflow.inputs.regions import check_region_names
 from jaxflow.model import Model
 from jaxflow.sharding import barrier
 from jaxflow.sweep import engine
@@ -59,21 +60,25 @@ def run_header(model: Model, data: str, **flags) -> dict:
 def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_size: int = 9, batch: int = 4,
           method: str = "incremental", limit: int | None = None, images: str | None = None, template: str | None = None,
           max_new_tokens: int = MAX_NEW_TOKENS, chunk: int | None = None, lens: bool = False, image_loader=None,
-          filter_correct: bool = True, progress: bool = True) -> dict:
+          filter_correct: bool = True, progress: bool = True, related_patches: str = "study") -> dict:
     """Runs the knockout sweep (or, with lens=True, the logit lens) of one task file into `out`.
     max_new_tokens: greedy-decoding limit of the correct-answer filter (an answer without EOS within it is
     skipped). Returns a summary (rows written, samples kept / skipped, compiled shapes)."""
     cfg = model.config
     num_layers, num_heads = cfg.text.num_layers, cfg.text.num_heads
+    required = () if lens else sorted({name for f in flows for name in (f.source, f.target)})
+    check_region_names(required, cfg)
     data = os.fspath(gqa.task_file(data))
     kind = "lens" if lens else "sweep"
     pid, procs = jax.process_index(), jax.process_count()
     shard = "" if procs == 1 else f".process-{pid}-of-{procs}"  # each process owns a disjoint shard
     header = run_header(model, data, kind=kind, flows=[f.name for f in flows], window=window_size, method=method,
                         template=template, max_new_tokens=max_new_tokens, images=images, filter_correct=filter_correct,
-                        processes=procs, no_anyres=model.no_anyres)
+                        processes=procs, no_anyres=model.no_anyres,
+                        related_patches=related_patches)
     open_run(out, header, compare=["model", "data", "kind", "flows", "window", "method", "template", "filter_correct",
-                                   "max_new_tokens", "no_anyres", "processes"], name=f"run{shard}.json")
+                                   "max_new_tokens", "no_anyres", "processes", "related_patches"],
+             name=f"run{shard}.json")
     columns, per_key = (LENS_COLUMNS, 2 * (num_layers + 1)) if lens else (RESULT_COLUMNS, len(flows) * num_layers)
     table_name = "lens" if lens else "results"
     skipped = Table(os.path.join(out, f"skipped{shard}.csv"), SKIP_COLUMNS, 1)
@@ -89,7 +94,7 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
     samples, errors = samples[pid::procs], errors[pid::procs]
     todo = [s for s in samples if s.question_id not in table.done and s.question_id not in skipped.done]
     prepared = []
-    for item in prepare(model, todo, template, image_loader):
+    for item in prepare(model, todo, template, image_loader, related_patches, required):
         if isinstance(item, Prepared):
             prepared.append(item)
         else:
