@@ -40,6 +40,8 @@ from llava.mm_utils import get_anyres_image_grid_shape, process_images, select_b
 from llava.model import LlavaLlamaForCausalLM, builder
 from llava.model.language_model.llava_llama import LlavaConfig
 from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 from transformers import logging as hf_logging
 
@@ -149,7 +151,7 @@ def llava_config(v: dict, clip_dir: str, clip_spec: dict, vocab: int) -> dict:
 def build_llava(out: str, v: dict, clip_dir: str, clip_spec: dict, tok_dir: str) -> dict:
     """A random LlavaLlamaForCausalLM saved with safetensors; with tuned_tower the tower (loaded from the CLIP
     directory at construction, as LLaVA does under unfreeze_mm_vision_tower) is perturbed and saved inside as
-    model.vision_tower.vision_tower.*. Returns facts about the saved tower."""
+    model.vision_tower.vision_tower.*. Returns facts about the saved checkpoint."""
     sp = spm.SentencePieceProcessor(model_file=os.path.join(tok_dir, "tokenizer.model"))
     config = LlavaConfig(**llava_config(v, clip_dir, clip_spec, sp.get_piece_size()))
     torch.manual_seed(v["seed"])
@@ -157,24 +159,17 @@ def build_llava(out: str, v: dict, clip_dir: str, clip_spec: dict, tok_dir: str)
     randomize(model, v["seed"], skip="model.vision_tower.")
     with torch.no_grad():  # answers that read like text: byte pieces seldom, the end of sequence now and then
         model.lm_head.weight[[i for i in range(sp.get_piece_size()) if sp.is_byte(i)]] *= 0.3
-        model.lm_head.weight[sp.eos_id()] *= v.get("eos_gain", 1.5)
-    facts = {"tower_inside": False}
+        model.lm_head.weight[sp.eos_id()] *= 1.5
     if v.get("tuned_tower"):
-        tower = model.get_model().get_vision_tower().vision_tower
-        separate = CLIPVisionModel.from_pretrained(clip_dir).state_dict()
         gen = torch.Generator().manual_seed(v["seed"] + 1)
         with torch.no_grad():
-            for _, p in tower.named_parameters():
+            for p in model.get_model().get_vision_tower().vision_tower.parameters():
                 p.add_(0.3 * p.std().clamp(min=0.1) * torch.randn(p.shape, generator=gen))
-        diff = max(float((tower.state_dict()[k] - separate[k]).abs().max()) for k in separate)
-        facts = {"tower_inside": True, "tower_max_abs_diff_to_clip": diff}
     model.save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(os.path.join(tok_dir, name), os.path.join(out, name))
     with open(os.path.join(out, "config.json")) as f:
-        facts["saved_config"] = json.load(f)
-    from safetensors import safe_open
-
+        facts = {"saved_config": json.load(f)}
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
         facts["tower_keys"] = sum(k.startswith("model.vision_tower.") for k in f.keys())
     return facts
@@ -413,6 +408,21 @@ def cut_check(model, tokenizer, processor, row: dict, job: dict) -> dict:
     return {"layers": layers, "cut_max": cut_max, "uncut_mass": uncut_mass}
 
 
+def tower_differences(tower, checkpoint: str, clip_dir: str) -> dict:
+    """Largest absolute difference of the vision tower LLaVA runs to the separate CLIP checkpoint and (when the
+    checkpoint stores one) to the tower stored inside it."""
+    running = tower.state_dict()
+    clip = load_file(os.path.join(clip_dir, "model.safetensors"))
+    inner = "model.vision_tower.vision_tower."
+    stored = {k[len(inner):]: v for k, v in load_file(os.path.join(checkpoint, "model.safetensors")).items()
+              if k.startswith(inner)}
+
+    def diff(ref):
+        return max(float((running[k] - v).abs().max()) for k, v in ref.items()) if ref else None
+
+    return {"running_tower_vs_clip": diff(clip), "running_tower_vs_stored": diff(stored)}
+
+
 def _write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
@@ -435,6 +445,7 @@ def main(job_path: str) -> None:
         facts = build_llava(path, v, clip_dir, job["clip"], tok_dir)
         tokenizer, model, processor = load(path)
         tower = model.get_model().get_vision_tower()
+        facts.update(tower_differences(tower.vision_tower, path, clip_dir))
         facts.update(tokenizer_class=type(tokenizer).__name__, attn_implementation=model.config._attn_implementation,
                      vocab_size=len(tokenizer), templates=sorted(conv_templates),
                      dtypes=sorted({str(p.dtype) for p in model.parameters()}),
