@@ -9,20 +9,26 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="${1:-$ROOT/.venv-llava}"
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-python3}"  # jaxflow's python: the venv is made from it and takes its Pillow version
 
+# Both sides decode the test images and resize them with Pillow: the same version on both.
+if ! PILLOW="$("$PYTHON" -c 'import PIL; print(PIL.__version__)' 2>/dev/null)"; then
+  echo "setup_llava_oracle.sh: $PYTHON has no Pillow; install jaxflow first (pip install -e '.[test]')" >&2
+  exit 1
+fi
 # torch 2.13.0 only (never another torch, never torchvision); llava's code does not run on transformers 5.
 PINS=(
   "torch==2.13.0"
   "transformers==4.36.2"
   "tokenizers==0.15.0"
   "accelerate==0.21.0"
+  "huggingface-hub==0.36.2"
   "sentencepiece==0.2.0"
   "protobuf==4.25.3"
   "einops==0.6.1"
   "numpy==1.26.4"
-  "pillow==$("$PYTHON" -c 'import PIL; print(PIL.__version__)' 2>/dev/null || echo 11.1.0)"
   "safetensors==0.4.5"
+  "pillow==$PILLOW"
 )
 LLAVA="llava-torch==1.2.2.post1"
 MARKER="$VENV/.jaxflow-llava-oracle"
