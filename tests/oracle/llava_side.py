@@ -10,8 +10,8 @@ JOB (written by tests/test_llava_oracle.py): {"out": DIR, "rows": [{"id", "quest
 "window": k, "max_new_tokens": n}.
 
 Writes DIR/tokenizer (SentencePiece trained here), DIR/clip (a tiny CLIPVisionModel + preprocessor config), and
-per variant DIR/llava-NAME (the checkpoint as liuhaotian ships one: config.json, model.safetensors,
-tokenizer.model, tokenizer_config.json) and DIR/llava-NAME.result.json / .npz, holding per row what LLaVA
+per variant DIR/llava-NAME (an original-layout checkpoint: config.json, model.safetensors, tokenizer.model,
+tokenizer_config.json, special_tokens_map.json) and DIR/llava-NAME.result.json / .npz, holding per row what LLaVA
 computes: process_images pixels, tokenizer_image_token ids, prepare_inputs_labels_for_multimodal embeddings and
 the provenance of every image position, greedy decoding (LLaVA's generate), the first token's probability, the
 study's regions (related image patches by the red-mask rule) and the knocked-out probabilities per (flow, layer).
