@@ -39,6 +39,11 @@ _REQUIRED_TEXT = {
 _REQUIRED_VISION = {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", "num_channels": 3}
 _REQUIRED_TOP = {"projector_hidden_act": "gelu"}
 
+# Whose anyres arithmetic a checkpoint's image features follow (jaxflow.image_layout): transformers'
+# LlavaNext for llava-hf checkpoints, LLaVA's own code for original-layout ones. The converter writes
+# `jaxflow_image_geometry` into config.json for the latter; absent means "transformers".
+IMAGE_GEOMETRIES = ("transformers", "llava")
+
 
 def _check(section: str, d: dict, handled: set[str], required: dict[str, Any]) -> None:
     for key, value in d.items():
@@ -137,6 +142,7 @@ class LlavaConfig:
     projector_bias: bool = True
     tie_word_embeddings: bool = False
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # (height, width) in pixels, NeXT only
+    image_geometry: str = "transformers"  # one of IMAGE_GEOMETRIES
 
     @functools.cached_property
     def is_next(self) -> bool:
@@ -155,7 +161,7 @@ class LlavaConfig:
             raise UnsupportedConfigError(
                 f"config attribute model_type={kind!r} is not supported (jaxflow implements 'llava', 'llava_next')")
         handled = {"image_token_index", "vision_feature_layer", "vision_feature_select_strategy",
-                   "multimodal_projector_bias", "image_grid_pinpoints"}
+                   "multimodal_projector_bias", "image_grid_pinpoints", "jaxflow_image_geometry"}
         _check("", d, handled, _REQUIRED_TOP)
         strategy = d.get("vision_feature_select_strategy", "default")
         if strategy not in ("default", "full") or (kind == "llava_next" and strategy != "default"):
@@ -171,8 +177,12 @@ class LlavaConfig:
         pinpoints = tuple(tuple(p) for p in d.get("image_grid_pinpoints") or ()) if kind == "llava_next" else ()
         tie = bool(d.get("tie_word_embeddings") or d["text_config"].get("tie_word_embeddings"))
         image_token = d.get("image_token_index", d.get("image_token_id"))
+        geometry = d.get("jaxflow_image_geometry") or "transformers"
+        if geometry not in IMAGE_GEOMETRIES:
+            raise UnsupportedConfigError(f"config attribute jaxflow_image_geometry={geometry!r} is not supported "
+                                         f"(jaxflow implements {', '.join(map(repr, IMAGE_GEOMETRIES))})")
         return cls(kind, vision, text, image_token, layers, strategy,
-                   bool(d.get("multimodal_projector_bias", True)), tie, pinpoints)
+                   bool(d.get("multimodal_projector_bias", True)), tie, pinpoints, geometry)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> LlavaConfig:

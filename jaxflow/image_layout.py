@@ -3,7 +3,11 @@
 For every image this module lists, feature by feature in sequence order, which vision crop it
 comes from and at which patch row/column, or that it is an `image_newline` embedding. The model
 turns the plan into one gather; the region code (related image patches) reads the same plan, so
-both always agree. Geometry follows transformers' LlavaNext (image sizes are (height, width)).
+both always agree. Image sizes are (height, width), as in transformers' LlavaNext.
+
+The arithmetic is transformers' LlavaNext, or LLaVA's own code (llava-torch 1.2.2) when
+`cfg.image_geometry == "llava"` (original-layout checkpoints): they differ only in how unpadding
+turns the scaled image side into whole patches (`KEPT_SIDE`).
 """
 
 from __future__ import annotations
@@ -34,15 +38,26 @@ def grid_shape(cfg: LlavaConfig, size: tuple[int, int]) -> tuple[int, int]:
     return ph // cfg.vision.image_size, pw // cfg.vision.image_size
 
 
-def unpad_box(size: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+# Unpadding: the image side scaled to the patch grid, as a whole number of patches. transformers rounds to 7
+# decimals before truncating, LLaVA's unpad_image truncates: 55 * (48 / 176) = 14.999999999999998 keeps 15
+# patch columns in transformers, 14 in LLaVA.
+KEPT_SIDE = {
+    "transformers": lambda x: int(round(x, 7)),
+    "llava": int,
+}
+
+
+def unpad_box(size: tuple[int, int], grid_hw: tuple[int, int],
+              geometry: str = "transformers") -> tuple[int, int, int, int]:
     """Rows [r0, r1) and columns [c0, c1) of a patch grid of grid_hw that hold the image content."""
     height, width = size
     gh, gw = grid_hw
+    kept = KEPT_SIDE[geometry]
     if width / height > gw / gh:
-        new_h = int(round(height * (gw / width), 7))
+        new_h = kept(height * (gw / width))
         pad = (gh - new_h) // 2
         return pad, gh - pad, 0, gw
-    new_w = int(round(width * (gh / height), 7))
+    new_w = kept(width * (gh / height))
     pad = (gw - new_w) // 2
     return 0, gh, pad, gw - pad
 
@@ -90,7 +105,7 @@ def image_layout(cfg: LlavaConfig, size: tuple[int, int] | None = None) -> Image
     if size is None:
         raise ValueError("image_sizes: LLaVA-NeXT needs each image's (height, width)")
     nh, nw = grid_shape(cfg, size)
-    r0, r1, c0, c1 = unpad_box(size, (nh * g, nw * g))
+    r0, r1, c0, c1 = unpad_box(size, (nh * g, nw * g), cfg.image_geometry)
     rr, cc = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1 + 1), indexing="ij")  # +1: newline column
     newline = cc == c1
     crop = np.where(newline, -1, 1 + (rr // g) * nw + cc // g)
