@@ -138,10 +138,13 @@ def original_to_hf_config(cfg: dict, clip_cfg: dict, where: str) -> dict:
     select = cfg.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
         refuse("mm_vision_select_feature")
-    aspect = cfg.get("image_aspect_ratio") or "square"
-    anyres = aspect.startswith("anyres")
-    if aspect not in ("pad", "square", "anyres"):
-        refuse("image_aspect_ratio")
+    aspect = cfg.get("image_aspect_ratio")
+    anyres = aspect == "anyres"
+    if aspect not in ("pad", "anyres"):
+        # LLaVA's process_images then runs the CLIP processor alone (shortest-edge resize and centre crop, the
+        # image's borders cut off); jaxflow implements LLaVA-1.5's pad and LLaVA-NeXT's anyres
+        raise ConversionError(f"{where}: config attribute image_aspect_ratio={aspect!r} is not supported (jaxflow "
+                              "implements 'pad' and 'anyres'; without either LLaVA centre-crops the image)")
     if anyres and cfg.get("mm_patch_merge_type", "flat") != "spatial_unpad":
         refuse("mm_patch_merge_type")
     vision = dict(clip_cfg.get("vision_config", clip_cfg))

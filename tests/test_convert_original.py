@@ -190,6 +190,15 @@ def test_unknown_mm_attribute_refused(tuned, tmp_path, key, value):
     fails(src, str(tmp_path / "out"), key, "not supported", os.path.join(src, "config.json"), clip=clip)
 
 
+@pytest.mark.parametrize("value", ["square", None, "anyres_max_9"])
+def test_unsupported_aspect_ratio_refused(tuned, tmp_path, value):
+    """Without 'pad' or 'anyres' LLaVA centre-crops the image (the CLIP processor alone): refused, not padded."""
+    src, clip = save(tmp_path, tuned)
+    edit_config(src, lambda c: c.pop("image_aspect_ratio") if value is None else c.update(image_aspect_ratio=value))
+    fails(src, str(tmp_path / "out"), "image_aspect_ratio", "not supported", os.path.join(src, "config.json"),
+          clip=clip)
+
+
 # ---- 2. anyres pinpoints ------------------------------------------------------------------------------------------
 
 # liuhaotian/llava-v1.6-*: (width, height) pairs as LLaVA's select_best_resolution reads them against image.size
