@@ -42,8 +42,8 @@ def _writing(path: str):
     except OSError as e:
         if isinstance(e, ResultsWriteError):
             raise
-        raise ResultsWriteError(f"cannot write {path}: {e.strerror or e}; every sample recorded before it is "
-                                "complete: make room and rerun the same command to resume") from e
+        raise ResultsWriteError(f"cannot write {path}: {e.strerror or e}; the samples recorded so far are intact: "
+                                "free space and run the same command again to resume") from e
 
 
 def _fsync_append(path: str, text: str) -> None:

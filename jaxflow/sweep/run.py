@@ -119,34 +119,26 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
                 s, reason = item
                 skipped.append(s.question_id, [skip_row(s, reason)])
         shapes: set[tuple[int, int]] = set()
-        bar = tqdm(total=len(prepared), desc=f"{kind} {os.path.basename(data)}", unit="sample", disable=not progress)
-        for group, t in batches(prepared, batch):
-            shapes.add((batch, t))
-            inputs, lengths = stack_inputs(model, group, batch, t)
-            token, keep, wrong = greedy_filter(model, group, inputs, max_new_tokens=max_new_tokens,
-                                               filter_correct=filter_correct)
-            base = engine.base_run(model.module, inputs, np.asarray(lengths - 1))
-            for p, reason in wrong:
-                skipped.append(p.sample.question_id, [skip_row(p.sample, reason)])
-            if keep and lens:
-                _write_lens(model, table, skipped, base, lengths, keep)
-            elif keep:
-                knock = knockout_masks(flows, group + [group[0]] * (batch - len(group)), t, num_layers, num_heads,
-                                       window_size)
-                p_block, top1 = engine.knockout_probs(model.module, inputs, knock, lengths - 1, token, method=method,
-                                                      chunk=chunk, base=base, mesh=model.mesh)
-                probs = np.asarray(base.probs)
-                for j, p, predicted in keep:
-                    p_base = float(probs[j, token[j]])
-                    untrusted = knockout_nonfinite(flows, num_layers, p_base, p_block[:, j])
-                    if untrusted:  # the whole sample: a table key owns all its configurations
-                        skipped.append(p.sample.question_id, [skip_row(p.sample, untrusted)])
-                        continue
-                    table.append(p.sample.question_id, result_rows(p, predicted, flows, num_layers, window_size,
-                                                                   int(token[j]), p_base, p_block[:, j], top1[:, j],
-                                                                   method))
-            bar.update(len(group))
-        bar.close()
+        with tqdm(total=len(prepared), desc=f"{kind} {os.path.basename(data)}", unit="sample",
+                  disable=not progress) as bar:  # closed before an error propagates: the error is the last line
+            for group, t in batches(prepared, batch):
+                shapes.add((batch, t))
+                inputs, lengths = stack_inputs(model, group, batch, t)
+                token, keep, wrong = greedy_filter(model, group, inputs, max_new_tokens=max_new_tokens,
+                                                   filter_correct=filter_correct)
+                base = engine.base_run(model.module, inputs, np.asarray(lengths - 1))
+                for p, reason in wrong:
+                    skipped.append(p.sample.question_id, [skip_row(p.sample, reason)])
+                if keep and lens:
+                    _write_lens(model, table, skipped, base, lengths, keep)
+                elif keep:
+                    knock = knockout_masks(flows, group + [group[0]] * (batch - len(group)), t, num_layers, num_heads,
+                                           window_size)
+                    p_block, top1 = engine.knockout_probs(model.module, inputs, knock, lengths - 1, token,
+                                                          method=method, chunk=chunk, base=base, mesh=model.mesh)
+                    _write_knockouts(table, skipped, keep, flows, num_layers, window_size, method, token,
+                                     np.asarray(base.probs), p_block, top1)
+                bar.update(len(group))
         if procs > 1:  # every shard is complete: process 0 writes the merged tables
             barrier(f"jaxflow-{kind}-done")
             if pid == 0:
@@ -155,6 +147,20 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
             barrier(f"jaxflow-{kind}-merged")
         return {"rows": len(table.read()), "kept": len(table.done), "skipped": len(skipped.done),
                 "compiled_shapes": sorted(shapes)}
+
+
+def _write_knockouts(table: Table, skipped: Table, keep, flows, num_layers: int, k: int, method: str, token, probs,
+                     p_block, top1):
+    """Each kept sample's rows, or its skip when a number is not finite. token [B], probs [B, V] (uncut),
+    p_block, top1 [F * L, B]."""
+    for j, p, predicted in keep:
+        p_base = float(probs[j, token[j]])
+        untrusted = knockout_nonfinite(flows, num_layers, p_base, p_block[:, j])
+        if untrusted:  # the whole sample: a table key owns all its configurations
+            skipped.append(p.sample.question_id, [skip_row(p.sample, untrusted)])
+        else:
+            table.append(p.sample.question_id, result_rows(p, predicted, flows, num_layers, k, int(token[j]), p_base,
+                                                           p_block[:, j], top1[:, j], method))
 
 
 def _write_lens(model: Model, table: Table, skipped: Table, base: engine.BaseRun, lengths, keep):
