@@ -82,7 +82,8 @@ class RunLock:
 
     On NFS, Linux emulates flock with POSIX byte-range locks that the server enforces across
     clients (unless mounted with `nolock` or `local_lock=flock`, which make locks host-local); a
-    crashed client's lock lasts until the server's lease for it expires (NFSv4: about 90 s)."""
+    crashed client's lock lasts until the server's lease for it expires (NFSv4: about 90 s). With
+    POSIX semantics, closing any descriptor of the file drops the lock: the holder never reopens it."""
 
     def __init__(self, out_dir: str, name: str = "run.lock"):
         self.path = os.path.join(out_dir, name)
