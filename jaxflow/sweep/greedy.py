@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from jaxflow.model import Model, ModelInputs
+from jaxflow.sweep.rows import NONFINITE
 
 MAX_NEW_TOKENS = 128  # the study's base decoding limit
 
@@ -40,14 +41,18 @@ def greedy_filter(model: Model, group: list, inputs: ModelInputs, *, max_new_tok
     """Greedy-decodes a batch (rows beyond `group` are padding). Returns (first answer token [B],
     kept [(row, Prepared, predicted answer)], skipped [(Prepared, reason)]).
 
-    With filter_correct, a sample is skipped when its answer did not end within max_new_tokens, or when
-    it differs from the gold answer; without, every sample is kept (an unfinished answer as decoded so far)."""
+    A sample whose first-token distribution is not finite is skipped (its answer says nothing). Then, with
+    filter_correct, a sample is skipped when its answer did not end within max_new_tokens, or when it
+    differs from the gold answer; without, every sample is kept (an unfinished answer as decoded so far)."""
     stop = stop_tokens(model)
     gen = model.generate(inputs, max_new_tokens=max_new_tokens, eos_token_id=stop)
+    finite = np.isfinite(gen.first_token_probs).all(-1)  # [B]
     keep, skip = [], []
     for j, p in enumerate(group):
         predicted = decode_answer(model.tokenizer, gen.tokens[j], stop)
-        if filter_correct and not gen.finished[j]:
+        if not finite[j]:
+            skip.append((p, f"non-finite next-token distribution of the prompt: {NONFINITE}"))
+        elif filter_correct and not gen.finished[j]:
             shown = predicted if len(predicted) <= 60 else predicted[:60] + "..."
             skip.append((p, f"no EOS within {max_new_tokens} new tokens: decoded {shown!r}, gold {p.sample.answer!r}"))
         elif filter_correct and predicted.lower() != p.sample.answer.strip().lower():

@@ -1,17 +1,24 @@
-"""Crash-safe, resumable result tables.
+"""Crash-safe, resumable result tables, one writer each.
 
 A table is a CSV where each key (a question_id) owns a fixed number of rows, all appended in one
 write followed by fsync. Opening a table repairs what a crash can leave: a partial last line and
 keys with fewer rows than they should have are removed (the file is rewritten atomically), so a
-resumed run redoes exactly the unfinished keys: nothing lost, nothing duplicated.
+resumed run redoes exactly the unfinished keys: nothing lost, nothing duplicated. A write that fails
+(full disk, file size limit) is taken back and raises ResultsWriteError. A run holds a `RunLock` on
+its directory while it writes, so a second run into the same directory refuses instead of
+duplicating rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
+import fcntl
 import io
 import json
 import os
+import socket
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
@@ -20,11 +27,112 @@ class RunMismatchError(ValueError):
     """An existing results directory was written by a run with different settings."""
 
 
+class RunLockedError(ValueError):
+    """Another live process is writing into the results directory."""
+
+
+class ResultsWriteError(OSError):
+    """A results file could not be written (full disk, file size limit, I/O error)."""
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, ResultsWriteError):
+            raise
+        raise ResultsWriteError(f"cannot write {path}: {e.strerror or e}; the samples recorded so far are intact: "
+                                "free space and run the same command again to resume") from e
+
+
 def _fsync_append(path: str, text: str) -> None:
-    with open(path, "a", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    """Appends `text` whole or not at all: a failed write is truncated away before raising."""
+    data = memoryview(text.encode())
+    with _writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            end = os.fstat(fd).st_size
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):  # if even this fails, opening the table repairs it
+                    os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with _writing(path):
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+class RunLock:
+    """An exclusive lock on a results directory (`out/name`), held from `acquire` until `release` or
+    the holder's death: the kernel drops a flock when its process dies, so a stale lock file is
+    simply taken over. The file holds the holder's pid, host and start time for the refusal message.
+
+    On NFS, Linux emulates flock with POSIX byte-range locks that the server enforces across
+    clients (unless mounted with `nolock` or `local_lock=flock`, which make locks host-local); a
+    crashed client's lock lasts until the server's lease for it expires (NFSv4: about 90 s). With
+    POSIX semantics, closing any descriptor of the file drops the lock: the holder never reopens it."""
+
+    def __init__(self, out_dir: str, name: str = "run.lock"):
+        self.path = os.path.join(out_dir, name)
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunLockedError(f"{os.path.dirname(self.path)}: in use by {self.holder()}; a second writer "
+                                     "would duplicate its rows: wait for it to end or use another --out") from None
+            except OSError as e:
+                raise OSError(e.errno, f"cannot lock {self.path}: {e.strerror} (a file system without locks, "
+                                       "e.g. NFS mounted with nolock?)") from e
+            info = {"pid": os.getpid(), "host": socket.gethostname(),
+                    "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            with _writing(self.path):  # we hold it now: the previous holder's info goes
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return self
+
+    def holder(self) -> str:
+        """The holder as written in the lock file."""
+        try:
+            with open(self.path) as f:
+                info = json.loads(f.read() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if "pid" not in info:
+            return f"a process that has not yet written its pid to {self.path}"
+        return f"process {info['pid']} on host {info.get('host', '?')} (since {info.get('started', '?')}, {self.path})"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock; the file stays (unlinking it races)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class Table:
@@ -37,12 +145,7 @@ class Table:
             self._write_all([])
 
     def _write_all(self, rows: list[dict]) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            f.write(self._format(rows, header=True))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        _write_atomic(self.path, self._format(rows, header=True))
 
     def _format(self, rows: Iterable[Mapping], header: bool = False) -> str:
         buf = io.StringIO()
@@ -82,8 +185,8 @@ class Table:
 
 
 def open_run(out_dir: str, header: dict, compare: Iterable[str], name: str = "run.json") -> dict:
-    """Creates out_dir/`name`, or checks that the existing one agrees on the `compare` keys."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Creates out_dir/`name`, or checks that the existing one agrees on the `compare` keys. The caller
+    holds the directory's RunLock."""
     path = os.path.join(out_dir, name)
     if os.path.exists(path):
         with open(path) as f:
@@ -95,10 +198,7 @@ def open_run(out_dir: str, header: dict, compare: Iterable[str], name: str = "ru
                                    "use another --out")
         old.setdefault("resumed", []).append(header.get("started"))
         header = old
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(header, f, indent=1)
-    os.replace(tmp, path)
+    _write_atomic(path, json.dumps(header, indent=1))
     return header
 
 

@@ -19,8 +19,46 @@ LENS_COLUMNS = ["question_id", "task", "answer", "layer", "norm", "p_answer", "p
 SKIP_COLUMNS = ["question_id", "task", "reason"]
 
 
+NONFINITE = "an overflow (float16?) or broken weights"
+
+
 def skip_row(sample, reason: str) -> dict:
     return {"question_id": sample.question_id, "task": sample.task, "reason": reason}
+
+
+def spans(ints) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out, ints = [], list(ints)
+    for i, n in enumerate(ints):
+        if i == 0 or n != ints[i - 1] + 1:
+            out.append([n, n])
+        else:
+            out[-1][1] = n
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
+def knockout_nonfinite(flows, num_layers: int, p_base: float, p_block) -> str | None:
+    """Why one sample's knockout numbers cannot be written (None when they can): its base probability
+    or its knocked-out probabilities p_block [F * L] (configuration f * L + l) are not finite."""
+    if not np.isfinite(p_base):
+        return f"non-finite base probability of the answer token ({p_base}): {NONFINITE}"
+    bad = ~np.isfinite(np.asarray(p_block)).reshape(len(flows), num_layers)  # [F, L]
+    if not bad.any():
+        return None
+    where = "; ".join(f"{flow.name} layers {spans(np.flatnonzero(b))}" for flow, b in zip(flows, bad, strict=True)
+                      if b.any())
+    return (f"non-finite knocked-out probability in {int(bad.sum())} of {bad.size} configurations ({where}): "
+            f"{NONFINITE}")
+
+
+def lens_nonfinite(lens, has_false: bool) -> str | None:
+    """The same for one sample's logit lens [2 (norm), L + 1, 3] (the false option only if it has one)."""
+    bad = (~np.isfinite(np.asarray(lens)[..., : 3 if has_false else 2])).any(-1)  # [2, L + 1]
+    if not bad.any():
+        return None
+    where = "; ".join(f"{('raw', 'final-norm')[n]} layers {spans(np.flatnonzero(bad[n]))}" for n in (0, 1)
+                      if bad[n].any())
+    return f"non-finite logit-lens probability ({where}): {NONFINITE}"
 
 
 def result_rows(p, predicted: str, flows, num_layers: int, k: int, token: int, p_base: float, p_block, top1,

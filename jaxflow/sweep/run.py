@@ -8,6 +8,7 @@ batches), `greedy` (the correct-answer filter), `engine` (the knockout runs), `r
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import subprocess
@@ -25,13 +26,27 @@ from jaxflow.sweep import engine
 from jaxflow.sweep.batching import Prepared, batches, prepare, stack_inputs
 from jaxflow.sweep.flows import STUDY_FLOWS, Flow, knockout_masks, parse_flow, window
 from jaxflow.sweep.greedy import MAX_NEW_TOKENS, greedy_filter
-from jaxflow.sweep.results import Table, merge_shards, open_run
-from jaxflow.sweep.rows import LENS_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, lens_rows, lens_words, result_rows, skip_row
+from jaxflow.sweep.results import RunLock, Table, merge_shards, open_run
+from jaxflow.sweep.rows import (
+    LENS_COLUMNS,
+    RESULT_COLUMNS,
+    SKIP_COLUMNS,
+    knockout_nonfinite,
+    lens_nonfinite,
+    lens_rows,
+    lens_words,
+    result_rows,
+    skip_row,
+)
 
 # re-exported: callers written against the single-file module keep working
 __all__ = ["sweep", "run_header", "STUDY_FLOWS", "Flow", "parse_flow", "window", "knockout_masks", "Prepared",
            "prepare", "batches", "stack_inputs", "merge_shards", "RESULT_COLUMNS", "LENS_COLUMNS",
            "SKIP_COLUMNS"]
+
+# run.json settings a resumed run must share with the run it continues
+RESUME_KEYS = ["model", "data", "kind", "flows", "window", "method", "template", "filter_correct", "max_new_tokens",
+               "no_anyres", "processes", "related_patches", "dtype"]
 
 
 def _git_commit() -> str | None:
@@ -72,70 +87,88 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
     kind = "lens" if lens else "sweep"
     pid, procs = jax.process_index(), jax.process_count()
     shard = "" if procs == 1 else f".process-{pid}-of-{procs}"  # each process owns a disjoint shard
+    dtype = str(model.module.language_model.embed_tokens.embedding.dtype)  # what the numbers were computed in
     header = run_header(model, data, kind=kind, flows=[f.name for f in flows], window=window_size, method=method,
                         template=template, max_new_tokens=max_new_tokens, images=images, filter_correct=filter_correct,
                         processes=procs, no_anyres=model.no_anyres,
-                        related_patches=related_patches)
-    open_run(out, header, compare=["model", "data", "kind", "flows", "window", "method", "template", "filter_correct",
-                                   "max_new_tokens", "no_anyres", "processes", "related_patches"],
-             name=f"run{shard}.json")
-    columns, per_key = (LENS_COLUMNS, 2 * (num_layers + 1)) if lens else (RESULT_COLUMNS, len(flows) * num_layers)
-    table_name = "lens" if lens else "results"
-    skipped = Table(os.path.join(out, f"skipped{shard}.csv"), SKIP_COLUMNS, 1)
-    table = Table(os.path.join(out, f"{table_name}{shard}.csv"), columns, per_key)
-    samples, errors = gqa.load_tasks(data, images, check_images=images is not None and image_loader is None)
-    if limit is not None:
-        errors = [e for e in errors if e.row < limit]
-    for e in errors:
-        if e.question_id not in skipped.done:
-            skipped.append(e.question_id, [skip_row(e, e.reason)])
-    if limit is not None:
-        samples = samples[:limit]
-    samples, errors = samples[pid::procs], errors[pid::procs]
-    todo = [s for s in samples if s.question_id not in table.done and s.question_id not in skipped.done]
-    prepared = []
-    for item in prepare(model, todo, template, image_loader, related_patches, required):
-        if isinstance(item, Prepared):
-            prepared.append(item)
+                        related_patches=related_patches, dtype=dtype)
+    os.makedirs(out, exist_ok=True)
+    with contextlib.ExitStack() as locks:  # before anything in `out` is read or written
+        for name in [f"run{shard}.lock"] + (["run.lock"] if shard and pid == 0 else []):  # 0 writes the merge
+            locks.enter_context(RunLock(out, name))
+        open_run(out, header, compare=RESUME_KEYS, name=f"run{shard}.json")
+        columns, per_key = (LENS_COLUMNS, 2 * (num_layers + 1)) if lens else (RESULT_COLUMNS, len(flows) * num_layers)
+        table_name = "lens" if lens else "results"
+        skipped = Table(os.path.join(out, f"skipped{shard}.csv"), SKIP_COLUMNS, 1)
+        table = Table(os.path.join(out, f"{table_name}{shard}.csv"), columns, per_key)
+        samples, errors = gqa.load_tasks(data, images, check_images=images is not None and image_loader is None)
+        if limit is not None:
+            errors = [e for e in errors if e.row < limit]
+        for e in errors:
+            if e.question_id not in skipped.done:
+                skipped.append(e.question_id, [skip_row(e, e.reason)])
+        if limit is not None:
+            samples = samples[:limit]
+        samples, errors = samples[pid::procs], errors[pid::procs]
+        todo = [s for s in samples if s.question_id not in table.done and s.question_id not in skipped.done]
+        prepared = []
+        for item in prepare(model, todo, template, image_loader, related_patches, required):
+            if isinstance(item, Prepared):
+                prepared.append(item)
+            else:
+                s, reason = item
+                skipped.append(s.question_id, [skip_row(s, reason)])
+        shapes: set[tuple[int, int]] = set()
+        with tqdm(total=len(prepared), desc=f"{kind} {os.path.basename(data)}", unit="sample",
+                  disable=not progress) as bar:  # closed before an error propagates: the error is the last line
+            for group, t in batches(prepared, batch):
+                shapes.add((batch, t))
+                inputs, lengths = stack_inputs(model, group, batch, t)
+                token, keep, wrong = greedy_filter(model, group, inputs, max_new_tokens=max_new_tokens,
+                                                   filter_correct=filter_correct)
+                base = engine.base_run(model.module, inputs, np.asarray(lengths - 1))
+                for p, reason in wrong:
+                    skipped.append(p.sample.question_id, [skip_row(p.sample, reason)])
+                if keep and lens:
+                    _write_lens(model, table, skipped, base, lengths, keep)
+                elif keep:
+                    knock = knockout_masks(flows, group + [group[0]] * (batch - len(group)), t, num_layers, num_heads,
+                                           window_size)
+                    p_block, top1 = engine.knockout_probs(model.module, inputs, knock, lengths - 1, token,
+                                                          method=method, chunk=chunk, base=base, mesh=model.mesh)
+                    _write_knockouts(table, skipped, keep, flows, num_layers, window_size, method, token,
+                                     np.asarray(base.probs), p_block, top1)
+                bar.update(len(group))
+        if procs > 1:  # every shard is complete: process 0 writes the merged tables
+            barrier(f"jaxflow-{kind}-done")
+            if pid == 0:
+                merge_shards(out, table_name, columns, per_key, procs)
+                merge_shards(out, "skipped", SKIP_COLUMNS, 1, procs)
+            barrier(f"jaxflow-{kind}-merged")
+        return {"rows": len(table.read()), "kept": len(table.done), "skipped": len(skipped.done),
+                "compiled_shapes": sorted(shapes)}
+
+
+def _write_knockouts(table: Table, skipped: Table, keep, flows, num_layers: int, k: int, method: str, token, probs,
+                     p_block, top1):
+    """Each kept sample's rows, or its skip when a number is not finite. token [B], probs [B, V] (uncut),
+    p_block, top1 [F * L, B]."""
+    for j, p, predicted in keep:
+        p_base = float(probs[j, token[j]])
+        untrusted = knockout_nonfinite(flows, num_layers, p_base, p_block[:, j])
+        if untrusted:  # the whole sample: a table key owns all its configurations
+            skipped.append(p.sample.question_id, [skip_row(p.sample, untrusted)])
         else:
-            s, reason = item
-            skipped.append(s.question_id, [skip_row(s, reason)])
-    shapes: set[tuple[int, int]] = set()
-    bar = tqdm(total=len(prepared), desc=f"{kind} {os.path.basename(data)}", unit="sample", disable=not progress)
-    for group, t in batches(prepared, batch):
-        shapes.add((batch, t))
-        inputs, lengths = stack_inputs(model, group, batch, t)
-        token, keep, wrong = greedy_filter(model, group, inputs, max_new_tokens=max_new_tokens,
-                                           filter_correct=filter_correct)
-        base = engine.base_run(model.module, inputs, np.asarray(lengths - 1))
-        for p, reason in wrong:
-            skipped.append(p.sample.question_id, [skip_row(p.sample, reason)])
-        if keep and lens:
-            _write_lens(model, table, base, lengths, keep)
-        elif keep:
-            knock = knockout_masks(flows, group + [group[0]] * (batch - len(group)), t, num_layers, num_heads,
-                                   window_size)
-            p_block, top1 = engine.knockout_probs(model.module, inputs, knock, lengths - 1, token, method=method,
-                                                  chunk=chunk, base=base, mesh=model.mesh)
-            probs = np.asarray(base.probs)
-            for j, p, predicted in keep:
-                table.append(p.sample.question_id, result_rows(p, predicted, flows, num_layers, window_size,
-                                                               int(token[j]), float(probs[j, token[j]]),
-                                                               p_block[:, j], top1[:, j], method))
-        bar.update(len(group))
-    bar.close()
-    if procs > 1:  # every shard is complete: process 0 writes the merged tables
-        barrier(f"jaxflow-{kind}-done")
-        if pid == 0:
-            merge_shards(out, table_name, columns, per_key, procs)
-            merge_shards(out, "skipped", SKIP_COLUMNS, 1, procs)
-        barrier(f"jaxflow-{kind}-merged")
-    return {"rows": len(table.read()), "kept": len(table.done), "skipped": len(skipped.done),
-            "compiled_shapes": sorted(shapes)}
+            table.append(p.sample.question_id, result_rows(p, predicted, flows, num_layers, k, int(token[j]), p_base,
+                                                           p_block[:, j], top1[:, j], method))
 
 
-def _write_lens(model: Model, table: Table, base: engine.BaseRun, lengths, keep):
+def _write_lens(model: Model, table: Table, skipped: Table, base: engine.BaseRun, lengths, keep):
     words, has_false = lens_words(model.tokenizer, keep, base.probs.shape[0])
     lens = np.asarray(engine.logit_lens(model.module, base.hidden, np.asarray(lengths - 1), words))  # [2, L+1, B, 3]
     for j, p, _ in keep:
-        table.append(p.sample.question_id, lens_rows(p, lens[:, :, j], words[j], bool(has_false[j])))
+        untrusted = lens_nonfinite(lens[:, :, j], bool(has_false[j]))
+        if untrusted:
+            skipped.append(p.sample.question_id, [skip_row(p.sample, untrusted)])
+        else:
+            table.append(p.sample.question_id, lens_rows(p, lens[:, :, j], words[j], bool(has_false[j])))
