@@ -69,6 +69,8 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
     required = () if lens else sorted({name for f in flows for name in (f.source, f.target)})
     check_region_names(required, cfg)
     data = os.fspath(gqa.task_file(data))
+    if images is None and image_loader is None:
+        raise ValueError(f"{data}: no image folder given (--images, images=...): every row names an image")
     kind = "lens" if lens else "sweep"
     pid, procs = jax.process_index(), jax.process_count()
     shard = "" if procs == 1 else f".process-{pid}-of-{procs}"  # each process owns a disjoint shard
