@@ -16,9 +16,10 @@ Integrity: jaxflow.json's `integrity.groups[<group>]` holds `sha256`, a digest o
 (`group_digest`: per parameter, in name order, its name, dtype, shape and the SHA-256 of its raw bytes), and
 `files`, the [size, SHA-256] of every file orbax wrote for it. The content digest is the same for every
 conversion of the same checkpoint (orbax's files are not: it names and packs them differently run to run);
-the file records belong to this directory. `restore_params` checks that every recorded file is there with
-its size before orbax opens any (a cheap check on every load); `verify` re-hashes every array and, where a
-group fails, names the files that changed.
+the file records belong to this directory. Before orbax opens anything, `restore_params` checks that every
+recorded file is there with its size, and the small ones (orbax's metadata and indexes) with their digest: a
+cheap check on every load, so a damaged file is named instead of failing inside the storage library. `verify`
+re-hashes every array and, where a group fails, names the files that changed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ FORMAT_VERSION = 1
 METADATA_FILE = "jaxflow.json"
 HASH = "sha256"
 _READ_CHUNK = 1 << 22
+SMALL_FILE = 1 << 16  # files up to this size (orbax's metadata and indexes, small arrays) are digested on every load
 
 
 class CheckpointIntegrityError(ValueError):
@@ -176,7 +178,8 @@ _RECONVERT = "convert the checkpoint again"
 
 def check_files(directory: str, meta: dict) -> None:
     """Before orbax opens anything: every group directory is there and, where jaxflow.json records them, every
-    file of it with its recorded size. Raises CheckpointIntegrityError naming the group and the file."""
+    file of it with its recorded size, and those up to SMALL_FILE bytes with their digest. Raises
+    CheckpointIntegrityError naming the group and the file."""
     for group in meta["groups"]:
         _check_group_files(directory, meta, group)
 
@@ -185,7 +188,7 @@ def _check_group_files(directory: str, meta: dict, group: str) -> None:
     group_dir = os.path.join(directory, "params", group)
     if not os.path.isdir(group_dir):
         raise CheckpointIntegrityError(f"{group_dir}: missing: parameter group {group} is not stored ({_RECONVERT})")
-    for rel, (size, _) in meta.get("integrity", {}).get("groups", {}).get(group, {}).get("files", {}).items():
+    for rel, (size, digest) in meta.get("integrity", {}).get("groups", {}).get(group, {}).get("files", {}).items():
         path = os.path.join(group_dir, rel)
         if not os.path.isfile(path):
             raise CheckpointIntegrityError(f"{path}: missing: a file of parameter group {group} ({_RECONVERT})")
@@ -193,6 +196,9 @@ def _check_group_files(directory: str, meta: dict, group: str) -> None:
         if actual != size:
             raise CheckpointIntegrityError(f"{path}: {actual} bytes, {size} when converted: parameter group "
                                            f"{group} is truncated or damaged ({_RECONVERT})")
+        if size <= SMALL_FILE and _file_digest(path) != digest:
+            raise CheckpointIntegrityError(f"{path}: differs from the file written at conversion: parameter group "
+                                           f"{group} is damaged ({_RECONVERT})")
 
 
 def _changed_files(group_dir: str, record: dict) -> str:
@@ -204,7 +210,7 @@ def _changed_files(group_dir: str, record: dict) -> str:
             changed.append(path)
     if changed:
         return f"; changed since conversion: {', '.join(changed)} ({_RECONVERT})"
-    return f"; its files are unchanged since conversion ({_RECONVERT})" if record else f" ({_RECONVERT})"
+    return f"; its files are unchanged since conversion ({_RECONVERT})" if record.get("files") else f" ({_RECONVERT})"
 
 
 def _restore_group(ckpt, directory: str, meta: dict, group: str, target=None) -> dict[str, object]:
