@@ -220,8 +220,9 @@ def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32",
             json.dump(hf_config, f, indent=1)
         try:
             cfg = LlavaConfig.from_pretrained(tmp)
-        except ValueError as e:
-            raise ConversionError(f"{config_path}: {e}") from e
+        except ValueError as e:  # it names the temporary copy; the user knows the source's config.json
+            raise ConversionError(f"{config_path}: {str(e).removeprefix(os.path.join(tmp, 'config.json') + ': ')}"
+                                  ) from e
         if layout == "original":
             sources, tower = _original_sources(cfg, raw, main, src, clip, allow_pickle, vision_tower)
         else:

@@ -10,6 +10,7 @@ RunMismatchError, RegionError, ExportError, ...), so those two catch them all.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -45,14 +46,10 @@ def _demo(args) -> int:
 def _sweep(args) -> int:
     import jaxflow
     from jaxflow import sharding
-    from jaxflow.inputs import gqa
     from jaxflow.sweep import flows as sweep_flows
     from jaxflow.sweep import run
 
-    # what needs no model is checked before the (possibly long) model load
-    if args.images is None:
-        raise ValueError("--images is required: every row of a task file names an image (<folder>/<img_id>.jpg)")
-    gqa.load_tasks(args.data, check_images=False)
+    run.check_inputs(args.data, args.images)  # before the (possibly long) model load
     flows = [sweep_flows.parse_flow(f) for f in (args.flows or list(sweep_flows.STUDY_FLOWS))]
     if args.distributed or args.coordinator:
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -72,6 +69,8 @@ def _sweep(args) -> int:
 def _plot(args) -> int:
     from jaxflow.sweep.plots import plot
 
+    if not os.path.isdir(args.results):
+        raise FileNotFoundError(f"{args.results}: no such directory")
     for path in plot(args.results, args.out):
         print(path)
     return 0
