@@ -165,12 +165,11 @@ def _file_digest(path: str) -> str:
 
 def _file_records(group_dir: str) -> dict[str, list]:
     """Every file under `group_dir` (path relative to it, '/'-separated) -> [size, SHA-256]."""
-    out = {}
-    for root, _, files in os.walk(group_dir):
-        for name in files:
-            path = os.path.join(root, name)
-            out[os.path.relpath(path, group_dir).replace(os.sep, "/")] = [os.path.getsize(path), _file_digest(path)]
-    return dict(sorted(out.items()))
+    paths = sorted(os.path.join(root, name) for root, _, files in os.walk(group_dir) for name in files)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(_file_digest, paths))
+    return {os.path.relpath(p, group_dir).replace(os.sep, "/"): [os.path.getsize(p), d]
+            for p, d in zip(paths, digests, strict=True)}
 
 
 _RECONVERT = "convert the checkpoint again"

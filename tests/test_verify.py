@@ -20,7 +20,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import jaxflow
-from convert import convert
+from convert import ConversionError, convert
 from jaxflow import checkpoint, cli
 from jaxflow.checkpoint import CheckpointIntegrityError
 from jaxflow.config import LlavaConfig
@@ -199,6 +199,41 @@ def test_model_without_digests(copy):
     jaxflow.load(copy)
     with pytest.raises(CheckpointIntegrityError, match="records no parameter digests"):
         checkpoint.verify(copy)
+
+
+# ---- temporary directories ------------------------------------------------------------------------
+
+
+def test_convert_removes_only_temp_dirs_of_dead_processes(src, tmp_path):
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    names = {"dead": f".model.tmp-{host}-{dead.pid}-abc", "alive": f".model.tmp-{host}-{os.getpid()}-abc",
+             "elsewhere": f".model.tmp-otherhost-{dead.pid}-abc", "other_out": f".other.tmp-{host}-{dead.pid}-abc"}
+    for name in names.values():
+        (tmp_path / name / "params").mkdir(parents=True)
+    convert(src, str(tmp_path / "model"), progress=False)
+    left = set(os.listdir(tmp_path))
+    assert names["dead"] not in left
+    assert {names["alive"], names["elsewhere"], names["other_out"], "model"} <= left
+
+
+def test_out_appearing_while_converting(src, tmp_path, monkeypatch):
+    """Two conversions into one OUT: the one that finishes second is discarded, the first one's model kept."""
+    out = tmp_path / "model"
+    real = checkpoint.GroupWriter.finish
+
+    def finish_and_race(self, **meta):
+        real(self, **meta)
+        out.mkdir()
+        (out / "theirs").write_text("first")
+
+    monkeypatch.setattr(checkpoint.GroupWriter, "finish", finish_and_race)
+    with pytest.raises(ConversionError, match="appeared while converting"):
+        convert(src, str(out), progress=False)
+    assert os.listdir(out) == ["theirs"] and glob.glob(str(tmp_path / ".model.tmp-*")) == []
 
 
 # ---- SIGKILL during conversion --------------------------------------------------------------------
