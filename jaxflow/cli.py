@@ -4,7 +4,8 @@ A user error (bad path, bad flag value, wrong kind of file, unsupported config, 
 results directory) prints one line, `jaxflow <command>: error: ...`, and exits with status 2, as
 argparse does for bad usage; `--debug` shows the traceback instead. Every jaxflow error class
 subclasses ValueError or OSError (ConversionError, UnsupportedConfigError, CheckpointIntegrityError,
-RunMismatchError, RegionError, ExportError, ...), so those two catch them all.
+RunMismatchError, RegionError, ExportError, ...), so those two catch them all (an internal error of those
+types prints one line too; `--debug` shows where it came from).
 """
 
 from __future__ import annotations
@@ -195,8 +196,24 @@ def one_line(error: BaseException) -> str:
     return text
 
 
+def quiet_closed_event_loop() -> None:
+    """orbax reads through asyncio: after a read fails, the storage library's remaining callbacks find orbax's
+    event loop closed and each reports `RuntimeError: Event loop is closed`, at any time up to the process exit.
+    That is only the tail of the error already reported; this drops it and passes every other report on."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        quiet_closed_event_loop()
     try:
         return args.func(args)
     except USER_ERRORS as e:

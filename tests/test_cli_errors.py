@@ -189,6 +189,19 @@ def test_debug_shows_the_traceback(tmp_path):
             cli.main(args)
 
 
+def test_closed_event_loop_tail_dropped(monkeypatch):
+    """What orbax's storage callbacks report after a failed read, and only that, is dropped."""
+    import types
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    cli.quiet_closed_event_loop()
+    tail, other = (types.SimpleNamespace(exc_value=RuntimeError(m)) for m in ("Event loop is closed", "other"))
+    sys.unraisablehook(tail)
+    sys.unraisablehook(other)
+    assert seen == [other]
+
+
 def test_process_exit_status_and_stderr(tmp_path):
     cmd = [sys.executable, "-m", "jaxflow.cli", "plot", str(tmp_path / "nope"), "--out", str(tmp_path / "fig")]
     quiet = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)

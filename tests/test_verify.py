@@ -169,6 +169,10 @@ def test_storage_library_error_becomes_one_line(copy):
     message = str(info.value)
     assert message.startswith(f"{os.path.join(copy, 'params', LAYER)}: parameter group {LAYER} cannot be read (")
     assert "\n" not in message and "tensorstore_spec" not in message
+    # the storage library's late callbacks ("Event loop is closed", up to the exit) do not reach the user
+    for _ in range(2):
+        status, err = cli_line(["verify", copy])
+        assert status == 2 and len(err) == 1 and err[0].startswith("jaxflow verify: error: ") and LAYER in err[0], err
 
 
 def test_missing_group(copy, capsys):
