@@ -2,8 +2,10 @@
 
 Every check (layout, config, tokenizer, missing / unexpected / mis-shaped tensors) runs before any
 parameter is written. Tensors are then read, cast and transformed one at a time and written one
-parameter group (a layer) at a time, into a temporary directory that is renamed to OUT only when
-complete.
+parameter group (a layer) at a time, with the digests of what each holds (`checkpoint.GroupWriter`),
+into a temporary directory `.OUT.tmp-<host>-<pid>-*` that is renamed to OUT only when complete. A
+killed conversion leaves only its temporary directory; the next conversion into OUT on the same host
+removes those whose process is gone.
 
 Original-layout checkpoints (liuhaotian/*, lmms-lab/*) are converted as LLaVA's own code
 (llava-torch 1.2.2) runs them:
@@ -31,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections import defaultdict
 
@@ -215,14 +218,17 @@ def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32",
 
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    _remove_stale_temps(parent, os.path.basename(out))
+    tmp = tempfile.mkdtemp(prefix=f"{_temp_prefix(os.path.basename(out))}{socket.gethostname()}-{os.getpid()}-",
+                           dir=parent)
     try:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=1)
         try:
             cfg = LlavaConfig.from_pretrained(tmp)
-        except ValueError as e:
-            raise ConversionError(f"{config_path}: {e}") from e
+        except ValueError as e:  # it names the temporary copy; the user knows the source's config.json
+            raise ConversionError(f"{config_path}: {str(e).removeprefix(os.path.join(tmp, 'config.json') + ': ')}"
+                                  ) from e
         if layout == "original":
             sources, tower = _original_sources(cfg, raw, main, src, clip, allow_pickle, vision_tower)
         else:
@@ -246,7 +252,11 @@ def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32",
         writer.finish(dtype=dtype, layout=layout, source=os.path.abspath(src),
                       source_format="pickle" if isinstance(main, PickleSource) else "safetensors",
                       image_aspect_ratio=raw.get("image_aspect_ratio"), **tower, **files)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError as e:
+            raise ConversionError(f"{out}: appeared while converting (another conversion into it?); this one is "
+                                  f"discarded ({e.strerror})") from e
     except CheckpointError as e:  # a tensor that cannot be read
         shutil.rmtree(tmp, ignore_errors=True)
         raise ConversionError(str(e)) from e
@@ -254,6 +264,31 @@ def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32",
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}.tmp-"
+
+
+def _remove_stale_temps(parent: str, name: str) -> None:
+    """Removes the temporary directories of conversions into `name` that were killed on this host: their names
+    carry the host and the process id, and that process no longer exists. Others (another host's, a running
+    conversion's) are left alone."""
+    prefix, host = _temp_prefix(name), socket.gethostname()
+    for entry in os.listdir(parent):
+        parts = entry[len(prefix):].rsplit("-", 2) if entry.startswith(prefix) else []
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _process_alive(int(parts[1])):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _open(path: str, allow_pickle: bool) -> Source:

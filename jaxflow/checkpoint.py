@@ -5,20 +5,32 @@ A converted model directory holds:
   jaxflow.json         format version, dtype, parameter groups, and where everything came from: source
                        (path), layout, source_format (safetensors | pickle), vision_tower (checkpoint | clip),
                        vision_tower_path, vision_tower_reason (original layout), preprocessor_config (the file
-                       copied, or null), tokenizer_json (source | built | null)
+                       copied, or null), tokenizer_json (source | built | null); `integrity` (below)
   params/<group>/      one orbax checkpoint per group (a decoder/vision layer, or one tensor)
   tokenizer files, preprocessor_config.json
 
 Groups keep peak memory at about one layer while converting and let a restore target any
 sharding, parameter by parameter.
+
+Integrity: jaxflow.json's `integrity.groups[<group>]` holds `sha256`, a digest of what the group's arrays hold
+(`group_digest`: per parameter, in name order, its name, dtype, shape and the SHA-256 of its raw bytes), and
+`files`, the [size, SHA-256] of every file orbax wrote for it. The content digest is the same for every
+conversion of the same checkpoint (orbax's files are not: it names and packs them differently run to run);
+the file records belong to this directory. Before orbax opens anything, `restore_params` checks that every
+recorded file is there with its size, and the small ones (orbax's metadata and indexes) with their digest: a
+cheap check on every load, so a damaged file is named instead of failing inside the storage library. `verify`
+re-hashes every array and, where a group fails, names the files that changed.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -26,6 +38,14 @@ import orbax.checkpoint as ocp
 
 FORMAT_VERSION = 1
 METADATA_FILE = "jaxflow.json"
+HASH = "sha256"
+_READ_CHUNK = 1 << 22
+SMALL_FILE = 1 << 16  # files up to this size (orbax's metadata and indexes, small arrays) are digested on every load
+
+
+class CheckpointIntegrityError(ValueError):
+    """A stored parameter group is missing, truncated or holds other values than at conversion; the message
+    names the group and the file."""
 
 
 def path_str(path: tuple) -> str:
@@ -78,6 +98,7 @@ class GroupWriter:
     def __init__(self, directory: str):
         self.directory = directory
         self.groups: dict[str, dict[str, list[int]]] = {}  # group -> name -> shape
+        self.integrity: dict[str, dict] = {}  # group -> {"sha256": content digest, "files": {path: [size, sha256]}}
         # Synchronous, and without orbax's defensive deep copy of numpy arrays (it guards async saves
         # against later mutation; here every save completes before its arrays are released, so the
         # copy would only double the memory of the group being written). StandardCheckpointer
@@ -89,13 +110,17 @@ class GroupWriter:
         self._ckpt = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
 
     def write(self, group: str, params: Mapping[str, np.ndarray]) -> None:
-        self._ckpt.save(os.path.join(self.directory, "params", group), args=ocp.args.PyTreeSave(_nest(params)))
+        digest = group_digest(params)
+        group_dir = os.path.join(self.directory, "params", group)
+        self._ckpt.save(group_dir, args=ocp.args.PyTreeSave(_nest(params)))
         _release_freed_memory()
         self.groups[group] = {name: list(np.shape(v)) for name, v in sorted(params.items())}
+        self.integrity[group] = {HASH: digest, "files": _file_records(group_dir)}
 
     def finish(self, **metadata) -> None:
         self._ckpt.close()
-        meta = {"format_version": FORMAT_VERSION, **metadata, "groups": self.groups}
+        meta = {"format_version": FORMAT_VERSION, **metadata, "groups": self.groups,
+                "integrity": {"algorithm": HASH, "groups": self.integrity}}
         with open(os.path.join(self.directory, METADATA_FILE), "w") as f:
             json.dump(meta, f, indent=1)
 
@@ -111,9 +136,101 @@ def read_metadata(directory: str) -> dict:
     return meta
 
 
+def _array_digest(value) -> str:
+    a = np.ascontiguousarray(value)
+    return hashlib.sha256(a.reshape(-1).view(np.uint8)).hexdigest()
+
+
+def group_digest(params: Mapping[str, object]) -> str:
+    """SHA-256 over a group's parameters in name order: each one's name, dtype, shape and the SHA-256 of its raw
+    (C-order) bytes. It depends on the values only, not on how they are stored. Parameters are hashed in parallel
+    threads (hashlib releases the GIL)."""
+    names = sorted(params)
+    arrays = [np.asarray(params[n]) for n in names]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(arrays), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(_array_digest, arrays))
+    h = hashlib.sha256()
+    for name, a, digest in zip(names, arrays, digests, strict=True):
+        h.update((json.dumps([name, a.dtype.name, list(a.shape), digest]) + "\n").encode())
+    return h.hexdigest()
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_records(group_dir: str) -> dict[str, list]:
+    """Every file under `group_dir` (path relative to it, '/'-separated) -> [size, SHA-256]."""
+    paths = sorted(os.path.join(root, name) for root, _, files in os.walk(group_dir) for name in files)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(_file_digest, paths))
+    return {os.path.relpath(p, group_dir).replace(os.sep, "/"): [os.path.getsize(p), d]
+            for p, d in zip(paths, digests, strict=True)}
+
+
+_RECONVERT = "convert the checkpoint again"
+
+
+def check_files(directory: str, meta: dict) -> None:
+    """Before orbax opens anything: every group directory is there and, where jaxflow.json records them, every
+    file of it with its recorded size, and those up to SMALL_FILE bytes with their digest. Raises
+    CheckpointIntegrityError naming the group and the file."""
+    for group in meta["groups"]:
+        _check_group_files(directory, meta, group)
+
+
+def _check_group_files(directory: str, meta: dict, group: str) -> None:
+    group_dir = os.path.join(directory, "params", group)
+    if not os.path.isdir(group_dir):
+        raise CheckpointIntegrityError(f"{group_dir}: missing: parameter group {group} is not stored ({_RECONVERT})")
+    for rel, (size, digest) in meta.get("integrity", {}).get("groups", {}).get(group, {}).get("files", {}).items():
+        path = os.path.join(group_dir, rel)
+        if not os.path.isfile(path):
+            raise CheckpointIntegrityError(f"{path}: missing: a file of parameter group {group} ({_RECONVERT})")
+        actual = os.path.getsize(path)
+        if actual != size:
+            raise CheckpointIntegrityError(f"{path}: {actual} bytes, {size} when converted: parameter group "
+                                           f"{group} is truncated or damaged ({_RECONVERT})")
+        if size <= SMALL_FILE and _file_digest(path) != digest:
+            raise CheckpointIntegrityError(f"{path}: differs from the file written at conversion: parameter group "
+                                           f"{group} is damaged ({_RECONVERT})")
+
+
+def _changed_files(group_dir: str, record: dict) -> str:
+    """Which of a group's files differ from their record, as the end of an error message."""
+    changed = []
+    for rel, (size, digest) in record.get("files", {}).items():
+        path = os.path.join(group_dir, rel)
+        if not os.path.isfile(path) or os.path.getsize(path) != size or _file_digest(path) != digest:
+            changed.append(path)
+    if changed:
+        return f"; changed since conversion: {', '.join(changed)} ({_RECONVERT})"
+    return f"; its files are unchanged since conversion ({_RECONVERT})" if record.get("files") else f" ({_RECONVERT})"
+
+
+def _restore_group(ckpt, directory: str, meta: dict, group: str, target=None) -> dict[str, object]:
+    """One group's parameters (flat names), as `target` or, without one, as stored (numpy). A storage error
+    becomes a CheckpointIntegrityError naming the group and its changed files."""
+    group_dir = os.path.join(directory, "params", group)
+    try:
+        return _flatten(ckpt.restore(group_dir, target))
+    except Exception as e:  # tensorstore and orbax raise many kinds for damaged files
+        text = " ".join(str(e).split())
+        reason = re.sub(r"\s*\[(tensorstore_spec|source locations)=.*", "", text) or type(e).__name__
+        reason = reason if len(reason) <= 300 else "..." + reason[-300:]  # the cause comes last
+        record = meta.get("integrity", {}).get("groups", {}).get(group, {})
+        raise CheckpointIntegrityError(f"{group_dir}: parameter group {group} cannot be read ({reason})"
+                                       f"{_changed_files(group_dir, record)}") from e
+
+
 def restore_params(directory: str, targets: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, object]:
     """Restores every parameter named in `targets` (flat name -> ShapeDtypeStruct, optionally with
-    a sharding and a dtype to cast to). Missing or unexpected parameters raise, naming them."""
+    a sharding and a dtype to cast to). Missing or unexpected parameters raise, naming them; so do missing or
+    truncated files (`check_files`, before orbax reads)."""
     directory = os.path.abspath(directory)  # orbax refuses relative paths
     meta = read_metadata(directory)
     shapes = {name: tuple(shape) for names in meta["groups"].values() for name, shape in names.items()}
@@ -124,10 +241,49 @@ def restore_params(directory: str, targets: Mapping[str, jax.ShapeDtypeStruct]) 
     if missing or unexpected or misshaped:
         raise ValueError(f"{directory}: checkpoint does not match the model config; missing {missing}, "
                          f"unexpected {unexpected}, mis-shaped {misshaped}")
+    check_files(directory, meta)
     out: dict[str, object] = {}
     with ocp.StandardCheckpointer() as ckpt:
         for group, names in meta["groups"].items():
-            target = _nest({n: targets[n] for n in names})
-            restored = ckpt.restore(os.path.join(directory, "params", group), target)
-            out.update(_flatten(restored))
+            out.update(_restore_group(ckpt, directory, meta, group, _nest({n: targets[n] for n in names})))
     return out
+
+
+def verify(directory: str) -> dict[str, int]:
+    """Re-reads every parameter group as stored and compares the digest of what its arrays hold with the one
+    recorded at conversion. Raises CheckpointIntegrityError naming the first bad group and its changed files
+    (and how many other groups are bad); returns {"groups": n, "bytes": parameter bytes hashed}."""
+    directory = os.path.abspath(directory)
+    meta = read_metadata(directory)
+    records = meta.get("integrity", {}).get("groups")
+    where = os.path.join(directory, METADATA_FILE)
+    if not records:
+        raise CheckpointIntegrityError(f"{where}: records no parameter digests (converted before jaxflow recorded "
+                                       f"them); {_RECONVERT} to verify it")
+    unrecorded = sorted(set(meta["groups"]) - set(records))
+    if unrecorded:
+        raise CheckpointIntegrityError(f"{where}: no digest recorded for parameter groups {unrecorded}")
+    bad, nbytes = [], 0
+    with ocp.StandardCheckpointer() as ckpt:
+        for group, names in meta["groups"].items():
+            group_dir = os.path.join(directory, "params", group)
+            try:
+                _check_group_files(directory, meta, group)
+                flat = _restore_group(ckpt, directory, meta, group)
+            except CheckpointIntegrityError as e:
+                bad.append((group, str(e)))
+                continue
+            shapes = {n: list(np.shape(v)) for n, v in sorted(flat.items())}
+            digest = group_digest(flat)
+            if shapes != names:
+                bad.append((group, f"{group_dir}: parameter group {group} holds {shapes}, jaxflow.json records "
+                                   f"{names}{_changed_files(group_dir, records[group])}"))
+            elif digest != records[group][HASH]:
+                bad.append((group, f"{group_dir}: parameter group {group} holds other values than when converted "
+                                   f"({HASH} {digest[:16]}..., recorded {records[group][HASH][:16]}...)"
+                                   f"{_changed_files(group_dir, records[group])}"))
+            nbytes += sum(np.asarray(v).nbytes for v in flat.values())
+    if bad:
+        more = f"; {len(bad) - 1} more bad group(s): {', '.join(g for g, _ in bad[1:])}" if len(bad) > 1 else ""
+        raise CheckpointIntegrityError(bad[0][1] + more)
+    return {"groups": len(meta["groups"]), "bytes": nbytes}

@@ -1,21 +1,39 @@
-"""The `jaxflow` command."""
+"""The `jaxflow` command.
+
+A user error (bad path, bad flag value, wrong kind of file, unsupported config, damaged model, busy
+results directory) prints one line, `jaxflow <command>: error: ...`, and exits with status 2, as
+argparse does for bad usage; `--debug` shows the traceback instead. Every jaxflow error class
+subclasses ValueError or OSError (ConversionError, UnsupportedConfigError, CheckpointIntegrityError,
+RunMismatchError, RegionError, ExportError, ...), so those two catch them all (an internal error of those
+types prints one line too; `--debug` shows where it came from).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+
+USER_ERRORS = (ValueError, OSError)
 
 
 def _convert(args) -> int:
-    from convert import ConversionError, convert
+    from convert import convert
 
-    try:
-        out = convert(args.src, args.out, clip=args.clip, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                      vision_tower=args.vision_tower)
-    except ConversionError as e:
-        print(f"jaxflow convert: error: {e}", file=sys.stderr)
-        return 2
+    out = convert(args.src, args.out, clip=args.clip, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                  vision_tower=args.vision_tower)
     print(f"converted {args.src} -> {out}")
+    return 0
+
+
+def _verify(args) -> int:
+    from jaxflow import checkpoint
+
+    start = time.time()
+    summary = checkpoint.verify(args.model)
+    print(f"{args.model}: all {summary['groups']} parameter groups ({summary['bytes'] / 2**30:.3f} GiB) hold what "
+          f"they held at conversion ({checkpoint.HASH} digests match; {time.time() - start:.1f} s)")
     return 0
 
 
@@ -32,6 +50,7 @@ def _sweep(args) -> int:
     from jaxflow.sweep import flows as sweep_flows
     from jaxflow.sweep import run
 
+    run.check_inputs(args.data, args.images)  # before the (possibly long) model load
     flows = [sweep_flows.parse_flow(f) for f in (args.flows or list(sweep_flows.STUDY_FLOWS))]
     if args.distributed or args.coordinator:
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -51,19 +70,17 @@ def _sweep(args) -> int:
 def _plot(args) -> int:
     from jaxflow.sweep.plots import plot
 
+    if not os.path.isdir(args.results):
+        raise FileNotFoundError(f"{args.results}: no such directory")
     for path in plot(args.results, args.out):
         print(path)
     return 0
 
 
 def _export(args) -> int:
-    from jaxflow.sweep.export import ExportError, export_study
+    from jaxflow.sweep.export import export_study
 
-    try:
-        written = export_study(args.study, args.runs, model=args.model_name)
-    except ExportError as e:
-        print(f"jaxflow export: error: {e}", file=sys.stderr)
-        return 2
+    written = export_study(args.study, args.runs, model=args.model_name)
     for path in written:
         print(path)
     return 0
@@ -75,10 +92,20 @@ def demo_defaults() -> tuple[int, int]:
     return demo.SAMPLES_PER_TASK, demo.SEED
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxflow.inputs.images import RELATED_PATCH_RULES
 
-    parser = argparse.ArgumentParser(prog="jaxflow", description=__doc__)
+    parser = argparse.ArgumentParser(prog="jaxflow", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert", help="convert a LLaVA checkpoint into a jaxflow model directory")
     p.add_argument("src", help="checkpoint directory (config.json + *.safetensors) or one .safetensors file")
@@ -92,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="original layout: the tower stored in the checkpoint or the --clip one (default: as LLaVA "
                    "runs it: the stored tower when the config or the tensors say it was trained)")
     p.set_defaults(func=_convert)
+    p = sub.add_parser("verify", help="re-hash a converted model's parameters against the digests recorded when "
+                       "it was converted")
+    p.add_argument("model", help="converted model directory")
+    p.set_defaults(func=_verify)
     for name, what in (("sweep", "attention-knockout sweep over flows x layers"),
                        ("lens", "logit lens at the last position")):
         p = sub.add_parser(name, help=f"{what} on a GQA task file")
@@ -102,14 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="results directory (resumed if it exists)")
         p.add_argument("--flows", nargs="+", help="flows: the study's names (e.g. 'Image->Question') or "
                        "region pairs 'source->target', optionally '@h1,h2' for a head subset (default: the six)")
-        p.add_argument("--window", type=int, default=9, help="layers cut around each layer (default 9)")
-        p.add_argument("--batch", type=int, default=4, help="samples per compiled call")
+        p.add_argument("--window", type=positive_int, default=9, help="layers cut around each layer (default 9)")
+        p.add_argument("--batch", type=positive_int, default=4, help="samples per compiled call")
         p.add_argument("--method", choices=["incremental", "full"], default="incremental")
-        p.add_argument("--chunk", type=int, help="knockout configurations per call (default: what fits in memory)")
-        p.add_argument("--limit", type=int, help="only the first N rows")
+        p.add_argument("--chunk", type=positive_int,
+                       help="knockout configurations per call (default: what fits in memory)")
+        p.add_argument("--limit", type=positive_int, help="only the first N rows")
         p.add_argument("--template", choices=["vicuna_v1", "llava_llama_3", "plain"], help="default: from tokenizer")
         p.add_argument("--keep-incorrect", action="store_true", help="keep samples the model answers wrongly")
-        p.add_argument("--max-new-tokens", type=int, default=128,
+        p.add_argument("--max-new-tokens", type=positive_int, default=128,
                        help="greedy answers are decoded until EOS, at most this many tokens (default 128, as the "
                        "study); an answer without EOS within it is skipped")
         p.add_argument("--no-anyres", action="store_true",
@@ -143,15 +175,52 @@ def build_parser() -> argparse.ArgumentParser:
                        "logit lens, plots, report")
     p.add_argument("--out", default="jaxflow-demo",
                    help="output directory (default: ./jaxflow-demo; resumed if it exists)")
-    p.add_argument("--samples-per-task", type=int, default=demo_defaults()[0], help="toy questions per task")
+    p.add_argument("--samples-per-task", type=positive_int, default=demo_defaults()[0],
+                   help="toy questions per task")
     p.add_argument("--seed", type=int, default=demo_defaults()[1], help="seed of the demo data")
     p.set_defaults(func=_demo)
+    # --debug before or after the command name (SUPPRESS: a subcommand's default does not undo the top level's)
+    for p in [parser, *sub.choices.values()]:
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, show the Python traceback instead of one line")
+    parser.set_defaults(debug=False)
     return parser
+
+
+def one_line(error: BaseException) -> str:
+    """An error message on one line: continuation lines joined with '; ' (after a ':' with a space)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    text = lines[0]
+    for line in lines[1:]:
+        text += (" " if text.endswith(":") else "; ") + line
+    return text
+
+
+def quiet_closed_event_loop() -> None:
+    """orbax reads through asyncio: after a read fails, the storage library's remaining callbacks find orbax's
+    event loop closed and each reports `RuntimeError: Event loop is closed`, at any time up to the process exit.
+    That is only the tail of the error already reported; this drops it and passes every other report on."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if not args.debug:
+        quiet_closed_event_loop()
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"jaxflow {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

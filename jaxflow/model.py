@@ -240,7 +240,7 @@ def param_shapes(cfg: LlavaConfig, dtype=jnp.float32) -> dict[str, jax.ShapeDtyp
 
 
 def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None,
-         no_anyres: bool = False) -> Model:
+         no_anyres: bool = False, verify: bool = False) -> Model:
     """Loads a directory written by `jaxflow convert`.
 
     dtype: cast parameters on restore (default: as stored). mesh: a ('data', 'model') mesh
@@ -250,10 +250,15 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
     `mm_patch_merge_type="spatial"` (the study's `--noHD_noPad`): the image padded to a square and one
     crop, its features alone (for a single crop, `spatial` appends no `image_newline`), i.e. the
     LLaVA-1.5 geometry; `.config` is then kind "llava".
+    verify: first re-hash every stored array against the digests recorded at conversion (`checkpoint.verify`:
+    one more read of the parameters). Without it, only the stored files' presence and sizes are checked.
+    A damaged model raises `checkpoint.CheckpointIntegrityError` naming the group and the file.
     """
     path = os.fspath(path)
     cfg = LlavaConfig.from_pretrained(path)
     meta = checkpoint.read_metadata(path)
+    if verify:
+        checkpoint.verify(path)
     dtype = jnp.dtype(dtype or meta["dtype"])
     module = abstract_module(cfg, dtype)
     graphdef, state = nnx.split(module)

@@ -1,9 +1,9 @@
-"""`jaxflow regions`: print (and draw) the token regions of one image + question."""
+"""`jaxflow regions`: print (and draw) the token regions of one image + question. Errors (a missing image, a
+bad box, a region that cannot be located) reach `jaxflow.cli.main`, which prints them on one line."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 from PIL import Image
 
@@ -11,35 +11,35 @@ from jaxflow.inputs.images import RELATED_PATCH_RULES
 from jaxflow.inputs.regions import NEXT_REGIONS
 
 
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    parts = text.split(",")
-    if len(parts) != 4:
-        raise ValueError(f"--box {text!r}: expected x,y,w,h")
-    return tuple(float(v) for v in parts)
+def parse_box(text: str, flag: str = "--box") -> tuple[float, float, float, float]:
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise ValueError(f"{flag} {text!r}: expected x,y,w,h (four numbers)")
+    return box
 
 
 def regions_command(args) -> int:
     import jaxflow
-    from jaxflow.inputs.regions import RegionError, box_region, build_sample, render, substring_region
+    from jaxflow.inputs.regions import box_region, build_sample, render, substring_region
 
-    model = jaxflow.load(args.model)
     rule = args.related_patches
-    try:
-        boxes = [parse_box(b) for b in args.box or []]
-        with Image.open(args.image) as im:
-            image = im.convert("RGB")
-        sample = build_sample(model.config, model.tokenizer, image, args.question, mode=model.prompt_mode,
-                              template=args.template, boxes=boxes, object_names=args.object_name or (),
-                              related_patches=rule, settings=model.processor)
-        regions = dict(sample.regions)
-        for sub in args.substring or []:
-            regions[f"substring:{sub}"] = substring_region(sample.prompt, sample.encoded, sub)
-        for i, box in enumerate(args.region_box or []):
-            regions[f"box:{i}"] = box_region(model.config, sample.image_size, sample.encoded, [parse_box(box)],
-                                             rule, model.processor)
-    except (RegionError, ValueError, OSError) as e:
-        print(f"jaxflow regions: error: {e}", file=sys.stderr)
-        return 2
+    boxes = [parse_box(b) for b in args.box or []]
+    region_boxes = [parse_box(b, "--region-box") for b in args.region_box or []]
+    with Image.open(args.image) as im:
+        image = im.convert("RGB")
+    model = jaxflow.load(args.model)
+    sample = build_sample(model.config, model.tokenizer, image, args.question, mode=model.prompt_mode,
+                          template=args.template, boxes=boxes, object_names=args.object_name or (),
+                          related_patches=rule, settings=model.processor)
+    regions = dict(sample.regions)
+    for sub in args.substring or []:
+        regions[f"substring:{sub}"] = substring_region(sample.prompt, sample.encoded, sub)
+    for i, box in enumerate(region_boxes):
+        regions[f"box:{i}"] = box_region(model.config, sample.image_size, sample.encoded, [box], rule,
+                                         model.processor)
     tokens = model.tokenizer.convert_ids_to_tokens([int(i) if i >= 0 else 0 for i in sample.input_ids])
     tokens = ["<image>" if i == model.config.image_token_id else t for i, t in zip(sample.input_ids, tokens,
                                                                                    strict=True)]

@@ -72,6 +72,18 @@ def run_header(model: Model, data: str, **flags) -> dict:
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def check_inputs(data: str, images: str | None, image_loader=None) -> str:
+    """What needs no model: the task file (a path or a packaged task's name; the task-file columns) and the
+    image folder its rows name images in. Returns the task file's path; raises naming the bad one."""
+    data = os.fspath(gqa.task_file(data))
+    if image_loader is None and images is None:
+        raise ValueError(f"{data}: no image folder given (--images, images=...): every row names an image")
+    if image_loader is None and not os.path.isdir(images):
+        raise FileNotFoundError(f"{images}: no such image folder (--images)")
+    gqa.load_tasks(data, check_images=False)  # a file that is not a task file raises here
+    return data
+
+
 def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_size: int = 9, batch: int = 4,
           method: str = "incremental", limit: int | None = None, images: str | None = None, template: str | None = None,
           max_new_tokens: int = MAX_NEW_TOKENS, chunk: int | None = None, lens: bool = False, image_loader=None,
@@ -83,7 +95,7 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
     num_layers, num_heads = cfg.text.num_layers, cfg.text.num_heads
     required = () if lens else sorted({name for f in flows for name in (f.source, f.target)})
     check_region_names(required, cfg)
-    data = os.fspath(gqa.task_file(data))
+    data = check_inputs(data, images, image_loader)
     kind = "lens" if lens else "sweep"
     pid, procs = jax.process_index(), jax.process_count()
     shard = "" if procs == 1 else f".process-{pid}-of-{procs}"  # each process owns a disjoint shard
