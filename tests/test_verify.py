@@ -136,8 +136,12 @@ def test_flipped_byte_detected_by_verify(copy, model_dir):
         with pytest.raises(CheckpointIntegrityError) as info:
             call()
         message = str(info.value)
-        assert message.startswith(os.path.join(copy, "params", LAYER) + ": ")
-        assert f"changed since conversion: {data} " in message and "\n" not in message
+        assert "\n" not in message
+        if os.path.getsize(data) <= checkpoint.SMALL_FILE:  # orbax wrote this layer small: its file digest catches it
+            assert message.startswith(f"{data}: differs from the file written at conversion") and LAYER in message
+        else:  # a large data file: the re-hash of the group's values catches it
+            assert message.startswith(os.path.join(copy, "params", LAYER) + ": ")
+            assert f"changed since conversion: {data} " in message
     status, err = cli_line(["verify", copy])
     assert status == 2 and len(err) == 1 and err[0].startswith("jaxflow verify: error: ") and data in err[0], err
 
