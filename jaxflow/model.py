@@ -116,16 +116,35 @@ def _forward(module: Llava, inputs: ModelInputs, knock: KnockoutMasks | None,
     return run(None) if knock is None else jax.vmap(run)(knock)
 
 
-@nnx.jit
-def _prefill(module: Llava, inputs: ModelInputs, last: jax.Array, k_cache: jax.Array, v_cache: jax.Array):
-    """Runs the prompt; returns the logits at `last` [B] and the caches [L, B, S, K, hd] filled at [0, T)."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Prefill:
+    """One uncut forward of a prompt batch: greedy decoding continues from it, the sweep's base run
+    (incremental knockouts, logit lens) reads it."""
+
+    logits: jax.Array  # [B, V] at each row's last position
+    probs: jax.Array  # [B, V] float32 softmax of `logits`
+    hidden: jax.Array | None  # [L + 1, B, T, D] residual stream (input of layer l at index l), or None
+    k: jax.Array  # [L, B, T, K, hd]
+    v: jax.Array  # [L, B, T, K, hd]
+
+
+@functools.partial(nnx.jit, static_argnames=("collect_hidden",))
+def prefill_forward(module: Llava, inputs: ModelInputs, last: jax.Array, collect_hidden: bool = False) -> Prefill:
+    """Runs the prompt once; `last` [B] is each row's last position."""
     x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index)
     lm = module.language_model
-    out = lm(x, inputs.position_ids, inputs.attention_mask, collect_kv=True)
+    out = lm(x, inputs.position_ids, inputs.attention_mask, collect_hidden=collect_hidden, collect_kv=True)
     h = jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
-    k, v = out.kv
-    t = x.shape[1]
-    return lm.unembed(h), k_cache.at[:, :, :t].set(k), v_cache.at[:, :, :t].set(v)
+    logits = lm.unembed(h)
+    return Prefill(logits, jax.nn.softmax(logits.astype(jnp.float32), axis=-1), out.hidden_states, *out.kv)
+
+
+@functools.partial(jax.jit, static_argnames=("new",))
+def _caches(k: jax.Array, v: jax.Array, new: int):
+    """The prompt's k, v [L, B, T, K, hd] -> decoding caches [L, B, T + new, K, hd] (prompt at [0, T))."""
+    pad = ((0, 0), (0, 0), (0, new), (0, 0), (0, 0))
+    return jnp.pad(k, pad), jnp.pad(v, pad)
 
 
 @nnx.jit
@@ -189,28 +208,42 @@ class Model:
                position_ids=None) -> jax.Array:
         return self.forward(input_ids, pixel_values, image_sizes, attention_mask, position_ids, knockouts).logits
 
-    def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
-                 max_new_tokens: int = 8, eos_token_id: int | Sequence[int] | None = None) -> GenerateOutput:
-        """Greedy decoding with a KV cache, until every row emitted an eos token (any of `eos_token_id`,
-        default the tokenizer's) or `max_new_tokens`. Prompts in a batch must be right-padded. `input_ids`
-        may also be ready ModelInputs (from `prepare`). The caches hold T + max_new_tokens slots, so one
-        batch shape and one limit compile once."""
+    def prefill(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
+                collect_hidden: bool = False) -> Prefill:
+        """The uncut forward of right-padded prompts that `generate` continues from: last-position logits and
+        probabilities, keys and values (and with collect_hidden the residual stream). `input_ids` may also
+        be ready ModelInputs (from `prepare`)."""
+        inputs = self._prompt(input_ids, pixel_values, image_sizes, attention_mask)
+        last = sharding.replicate(jnp.asarray(np.asarray(inputs.attention_mask).sum(axis=1) - 1), self.mesh)
+        return prefill_forward(self.module, inputs, last, collect_hidden)
+
+    def _prompt(self, input_ids, pixel_values, image_sizes, attention_mask) -> ModelInputs:
         inputs = input_ids if isinstance(input_ids, ModelInputs) else self.prepare(
             input_ids, pixel_values, image_sizes, attention_mask)
         mask = np.asarray(inputs.attention_mask)
-        lengths = mask.sum(axis=1)
-        if not (mask == (np.arange(mask.shape[1]) < lengths[:, None])).all():
+        if not (mask == (np.arange(mask.shape[1]) < mask.sum(axis=1)[:, None])).all():
             raise ValueError("attention_mask: generate needs right-padded prompts (ones, then zeros)")
+        return inputs
+
+    def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
+                 max_new_tokens: int = 8, eos_token_id: int | Sequence[int] | None = None,
+                 prefill: Prefill | None = None) -> GenerateOutput:
+        """Greedy decoding with a KV cache, until every row emitted an eos token (any of `eos_token_id`,
+        default the tokenizer's) or `max_new_tokens`. Prompts in a batch must be right-padded. `input_ids`
+        may also be ready ModelInputs (from `prepare`); `prefill`: this prompt's `Model.prefill`, which
+        decoding then continues from instead of running the prompt again. The caches hold
+        T + max_new_tokens slots, so one batch shape and one limit compile once."""
+        inputs = self._prompt(input_ids, pixel_values, image_sizes, attention_mask)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
-        b, t = mask.shape
-        text = self.config.text
-        dtype = self.module.language_model.embed_tokens.embedding.dtype
-        shape = (text.num_layers, b, t + max_new_tokens, text.num_kv_heads, text.head_dim)
-        last, k_cache, v_cache = sharding.replicate((jnp.asarray(lengths - 1), jnp.zeros(shape, dtype),
-                                                     jnp.zeros(shape, dtype)), self.mesh)
-        logits, k_cache, v_cache = _prefill(self.module, inputs, last, k_cache, v_cache)
-        first_probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+        lengths = np.asarray(inputs.attention_mask).sum(axis=1)
+        b, t = inputs.attention_mask.shape
+        if prefill is None:
+            prefill = self.prefill(inputs)
+        elif prefill.k.shape[1:3] != (b, t):
+            raise ValueError(f"prefill: keys of shape {prefill.k.shape} are not of a [{b}, {t}] prompt batch")
+        k_cache, v_cache = _caches(prefill.k, prefill.v, max_new_tokens)
+        logits = prefill.logits
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
         eos = [] if eos_token_id is None else [eos_token_id] if np.isscalar(eos_token_id) else list(eos_token_id)
@@ -226,7 +259,7 @@ class Model:
                 break
             token = sharding.replicate(jnp.asarray(token, jnp.int32), self.mesh)
             logits, k_cache, v_cache = _decode_step(self.module, token, pos + step, k_cache, v_cache)
-        return GenerateOutput(np.stack(tokens, axis=1), first_probs, done)
+        return GenerateOutput(np.stack(tokens, axis=1), np.asarray(prefill.probs), done)
 
 
 def abstract_module(cfg: LlavaConfig, dtype) -> Llava:

@@ -56,3 +56,30 @@ def test_generate_stops_on_any_eos_id(twins):
         assert out.finished[row] == (end is not None)
         n = 4 if end is None else end + 1
         np.testing.assert_array_equal(out.tokens[row, :n], free.tokens[row, :n])
+
+
+def test_generate_continues_a_shared_prefill(twins):
+    """The sweep's one prefill per batch: decoding from the base run gives generate's own tokens, and the
+    base run's hidden states, keys and values are those of a plain forward of the prompt."""
+    from jaxflow.sweep import engine
+
+    _, model = twins("llava", "llava-hf", kv_heads=2)
+    ids, pv, _, mask = tiny.make_inputs(model.config, image_sizes=((42, 42),) * 3, num_text=[5, 3, 8], seed=3)
+    inputs = model.prepare(ids, pv, attention_mask=mask)
+    own = model.generate(inputs, max_new_tokens=5, eos_token_id=EOS)
+    base = engine.base_run(model.module, inputs, mask.sum(1) - 1)
+    shared = model.generate(inputs, max_new_tokens=5, eos_token_id=EOS, prefill=base)
+    np.testing.assert_array_equal(shared.tokens, own.tokens)
+    np.testing.assert_array_equal(shared.finished, own.finished)
+    np.testing.assert_array_equal(shared.first_token_probs, np.asarray(base.probs))
+    assert np.abs(shared.first_token_probs - own.first_token_probs).max() < 1e-6
+    plain = model.forward(ids, pv, attention_mask=mask, return_hidden_states=True)
+    np.testing.assert_allclose(np.asarray(base.hidden), np.asarray(plain.hidden_states), atol=1e-5)
+    last = np.asarray(plain.logits)[np.arange(len(ids)), mask.sum(1) - 1]
+    np.testing.assert_allclose(np.asarray(base.logits), last, atol=1e-5)
+    assert base.k.shape == base.v.shape == (model.config.text.num_layers, *ids.shape, 2, model.config.text.head_dim)
+    no_hidden = model.prefill(inputs)
+    assert no_hidden.hidden is None
+    np.testing.assert_allclose(np.asarray(no_hidden.k), np.asarray(base.k), atol=1e-6)
+    with pytest.raises(ValueError, match="prefill: keys of shape"):
+        model.generate(inputs.input_ids[:2], pv[:2], attention_mask=mask[:2], prefill=base)

@@ -14,7 +14,6 @@ knockout configuration:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -24,20 +23,11 @@ from flax import nnx
 
 from jaxflow import sharding
 from jaxflow.knockout import KnockoutMasks
-from jaxflow.model import ModelInputs
+from jaxflow.model import ModelInputs, Prefill, prefill_forward
 from jaxflow.nn.llama import KVCache
 from jaxflow.nn.llava import Llava
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class BaseRun:
-    """The uncut forward of a batch: what the incremental method reuses."""
-
-    probs: jax.Array  # [B, V] next-token distribution at each sample's last position
-    hidden: jax.Array  # [L + 1, B, T, D] residual stream (input of layer l at index l)
-    k: jax.Array  # [L, B, T, K, hd]
-    v: jax.Array  # [L, B, T, K, hd]
+BaseRun = Prefill  # the uncut forward of a batch (with its hidden states): what the incremental method reuses
 
 
 def _at_last(x, last):
@@ -53,13 +43,9 @@ def _answer_prob(lm, h, token):
     return jnp.take_along_axis(probs, idx, axis=-1)[..., 0], jnp.argmax(probs, axis=-1)
 
 
-@nnx.jit
-def base_run(module: Llava, inputs: ModelInputs, last: jax.Array) -> BaseRun:
-    lm = module.language_model
-    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index)
-    out = lm(x, inputs.position_ids, inputs.attention_mask, collect_hidden=True, collect_kv=True)
-    probs = jax.nn.softmax(lm.unembed(_at_last(out.hidden, last)).astype(jnp.float32), axis=-1)
-    return BaseRun(probs, out.hidden_states, *out.kv)
+def base_run(module: Llava, inputs: ModelInputs, last) -> BaseRun:
+    """The uncut forward with hidden states, keys and values; the prefill that `Model.generate` continues from."""
+    return prefill_forward(module, inputs, jnp.asarray(last), collect_hidden=True)
 
 
 @nnx.jit

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from jaxflow.model import Model, ModelInputs
+from jaxflow.model import Model, ModelInputs, Prefill
 from jaxflow.sweep.rows import NONFINITE
 
 MAX_NEW_TOKENS = 128  # the study's base decoding limit
@@ -37,15 +37,17 @@ def decode_answer(tokenizer, tokens: np.ndarray, stop: tuple[int, ...]) -> str:
     return tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
 
 
-def greedy_filter(model: Model, group: list, inputs: ModelInputs, *, max_new_tokens: int, filter_correct: bool):
-    """Greedy-decodes a batch (rows beyond `group` are padding). Returns (first answer token [B],
+def greedy_filter(model: Model, group: list, inputs: ModelInputs, *, max_new_tokens: int, filter_correct: bool,
+                  prefill: Prefill | None = None):
+    """Greedy-decodes a batch (rows beyond `group` are padding), continuing from `prefill` (`Model.prefill`
+    of `inputs`) when given. Returns (first answer token [B],
     kept [(row, Prepared, predicted answer)], skipped [(Prepared, reason)]).
 
     A sample whose first-token distribution is not finite is skipped (its answer says nothing). Then, with
     filter_correct, a sample is skipped when its answer did not end within max_new_tokens, or when it
     differs from the gold answer; without, every sample is kept (an unfinished answer as decoded so far)."""
     stop = stop_tokens(model)
-    gen = model.generate(inputs, max_new_tokens=max_new_tokens, eos_token_id=stop)
+    gen = model.generate(inputs, max_new_tokens=max_new_tokens, eos_token_id=stop, prefill=prefill)
     finite = np.isfinite(gen.first_token_probs).all(-1)  # [B]
     keep, skip = [], []
     for j, p in enumerate(group):

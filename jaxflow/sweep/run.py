@@ -136,9 +136,9 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
             for group, t in batches(prepared, batch):
                 shapes.add((batch, t))
                 inputs, lengths = stack_inputs(model, group, batch, t)
+                base = engine.base_run(model.module, inputs, np.asarray(lengths - 1))  # greedy decoding continues it
                 token, keep, wrong = greedy_filter(model, group, inputs, max_new_tokens=max_new_tokens,
-                                                   filter_correct=filter_correct)
-                base = engine.base_run(model.module, inputs, np.asarray(lengths - 1))
+                                                   filter_correct=filter_correct, prefill=base)
                 for p, reason in wrong:
                     skipped.append(p.sample.question_id, [skip_row(p.sample, reason)])
                 if keep and lens:
