@@ -104,6 +104,7 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from jaxflow.inputs.images import RELATED_PATCH_RULES
+    from jaxflow.inputs.prompts import TEMPLATES
 
     parser = argparse.ArgumentParser(prog="jaxflow", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--chunk", type=positive_int,
                        help="knockout configurations per call (default: what fits in memory)")
         p.add_argument("--limit", type=positive_int, help="only the first N rows")
-        p.add_argument("--template", choices=["vicuna_v1", "llava_llama_3", "plain"], help="default: from tokenizer")
+        p.add_argument("--template", choices=TEMPLATES,
+                       help="prompt template (default: the checkpoint's, from its chat template, vocabulary or name)")
         p.add_argument("--keep-incorrect", action="store_true", help="keep samples the model answers wrongly")
         p.add_argument("--max-new-tokens", type=positive_int, default=128,
                        help="greedy answers are decoded until EOS, at most this many tokens (default 128, as the "

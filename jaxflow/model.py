@@ -21,6 +21,7 @@ from jaxflow import checkpoint, sharding
 from jaxflow.config import LlavaConfig
 from jaxflow.image_layout import image_layout
 from jaxflow.inputs.images import ProcessorSettings
+from jaxflow.inputs.prompts import default_template, read_chat_template
 from jaxflow.knockout import DenseKnockout, Knockout, KnockoutMasks, stack_knockouts
 from jaxflow.nn.llama import KVCache
 from jaxflow.nn.llava import Llava
@@ -182,6 +183,14 @@ class Model:
     def prompt_mode(self) -> str:
         """How prompts are tokenized: LLaVA's own way for original-layout checkpoints, else transformers'."""
         return "original" if self.metadata.get("layout") == "original" else "llava-hf"
+
+    @functools.cached_property
+    def default_template(self) -> str:
+        """The prompt template this checkpoint was trained with: from its chat template (the directory's
+        chat_template.jinja / .json or tokenizer_config.json), else its vocabulary, else the source's or the
+        directory's name (`jaxflow.inputs.prompts.default_template`)."""
+        names = [os.path.basename(os.path.normpath(p)) for p in (self.metadata.get("source"), self.path) if p]
+        return default_template(self.tokenizer, read_chat_template(self.path), names)
 
     def prepare(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
                 position_ids=None) -> ModelInputs:

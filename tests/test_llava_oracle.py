@@ -13,8 +13,10 @@ patches by the red-mask rule), greedy decoding (LLaVA's `generate`) and the base
 probabilities of `jaxflow sweep` (LLaVA cut by an additive mask in the window's layers).
 
 llava-torch 1.2.2.post1 has no `llava_llama_3` template (it came with LLaVA-NeXT's code), so only vicuna_v1 is
-compared. The tiny pinpoints are LLaVA-1.6's scaled to the 42 px tower, and most image sizes are the ones where
-LLaVA's (width, height) reading of the pinpoints picks another grid than a (height, width) reading.
+compared on the checkpoints; the prompt texts of vicuna_v1, mistral_instruct, chatml_direct and plain are compared
+with LLaVA's `conv_templates` on their own. The tiny pinpoints are LLaVA-1.6's scaled to the 42 px tower, and
+most image sizes are the ones where LLaVA's (width, height) reading of the pinpoints picks another grid than a
+(height, width) reading.
 """
 
 from __future__ import annotations
@@ -420,3 +422,33 @@ def test_sweep_answers(oracle, variant):
     for s, r, _ in oracle.llava_rows(variant):
         predicted = {row["predicted_answer"] for row in swept[s.question_id]}
         assert predicted == {r["answer"]}, _where(s, r)
+
+
+def test_original_text_is_what_llava_conversation_renders():
+    """Original mode: LLaVA's own `conv_templates[...]`.get_prompt() (llava-torch 1.2.2.post1, run in the oracle's
+    environment) for the study's user turn, and LLaVA-NeXT's CHATML style (qwen_1_5, not in llava-torch) restated."""
+    from jaxflow.inputs.prompts import INSTRUCTION, build_prompt
+
+    q = "Is the jar full or empty?"
+    user = "<image>\n" + q + " \n" + INSTRUCTION
+    script = (
+        "import importlib.util, json, os, sys\n"
+        "spec = importlib.util.find_spec('llava')\n"  # llava/__init__ imports torch; conversation.py needs nothing
+        "path = os.path.join(spec.submodule_search_locations[0], 'conversation.py')\n"
+        "module_spec = importlib.util.spec_from_file_location('llava_conversation', path)\n"
+        "conv = importlib.util.module_from_spec(module_spec); module_spec.loader.exec_module(conv)\n"
+        "out = {}\n"
+        "for name in ('vicuna_v1', 'mistral_instruct', 'chatml_direct', 'plain'):\n"
+        "    c = conv.conv_templates[name].copy()\n"
+        "    c.append_message(c.roles[0], sys.argv[1]); c.append_message(c.roles[1], None)\n"
+        "    out[name] = c.get_prompt()\n"
+        "print(json.dumps(out))\n")
+    run = subprocess.run([llava_python(), "-c", script, user], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    for name, text in json.loads(run.stdout).items():
+        assert build_prompt(q, name, mode="original").text == text, name
+    system, sep = "<|im_start|>system\nYou are a helpful assistant.", "<|im_end|>"
+    roles = ("<|im_start|>user", "<|im_start|>assistant")
+    chatml = system + sep + "\n" + roles[0] + "\n" + user + sep + "\n" + roles[1] + "\n"  # CHATML get_prompt
+    assert build_prompt(q, "qwen_1_5", mode="original").text == chatml
+

@@ -316,3 +316,207 @@ def test_toy_tokenizers_save_and_reload(tmp_path, tok):
     assert reloaded.bos_token == tok.bos_token
     assert reloaded.convert_tokens_to_ids("<image>") == image_id(tok, "llava-hf")
     assert 256 < len(tok) <= 2000
+
+
+# ---------------------------------------------------------------- the rest of the family: Mistral, Yi, Qwen2
+
+FAMILIES = {  # tokenizer family -> (toy tokenizer, its template)
+    "mistral": (toy.mistral_tokenizer, "mistral_instruct"),
+    "yi": (toy.yi_tokenizer, "chatml_direct"),
+    "qwen2": (toy.qwen2_tokenizer, "qwen_1_5"),
+}
+USER = "<image>\n" + Q + " \n" + INSTRUCTION
+
+
+def test_family_template_strings():
+    assert build_prompt(Q, "mistral_instruct").text == f"[INST] {USER} [/INST]"
+    chatml_34b = ("<|im_start|>system\nAnswer the questions.<|im_end|>{sep}<|im_start|>user\n" + USER
+                  + "<|im_end|>{sep}<|im_start|>assistant\n")
+    assert build_prompt(Q, "chatml_direct", mode="original").text == chatml_34b.format(sep="")
+    assert build_prompt(Q, "chatml_direct", mode="llava-hf").text == chatml_34b.format(sep="\n")
+    qwen = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + USER
+            + "<|im_end|>\n<|im_start|>assistant\n")
+    for mode in ("llava-hf", "original"):
+        assert build_prompt(Q, "qwen_1_5", mode=mode).text == qwen
+        assert build_prompt(Q, "mistral_instruct", mode=mode).text == build_prompt(Q, "mistral_instruct").text
+    assert build_prompt(Q, "qwen_1_5", instruction=False).text == qwen.replace(" \n" + INSTRUCTION, "")
+    # the study's " \n" belongs to llava_llama_3 only
+    assert build_prompt(Q, "qwen_1_5", study_suffix=False).text == qwen
+    with pytest.raises(ValueError, match="unknown tokenization mode"):
+        build_prompt(Q, "qwen_1_5", mode="hf")
+
+
+def _content(system=None):
+    """One user turn (image + text), after an optional system turn, in the llava-hf processors' message format."""
+    turns = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    return turns + [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": Q + " \n" + INSTRUCTION}]}]
+
+
+@pytest.mark.parametrize("template,chat_template,system", [
+    ("mistral_instruct", toy.LLAVA_HF_MISTRAL_CHAT_TEMPLATE, None),
+    ("chatml_direct", toy.LLAVA_HF_YI_CHAT_TEMPLATE, "Answer the questions."),
+    ("qwen_1_5", toy.LLAVA_HF_ONEVISION_CHAT_TEMPLATE, "You are a helpful assistant."),
+])
+def test_llava_hf_text_is_what_the_checkpoint_chat_template_renders(template, chat_template, system):
+    """llava-hf mode: the text the llava-hf processor's chat template renders for the study's user turn (with the
+    system text of LLaVA's conversation; the templates add none themselves)."""
+    tokenizer = toy.qwen2_tokenizer()
+    rendered = tokenizer.apply_chat_template(_content(system), chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=True)
+    assert build_prompt(Q, template, mode="llava-hf").text == rendered
+
+
+def test_qwen_text_is_what_the_qwen2_instruct_template_renders():
+    """Original-layout Qwen checkpoints carry Qwen2-Instruct's tokenizer template, whose default system turn is
+    LLaVA-NeXT's qwen_1_5 system text."""
+    tokenizer = toy.qwen2_tokenizer(chat_template=toy.QWEN2_INSTRUCT_CHAT_TEMPLATE)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": USER}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert build_prompt(Q, "qwen_1_5", mode="original").text == rendered
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    make, template = FAMILIES[request.param]
+    return request.param, make(), template
+
+
+@pytest.mark.parametrize("mode", ["llava-hf", "original"])
+def test_family_encode_spans(family, mode):
+    name, tokenizer, template = family
+    p = build_prompt("Which vehicle is white, the train car or the car?", template, mode=mode)
+    img = image_id(tokenizer, mode)
+    e = encode(p, tokenizer, img, N, mode)
+    where = np.flatnonzero(e.input_ids == img)
+    assert where.tolist() == e.image_positions.tolist() and len(where) == N and np.all(np.diff(where) == 1)
+    assert np.all(e.offsets[: where[0], 1] <= p.image_span[0])
+    assert np.all(e.offsets[where[-1] + 1:, 0] >= p.image_span[1])
+    q = token_span(e, *p.question_span)
+    assert q == list(range(q[0], q[-1] + 1)) and q[0] > where[-1]
+    assert decode(tokenizer, e, q) == p.question and span_problem(e, *p.question_span) is None
+    for word in ("train car", "car?", "white", "vehicle"):
+        start = p.question.rindex(word)
+        span = p.question_substring_span(start, start + len(word))
+        assert decode(tokenizer, e, token_span(e, *span)) == word
+    assert not set(q) & set(token_span(e, *p.instruction_span))
+    # the chat tokens are single added tokens (Yi, Qwen2), or plain text (Mistral's "[INST]")
+    first = tokenizer.convert_ids_to_tokens(e.input_ids[:4].tolist())
+    expected = {"mistral": ["<s>", "▁[", "INST", "]"], "yi": ["<|im_start|>", "system", "\n", "Answer"],
+                "qwen2": ["<|im_start|>", "system", "Ċ", "You"]}[name]
+    assert first == expected
+    assert e.offsets[-1, 1] == len(p.text)
+
+
+def test_family_token_ids_are_the_checkpoints():
+    """The added tokens sit where the real checkpoints have them (llava-hf image token ids of the issue)."""
+    assert toy.mistral_tokenizer().convert_tokens_to_ids(["<image>", "<pad>"]) == [32000, 32001]
+    assert toy.yi_tokenizer().convert_tokens_to_ids("<image>") == 64000
+    qwen = toy.qwen2_tokenizer()
+    assert qwen.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]) == [
+        151643, 151644, 151645, 151646]
+    assert qwen.bos_token_id is None and toy.yi_tokenizer().bos_token_id == 1
+
+
+def test_family_modes():
+    """Original vs llava-hf tokenization per family: Mistral (Metaspace "first") has the extra `▁` after the image
+    like Llama-2; Yi (no dummy prefix) and Qwen2 (byte-level) give identical sequences."""
+    for name, (make, template) in FAMILIES.items():
+        tokenizer = make()
+        p = build_prompt(Q, template, mode="original")
+        hf = encode(p, tokenizer, image_id(tokenizer, "llava-hf"), N, "llava-hf")
+        orig = encode(p, tokenizer, ORIGINAL_IMAGE_ID, N, "original")
+        extra = 1 if name == "mistral" else 0
+        k = int(hf.image_positions[-1]) + 1
+        assert len(orig) == len(hf) + extra, name
+        assert hf.input_ids[:k - N].tolist() == orig.input_ids[:k - N].tolist(), name
+        assert hf.input_ids[k:].tolist() == orig.input_ids[k + extra:].tolist(), name
+        assert token_span(orig, *p.question_span) == [i + extra for i in token_span(hf, *p.question_span)]
+        ref = reference_tokenizer_image_token(p.text, tokenizer, ORIGINAL_IMAGE_ID)
+        j = ref.index(ORIGINAL_IMAGE_ID)
+        assert orig.input_ids.tolist() == ref[:j] + [ORIGINAL_IMAGE_ID] * N + ref[j + 1:], name
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_llava_hf_mode_equals_transformers_processor(name):
+    import PIL.Image
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    make, template = FAMILIES[name]
+    tokenizer = make()
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    p = build_prompt(Q, template)
+    ids = processor(images=PIL.Image.new("RGB", (40, 30)), text=p.text, return_tensors="np")["input_ids"][0]
+    assert encode(p, tokenizer, tokenizer.convert_tokens_to_ids("<image>"), 4, "llava-hf").input_ids.tolist() == \
+        ids.tolist()
+
+
+def test_family_tokenizers_save_and_reload(tmp_path, family):
+    name, tokenizer, template = family
+    reloaded = AutoTokenizer.from_pretrained(toy.save(tokenizer, tmp_path / name))
+    p = build_prompt("Is the café ☕ open?", template)
+    a = encode(p, tokenizer, image_id(tokenizer, "llava-hf"), N, "llava-hf")
+    b = encode(p, reloaded, image_id(reloaded, "llava-hf"), N, "llava-hf")
+    assert a.input_ids.tolist() == b.input_ids.tolist() and np.array_equal(a.offsets, b.offsets)
+    assert reloaded.chat_template == tokenizer.chat_template
+
+
+# ---------------------------------------------------------------- the default template of a checkpoint
+
+
+def test_default_template_from_chat_template():
+    """Each toy tokenizer carries its checkpoint's chat template; the default is the family it renders."""
+    from jaxflow.inputs.prompts import default_template
+
+    assert default_template(toy.llama3_tokenizer()) == "llava_llama_3"
+    assert default_template(toy.llama2_tokenizer()) == "vicuna_v1"
+    for make, template in FAMILIES.values():
+        assert default_template(make()) == template
+    assert default_template(toy.qwen2_tokenizer(chat_template=toy.QWEN2_INSTRUCT_CHAT_TEMPLATE)) == "qwen_1_5"
+    # the chat template decides over the name, and over a vocabulary without chat tokens
+    llama2 = toy.llama2_tokenizer()
+    assert default_template(llama2, toy.LLAVA_HF_MISTRAL_CHAT_TEMPLATE, ["llava-1.5-7b-hf"]) == "mistral_instruct"
+    vicuna_hf = ("{% for message in messages %}{{ message['role'].upper() + ': ' }}{{ message['content'] }} "
+                 "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    assert default_template(toy.mistral_tokenizer(), vicuna_hf) == "vicuna_v1"  # bakLlava: Mistral, vicuna format
+
+
+def test_default_template_without_chat_template():
+    """No chat template: the vocabulary's chat tokens (Yi's BOS tells its ChatML from Qwen's), then the name."""
+    from jaxflow.inputs.prompts import default_template
+
+    def bare(tokenizer):
+        tokenizer.chat_template = None
+        return tokenizer
+
+    assert default_template(bare(toy.yi_tokenizer())) == "chatml_direct"
+    assert default_template(bare(toy.qwen2_tokenizer())) == "qwen_1_5"
+    assert default_template(bare(toy.llama3_tokenizer())) == "llava_llama_3"
+    mistral = bare(toy.mistral_tokenizer())
+    assert default_template(mistral) == "vicuna_v1"
+    for name, template in [("llava-v1.6-mistral-7b", "mistral_instruct"), ("llava-v1.6-34b", "chatml_direct"),
+                           ("llava-next-72b-hf", "qwen_1_5"), ("llava-onevision-qwen2-0.5b-ov", "qwen_1_5"),
+                           ("llava-interleave-qwen-7b-hf", "qwen_1_5"), ("llama3-llava-next-8b", "llava_llama_3"),
+                           ("llava-v1.6-vicuna-7b", "vicuna_v1"), ("llava-1.5-7b-hf", "vicuna_v1")]:
+        assert default_template(mistral, None, ["converted", name]) == template, name
+    assert default_template(None) == "vicuna_v1"
+
+
+def test_read_chat_template(tmp_path):
+    import json
+
+    from jaxflow.inputs.prompts import read_chat_template
+
+    assert read_chat_template(tmp_path) is None and read_chat_template(None) is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "x"}, {"name": "default", "template": toy.QWEN2_INSTRUCT_CHAT_TEMPLATE}]}))
+    assert read_chat_template(tmp_path) == toy.QWEN2_INSTRUCT_CHAT_TEMPLATE
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": toy.LLAVA_HF_YI_CHAT_TEMPLATE}))
+    assert read_chat_template(tmp_path) == toy.LLAVA_HF_YI_CHAT_TEMPLATE  # the processor's wins
+    (tmp_path / "chat_template.jinja").write_text(toy.LLAVA_HF_MISTRAL_CHAT_TEMPLATE)
+    assert read_chat_template(tmp_path) == toy.LLAVA_HF_MISTRAL_CHAT_TEMPLATE
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "chat_template.json").write_text("{not json")
+    with pytest.raises(ValueError, match="chat_template.json: not a JSON object"):
+        read_chat_template(tmp_path)

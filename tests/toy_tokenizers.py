@@ -10,20 +10,33 @@
   post-processor adding `<|begin_of_text|>`, the Llama-3 header / turn tokens, `<image>`, and the Llama-3-Instruct
   chat template.
 
-Both are trained on a small built-in corpus (prompt templates and GQA-like questions) in well under a second, are
-`transformers` fast tokenizers, and round-trip through `save_pretrained` / `AutoTokenizer.from_pretrained`.
+- `mistral_tokenizer()`: Mistral-7B-Instruct-v0.2 style (llava-v1.6-mistral-7b): the Llama-2 layout, trained on
+  `[INST] ... [/INST]` prompts (plain text in this vocabulary, no control tokens), `<image>` at id 32000 and `<pad>`
+  at 32001 as in llava-v1.6-mistral-7b-hf, the llava-hf chat template.
+- `yi_tokenizer()`: Yi style (llava-v1.6-34b): SentencePiece-like BPE without a dummy prefix (Metaspace prepend
+  scheme "never": no `▁` at the start of a text or after an added token), newline a piece of its own, byte fallback,
+  `<unk>` `<|startoftext|>` `<|endoftext|>` `<|im_start|>` `<|im_end|>` first, 64000 pieces, `<image>` at 64000,
+  no BOS added by default, the llava-v1.6-34b-hf chat template.
+- `qwen2_tokenizer()`: Qwen2 style (OneVision, interleave, NeXT-72b/110b): byte-level BPE behind the Qwen2 split
+  regex (digits one by one) with an NFC normalizer, no BOS, 151643 pieces, then `<|endoftext|>` `<|im_start|>`
+  `<|im_end|>` (151643..151645) and llava-hf's `<image>` (151646) and `<video>` (151647), the OneVision chat template.
+
+All are trained on a small built-in corpus (prompt templates and GQA-like questions) in about a second; ids beyond
+what the corpus needs are unreachable filler pieces, so the added tokens sit at the real checkpoints' ids. They are
+`transformers` fast tokenizers and round-trip through `save_pretrained` / `AutoTokenizer.from_pretrained`.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import PreTrainedTokenizerFast
 
-from jaxflow.world.tokenizer import BYTE_TOKENS, SPECIALS, bpe_trainer_tokenizer, llama_layout
+from jaxflow.world.tokenizer import _SCRIPT_SPLIT, BYTE_TOKENS, SPECIALS, bpe_trainer_tokenizer, llama_layout
 
 SYSTEM_VICUNA = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -138,3 +151,151 @@ def save(tokenizer: PreTrainedTokenizerFast, path) -> str:
     """Saves `tokenizer` to the directory `path` (reload it with `AutoTokenizer.from_pretrained(path)`)."""
     tokenizer.save_pretrained(str(path))
     return str(path)
+
+
+# ---------------------------------------------------------------- Mistral, Yi, Qwen2
+
+# The chat templates the llava-hf processors ship (chat_template.json) for llava-v1.6-mistral-7b-hf, llava-v1.6-34b-hf
+# and llava-onevision-qwen2-*-hf, and Qwen2-Instruct's tokenizer template (lmms-lab's original-layout Qwen saves).
+LLAVA_HF_MISTRAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> '}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+LLAVA_HF_YI_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAVA_HF_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+QWEN2_INSTRUCT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+MISTRAL_VOCAB, YI_VOCAB, QWEN2_VOCAB = 32000, 64000, 151643  # pieces before the added tokens
+YI_SPECIALS = ["<unk>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def family_corpus(prefix: str, suffix: str) -> list[str]:
+    """`corpus()` plus every question in one family's prompt format."""
+    return corpus() + [f"{prefix}<image>\n{q} \n{INSTRUCTION}{suffix}" for q in _QUESTIONS]
+
+
+def _pieces(trained: Tokenizer, first: list[str], keep_newline: bool, size: int) -> tuple[dict, list]:
+    """`first` tokens, the 256 byte-fallback tokens, the learned pieces, then unreachable fillers up to `size`."""
+    learned = json.loads(trained.to_str())["model"]
+    vocab = {tok: i for i, tok in enumerate(first + BYTE_TOKENS)}
+    for tok, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        if keep_newline or "\n" not in tok:
+            vocab.setdefault(tok, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    merges = [m for m in merges if keep_newline or "\n" not in m[0] + m[1]]
+    vocab.update({f"<filler{i}>": i for i in range(len(vocab), size)})
+    return vocab, merges
+
+
+def _added(tk: Tokenizer, tokens: list[str]) -> None:
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+
+
+@functools.cache
+def _mistral_backend(prepend_scheme: str) -> Tokenizer:
+    trainer_tk = bpe_trainer_tokenizer()
+    trainer_tk.train_from_iterator([line.replace("\n", " ") for line in family_corpus("[INST] ", " [/INST]")],
+                                   BpeTrainer(vocab_size=800, special_tokens=SPECIALS, show_progress=False))
+    vocab, merges = _pieces(trainer_tk, SPECIALS, keep_newline=False, size=MISTRAL_VOCAB)
+    tk = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=True)
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", vocab["<s>"])])
+    _added(tk, SPECIALS + ["<image>", "<pad>"])
+    return tk
+
+
+def mistral_tokenizer(prepend_scheme: str = "first") -> PreTrainedTokenizerFast:
+    """Mistral-7B-Instruct-v0.2-style tokenizer with llava-hf's `<image>` (32000) and `<pad>` (32001)."""
+    return _wrap(_mistral_backend(prepend_scheme), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                 pad_token="<pad>", chat_template=LLAVA_HF_MISTRAL_CHAT_TEMPLATE,
+                 extra_special_tokens={"image_token": "<image>"})
+
+
+@functools.cache
+def _yi_backend(add_bos: bool) -> Tokenizer:
+    trainer_tk = Tokenizer(BPE(unk_token="<unk>"))
+    trainer_tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
+        pre_tokenizers.Split(_SCRIPT_SPLIT, "isolated")])
+    lines = family_corpus("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n",
+                          "<|im_end|><|im_start|>assistant\n")
+    trainer_tk.train_from_iterator([line.replace("<|im_start|>", "\n").replace("<|im_end|>", "\n") for line in lines],
+                                   BpeTrainer(vocab_size=1000, special_tokens=YI_SPECIALS, show_progress=False))
+    vocab, merges = _pieces(trainer_tk, YI_SPECIALS, keep_newline=True, size=YI_VOCAB)
+    tk = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    if add_bos:
+        bos = vocab["<|startoftext|>"]
+        tk.post_processor = processors.TemplateProcessing(
+            single="<|startoftext|> $A", pair="<|startoftext|> $A <|startoftext|> $B",
+            special_tokens=[("<|startoftext|>", bos)])
+    _added(tk, YI_SPECIALS + ["<image>", "<pad>"])
+    return tk
+
+
+def yi_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
+    """Yi-style SentencePiece-like tokenizer (llava-v1.6-34b) with llava-hf's `<image>` (64000) and `<pad>`."""
+    return _wrap(_yi_backend(add_bos), bos_token="<|startoftext|>", eos_token="<|im_end|>", unk_token="<unk>",
+                 pad_token="<pad>", chat_template=LLAVA_HF_YI_CHAT_TEMPLATE,
+                 extra_special_tokens={"image_token": "<image>"})
+
+
+@functools.cache
+def _qwen2_backend() -> Tokenizer:
+    split = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    trainer_tk = Tokenizer(BPE())
+    trainer_tk.normalizer, trainer_tk.pre_tokenizer = normalizers.NFC(), split
+    trainer_tk.train_from_iterator(
+        family_corpus("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
+                      "<|im_end|>\n<|im_start|>assistant\n"),
+        BpeTrainer(vocab_size=1200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    vocab, merges = _pieces(trainer_tk, [], keep_newline=True, size=0)
+    vocab = {t: i for t, i in vocab.items() if t not in BYTE_TOKENS}  # byte-level: the alphabet is the bytes
+    vocab = {t: i for i, t in enumerate(sorted(vocab, key=vocab.get))}
+    vocab.update({f"<filler{i}>": i for i in range(len(vocab), QWEN2_VOCAB)})
+    tk = Tokenizer(BPE(vocab=vocab, merges=merges))
+    tk.normalizer, tk.pre_tokenizer = normalizers.NFC(), split
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    _added(tk, QWEN2_SPECIALS + ["<image>", "<video>"])
+    return tk
+
+
+def qwen2_tokenizer(chat_template: str = LLAVA_HF_ONEVISION_CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """Qwen2-style byte-level BPE (151643 pieces) with the Qwen2 chat tokens and llava-hf's `<image>` (151646)."""
+    return _wrap(_qwen2_backend(), eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=chat_template,
+                 extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})

@@ -8,6 +8,7 @@ import json
 from PIL import Image
 
 from jaxflow.inputs.images import RELATED_PATCH_RULES
+from jaxflow.inputs.prompts import TEMPLATES
 from jaxflow.inputs.regions import NEXT_REGIONS
 
 
@@ -32,8 +33,8 @@ def regions_command(args) -> int:
         image = im.convert("RGB")
     model = jaxflow.load(args.model)
     sample = build_sample(model.config, model.tokenizer, image, args.question, mode=model.prompt_mode,
-                          template=args.template, boxes=boxes, object_names=args.object_name or (),
-                          related_patches=rule, settings=model.processor)
+                          template=args.template or model.default_template, boxes=boxes,
+                          object_names=args.object_name or (), related_patches=rule, settings=model.processor)
     regions = dict(sample.regions)
     for sub in args.substring or []:
         regions[f"substring:{sub}"] = substring_region(sample.prompt, sample.encoded, sub)
@@ -81,7 +82,8 @@ def add_parser(sub) -> None:
                         "red, the study's rule) or 'overlap' (the patch overlaps the transformed box); default study")
     p.add_argument("--substring", action="append", help="also locate this prompt substring (repeatable)")
     p.add_argument("--region-box", action="append", help="also locate the image patches of x,y,w,h (repeatable)")
-    p.add_argument("--template", choices=["vicuna_v1", "llava_llama_3", "plain"])
+    p.add_argument("--template", choices=TEMPLATES, help="prompt template (default: the checkpoint's, from its "
+                   "chat template, vocabulary or name)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--png", help="draw the image with the related patches highlighted")
     p.set_defaults(func=regions_command)

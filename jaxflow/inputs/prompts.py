@@ -1,4 +1,4 @@
-"""Prompt templates of the LLaVA models in the study, and their tokenization into model inputs with character offsets.
+"""Prompt templates of the LLaVA family, and their tokenization into model inputs with character offsets.
 
 `build_prompt` renders a question into the text the original LLaVA code feeds the model and records the character
 spans of the question, the `<image>` placeholder and the instruction. `encode` tokenizes that text the way either
@@ -6,7 +6,8 @@ code base does and expands the placeholder into the image features' positions; e
 it came from, so `token_span` turns any substring of the prompt (question, answer options, ...) into token positions.
 
 Templates (exact strings, `{q}` the question, `{i}` the instruction suffix " \\nAnswer the question using a single
-word or phrase." which the study appends to the question, on by default):
+word or phrase." which the study appends to the question, on by default). The text is the same in both tokenization
+modes except for `chatml_direct`, where LLaVA's conversation and the llava-hf chat template disagree:
 
 - `vicuna_v1` (LLaVA-1.5, LLaVA-1.6-vicuna; LLaVA's `conv_vicuna_v1`, SeparatorStyle.TWO with sep " ", sep2 "</s>",
   roles USER / ASSISTANT, the assistant turn left open):
@@ -19,7 +20,21 @@ word or phrase." which the study appends to the question, on by default):
   The text carries `<|begin_of_text|>` because the chat template renders `bos_token`; a tokenizer that adds its own
   BOS (Meta-Llama-3's does) therefore yields two BOS tokens in both modes, as LLaVA-NeXT's own pipeline does;
   `encode(..., add_special_tokens=False)` gives one (llava-hf mode).
+- `mistral_instruct` (llava-v1.6-mistral-7b; LLaVA's `conv_mistral_instruct`, SeparatorStyle.LLAMA_2 with an empty
+  system text, so no `<<SYS>>` block): `"[INST] <image>\\n{q}{i} [/INST]"`. The llava-hf chat template renders the
+  same text; neither puts `<s>` in the text: the tokenizer adds it.
+- `chatml_direct` (llava-v1.6-34b, Yi; LLaVA's `conv_chatml_direct`, SeparatorStyle.MPT with sep `<|im_end|>`):
+  original: `"<|im_start|>system\\nAnswer the questions.<|im_end|><|im_start|>user\\n<image>\\n{q}{i}<|im_end|>"`
+  `"<|im_start|>assistant\\n"` (no newline after `<|im_end|>`, as the model was trained); llava-hf: what the
+  llava-v1.6-34b-hf chat template renders with that system message, a newline after every `<|im_end|>`.
+- `qwen_1_5` (LLaVA-OneVision, LLaVA-interleave, LLaVA-NeXT-72b/110b, Qwen2 decoders; LLaVA-NeXT's `conv_qwen`,
+  SeparatorStyle.CHATML): `"<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n"`
+  `"<image>\\n{q}{i}<|im_end|>\\n<|im_start|>assistant\\n"`; the llava-hf OneVision chat template renders the same
+  text when given that system message (it adds none of its own).
 - `plain` (LLaVA's `conv_llava_plain`, SeparatorStyle.PLAIN, sep "\\n", no system text): `"<image>\\n{q}{i}\\n"`.
+
+`default_template` picks the template a checkpoint's chat template (or, without one, its vocabulary or name)
+belongs to.
 
 Tokenization modes of `encode`:
 
@@ -42,7 +57,11 @@ Tokenization modes of `encode`:
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -55,8 +74,38 @@ SYSTEM_VICUNA = ("A chat between a curious user and an artificial intelligence a
 SYSTEM_LLAMA3 = ("You are a helpful language and vision assistant. You are able to understand the visual content that "
                  "the user provides, and assist the user with a variety of tasks using natural language.")
 LLAMA3_STUDY_SUFFIX = " \n"  # the study appends this after the llava_llama_3 prompt
-TEMPLATES = ("vicuna_v1", "llava_llama_3", "plain")
+SYSTEM_CHATML_DIRECT = "Answer the questions."
+SYSTEM_QWEN = "You are a helpful assistant."
 MODES = ("llava-hf", "original")
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """A conversation format: the text before and after the user turn (`<image>\\n{question}{instruction}`)."""
+
+    prefix: str
+    suffix: str
+    trim_user: bool = False  # the chat template trims the user content (Llama-3's does)
+    study_suffix: str = ""  # what the study appends after the prompt
+    llava_hf: tuple[str, str] | None = None  # (prefix, suffix) where the llava-hf chat template renders otherwise
+
+
+_LLAMA3_HEADER = "<|start_header_id|>{}<|end_header_id|>\n\n"
+_TEMPLATES = {
+    "vicuna_v1": Template(SYSTEM_VICUNA + " USER: ", " ASSISTANT:"),
+    "llava_llama_3": Template("<|begin_of_text|>" + _LLAMA3_HEADER.format("system") + SYSTEM_LLAMA3 + "<|eot_id|>"
+                              + _LLAMA3_HEADER.format("user"), "<|eot_id|>" + _LLAMA3_HEADER.format("assistant"),
+                              trim_user=True, study_suffix=LLAMA3_STUDY_SUFFIX),
+    "mistral_instruct": Template("[INST] ", " [/INST]"),
+    "chatml_direct": Template(
+        f"<|im_start|>system\n{SYSTEM_CHATML_DIRECT}<|im_end|><|im_start|>user\n", "<|im_end|><|im_start|>assistant\n",
+        llava_hf=(f"<|im_start|>system\n{SYSTEM_CHATML_DIRECT}<|im_end|>\n<|im_start|>user\n",
+                  "<|im_end|>\n<|im_start|>assistant\n")),
+    "qwen_1_5": Template(f"<|im_start|>system\n{SYSTEM_QWEN}<|im_end|>\n<|im_start|>user\n",
+                         "<|im_end|>\n<|im_start|>assistant\n"),
+    "plain": Template("", "\n"),
+}
+TEMPLATES = tuple(_TEMPLATES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,31 +127,29 @@ class Prompt:
 
 
 def build_prompt(question: str, template: str = "vicuna_v1", *, instruction: bool = True,
-                 study_suffix: bool = True) -> Prompt:
-    """Renders `question` with `template` (one of `TEMPLATES`).
+                 study_suffix: bool = True, mode: str = "llava-hf") -> Prompt:
+    """Renders `question` with `template` (one of `TEMPLATES`) as the `mode`'s code base does (see the module
+    docstring: only chatml_direct differs).
 
     `instruction` appends " \\nAnswer the question using a single word or phrase." to the question (the study's
     GQA prompt). `study_suffix` appends " \\n" after the llava_llama_3 prompt, as the study does for
-    llama3-llava-next-8b (ignored by the other templates).
+    llama3-llava-next-8b (the other templates have no such suffix).
     """
-    if template not in TEMPLATES:
+    if template not in _TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown tokenization mode {mode!r}; known: {', '.join(MODES)}")
     if not question.strip():
         raise ValueError("the question is empty")
     if IMAGE_PLACEHOLDER in question:
         raise ValueError(f"the question contains the image placeholder {IMAGE_PLACEHOLDER!r}: {question!r}")
+    spec = _TEMPLATES[template]
+    prefix, suffix = spec.llava_hf if mode == "llava-hf" and spec.llava_hf else (spec.prefix, spec.suffix)
+    if study_suffix:
+        suffix += spec.study_suffix
     user = IMAGE_PLACEHOLDER + "\n" + question + (INSTRUCTION_SUFFIX if instruction else "")
-    if template == "vicuna_v1":
-        prefix, suffix = SYSTEM_VICUNA + " USER: ", " ASSISTANT:"
-    elif template == "plain":
-        prefix, suffix = "", "\n"
-    else:
-        user = user.strip()  # the Llama-3 chat template trims every message's content
-        prefix = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + SYSTEM_LLAMA3
-                  + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n")
-        suffix = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-        if study_suffix:
-            suffix += LLAMA3_STUDY_SUFFIX
+    if spec.trim_user:
+        user = user.strip()
     text = prefix + user + suffix
     image_start = len(prefix)
     q_start = image_start + len(IMAGE_PLACEHOLDER) + 1
@@ -113,6 +160,64 @@ def build_prompt(question: str, template: str = "vicuna_v1", *, instruction: boo
         instruction_span = (i_end - len(INSTRUCTION), i_end)
     return Prompt(text, template, question, (q_start, q_end), (image_start, image_start + len(IMAGE_PLACEHOLDER)),
                   instruction_span)
+
+
+# What a chat template writes -> its family, checked in order. Yi's and Qwen's ChatML templates render alike; the
+# vocabulary tells them apart (Yi's BOS is <|startoftext|>, Qwen has no BOS).
+_CHAT_TEMPLATE_MARKERS = (("<|start_header_id|>", "llava_llama_3"), ("[INST]", "mistral_instruct"),
+                          ("<|im_start|>", "chatml"), ("ASSISTANT:", "vicuna_v1"))
+_VOCAB_MARKERS = (("<|start_header_id|>", "llava_llama_3"), ("[INST]", "mistral_instruct"), ("<|im_start|>", "chatml"))
+_YI_BOS = "<|startoftext|>"
+# A checkpoint's name (lower-cased) -> its template, checked in order.
+_NAME_RULES = ((re.compile(r"llama-?3"), "llava_llama_3"), (re.compile(r"mistral"), "mistral_instruct"),
+               (re.compile(r"34b"), "chatml_direct"), (re.compile(r"qwen|onevision|interleave|72b|110b"), "qwen_1_5"))
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
+
+
+def read_chat_template(directory: str | os.PathLike | None) -> str | None:
+    """The chat template a checkpoint directory ships (processor or tokenizer: `CHAT_TEMPLATE_FILES`, first found;
+    of a list of named templates the "default" one), or None."""
+    if directory is None:
+        return None
+    for name in CHAT_TEMPLATE_FILES:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            if name.endswith(".jinja"):
+                return f.read()
+            try:
+                template = json.load(f).get("chat_template")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise ValueError(f"{path}: not a JSON object ({e})") from None
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if isinstance(template, str) and template:
+            return template
+    return None
+
+
+def default_template(tokenizer: Any = None, chat_template: str | None = None, names: Sequence[str] = ()) -> str:
+    """The template a checkpoint was trained with, from the first of: its chat template (`chat_template`, else the
+    tokenizer's), the chat tokens of its vocabulary, its `names` (checkpoint or directory names), else vicuna_v1."""
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+    if isinstance(chat_template, dict):  # transformers keeps several named templates as a dict
+        chat_template = chat_template.get("default")
+    family = None
+    if isinstance(chat_template, str):
+        family = next((t for marker, t in _CHAT_TEMPLATE_MARKERS if marker in chat_template), None)
+    family = family or next((t for marker, t in _VOCAB_MARKERS if marker in vocab), None)
+    if family == "chatml":
+        return "chatml_direct" if _YI_BOS in vocab else "qwen_1_5"
+    if family:
+        return family
+    for name in names:
+        found = next((t for rule, t in _NAME_RULES if name and rule.search(name.lower())), None)
+        if found:
+            return found
+    return "vicuna_v1"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,10 +70,7 @@ class RegionError(ValueError):
     """A region cannot be located (e.g. the question is not covered by whole tokens)."""
 
 
-def default_template(tokenizer) -> str:
-    """llava_llama_3 for Llama-3 tokenizers (chat header tokens), else vicuna_v1."""
-    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
-    return "llava_llama_3" if "<|start_header_id|>" in vocab else "vicuna_v1"
+default_template = prompts.default_template  # re-exported: callers import it from here
 
 
 def check_region_names(names: Collection[str], cfg: LlavaConfig) -> None:
@@ -147,7 +144,7 @@ def locate(cfg: LlavaConfig, tokenizer, size: tuple[int, int], question: str, *,
     related_patches: "study" or "overlap"; settings: the model's processor settings (the study rule's mask goes
     through the same preprocessing as the image).
     """
-    prompt = prompts.build_prompt(question, template or default_template(tokenizer))
+    prompt = prompts.build_prompt(question, template or default_template(tokenizer), mode=mode)
     lay = image_layout(cfg, size)
     encoded = prompts.encode(prompt, tokenizer, cfg.image_token_id, len(lay), mode)
     image_pos = np.asarray(encoded.image_positions, np.int64)

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxflow.inputs import gqa
+from jaxflow.inputs.prompts import build_prompt
 from jaxflow.inputs.regions import check_region_names
 from jaxflow.model import Model
 from jaxflow.sharding import barrier
@@ -84,11 +85,19 @@ def check_inputs(data: str, images: str | None, image_loader=None) -> str:
     return data
 
 
+def first_prompt(data: str, template: str, mode: str) -> str | None:
+    """The prompt text of the task file's first usable row (image placeholder not expanded), for run.json."""
+    samples, _ = gqa.load_tasks(data, check_images=False)
+    return build_prompt(samples[0].question, template, mode=mode).text if samples else None
+
+
 def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_size: int = 9, batch: int = 4,
           method: str = "incremental", limit: int | None = None, images: str | None = None, template: str | None = None,
           max_new_tokens: int = MAX_NEW_TOKENS, chunk: int | None = None, lens: bool = False, image_loader=None,
           filter_correct: bool = True, progress: bool = True, related_patches: str = "study") -> dict:
     """Runs the knockout sweep (or, with lens=True, the logit lens) of one task file into `out`.
+    template: the prompt template (default: the checkpoint's, `Model.default_template`); run.json records it and
+    the first row's rendered prompt.
     max_new_tokens: greedy-decoding limit of the correct-answer filter (an answer without EOS within it is
     skipped). Returns a summary (rows written, samples kept / skipped, compiled shapes)."""
     cfg = model.config
@@ -96,12 +105,14 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
     required = () if lens else sorted({name for f in flows for name in (f.source, f.target)})
     check_region_names(required, cfg)
     data = check_inputs(data, images, image_loader)
+    template = template or model.default_template
     kind = "lens" if lens else "sweep"
     pid, procs = jax.process_index(), jax.process_count()
     shard = "" if procs == 1 else f".process-{pid}-of-{procs}"  # each process owns a disjoint shard
     dtype = str(model.module.language_model.embed_tokens.embedding.dtype)  # what the numbers were computed in
     header = run_header(model, data, kind=kind, flows=[f.name for f in flows], window=window_size, method=method,
-                        template=template, max_new_tokens=max_new_tokens, images=images, filter_correct=filter_correct,
+                        template=template, prompt=first_prompt(data, template, model.prompt_mode),
+                        max_new_tokens=max_new_tokens, images=images, filter_correct=filter_correct,
                         processes=procs, no_anyres=model.no_anyres,
                         related_patches=related_patches, dtype=dtype)
     os.makedirs(out, exist_ok=True)
