@@ -15,7 +15,7 @@ from test_images import HFNEXT, PINPOINTS, _expected_related, _local_tokenizer
 
 from jaxflow.config import LlavaConfig
 from jaxflow.image_layout import image_layout
-from jaxflow.inputs import gqa
+from jaxflow.inputs import gqa, prompts
 from jaxflow.inputs.regions import locate
 
 GQA = str(gqa.TASK_DIR)
@@ -85,4 +85,58 @@ def test_regions_on_every_real_row(kind, tok_name, template):
           f"{len(invalid)} invalid rows: {[str(e) for e in invalid]}; central_object undefined on {len(no_name)}")
     assert total == 5525
     assert passed == total - len(invalid) and len(invalid) == 3
+    assert len(no_name) < 0.01 * total
+
+
+FAMILIES = {  # tokenizer family -> (toy tokenizer, the template its checkpoints use)
+    "mistral": (toy_tokenizers.mistral_tokenizer, "mistral_instruct"),  # SentencePiece, Llama layout, [INST] text
+    "yi": (toy_tokenizers.yi_tokenizer, "chatml_direct"),  # SentencePiece without dummy prefix, ChatML tokens
+    "qwen2": (toy_tokenizers.qwen2_tokenizer, "qwen_1_5"),  # byte-level BPE, 151k vocabulary, ChatML tokens
+}
+
+
+@pytest.mark.parametrize("mode", ["llava-hf", "original"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_text_regions_on_every_real_row_per_tokenizer_family(family, mode):
+    """The text regions of every GQA row with each new tokenizer family and its template, in both tokenization
+    modes (the image regions do not depend on the tokenizer: the test above): the question decodes back to the
+    question, options and object names to their words, nothing of them falls on the image or the instruction."""
+    make, template = FAMILIES[family]
+    tok = make()
+    image_token = tok.convert_tokens_to_ids("<image>") if mode == "llava-hf" else -200
+    cfg = _config("llava", image_token)
+    total, passed, invalid, no_name = 0, 0, [], []
+    for task in TASKS:
+        samples, errors = gqa.load_tasks(os.path.join(GQA, f"{task}.csv"))
+        invalid += errors
+        total += len(samples) + len(errors)
+        for s in samples:
+            prompt, enc, regions = locate(cfg, tok, s.image_size, s.question, mode=mode, template=template,
+                                          boxes=s.boxes, option_spans=(s.true_option_span, s.false_option_span),
+                                          object_names=s.box_names, related_patches="overlap")
+            ids = enc.input_ids
+            assert prompt.template == template and prompt.text.count("<image>") == 1
+            question = regions["question"]
+            assert _norm(tok.decode(ids[question])) == _norm(s.question), (s.question_id, tok.decode(ids[question]))
+            assert not set(question) & set(regions["image"])
+            between = np.arange(regions["image"][-1] + 1, question[0])  # the "\n" (Mistral original: "▁", "\n")
+            assert len(between) == 1 + (family == "mistral" and mode == "original") and enc.blank[between].all()
+            instruction = np.asarray(prompts.token_span(enc, *prompt.instruction_span))
+            assert _norm(tok.decode(ids[instruction])) == prompts.INSTRUCTION and question[-1] < instruction[0]
+            for name, option in (("true_option", s.true_option), ("false_option", s.false_option)):
+                if option is not None:
+                    decoded = _norm(tok.decode(ids[regions[name]])).lower()
+                    assert option.lower() in decoded, (s.question_id, option, decoded)
+                    assert set(regions[name]) <= set(question)
+            if "central_object" in regions:
+                decoded = _norm(tok.decode(ids[regions["central_object"]])).lower()
+                assert all(n.lower() in decoded for n in s.box_names), (s.question_id, s.box_names, decoded)
+                assert set(regions["central_object"]) <= set(question)
+            else:
+                no_name.append(s.question_id)
+            assert regions["last"][0] == len(ids) - 1 and len(regions["image"]) == len(image_layout(cfg, s.image_size))
+            passed += 1
+    print(f"{family}/{template}/{mode}: {passed} of {total} rows pass; {len(invalid)} invalid; "
+          f"central_object undefined on {len(no_name)}")
+    assert total == 5525 and passed == total - len(invalid) and len(invalid) == 3
     assert len(no_name) < 0.01 * total
