@@ -520,3 +520,22 @@ def test_read_chat_template(tmp_path):
     (tmp_path / "chat_template.json").write_text("{not json")
     with pytest.raises(ValueError, match="chat_template.json: not a JSON object"):
         read_chat_template(tmp_path)
+
+
+def test_model_default_template_reads_the_converted_directory(tmp_path):
+    """`Model.default_template`: the chat template file in the converted directory decides; without one, the
+    vocabulary, then the source checkpoint's name (jaxflow.json `source`)."""
+    import json
+
+    from jaxflow.model import Model
+
+    def model(tokenizer, source):
+        return Model(None, None, tokenizer, str(tmp_path), {"source": source})
+
+    mistral = toy.mistral_tokenizer()
+    mistral.chat_template = None
+    assert model(mistral, "/ckpt/llava-v1.6-vicuna-7b-hf").default_template == "vicuna_v1"
+    assert model(mistral, "/ckpt/llava-v1.6-mistral-7b").default_template == "mistral_instruct"  # by name
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": toy.LLAVA_HF_YI_CHAT_TEMPLATE}))
+    assert model(toy.yi_tokenizer(), "/ckpt/whatever").default_template == "chatml_direct"
+    assert model(toy.qwen2_tokenizer(), "/ckpt/whatever").default_template == "qwen_1_5"

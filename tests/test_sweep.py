@@ -202,3 +202,25 @@ def test_plots_and_summary(world, tmp_path):
         assert int(row["samples"]) == n == 6
     lens_written = plot(str(root / "lens"), str(tmp_path / "lens"))
     assert any(p.endswith("lens_ChooseAttr.png") for p in lens_written)
+
+
+def test_run_json_records_the_template_and_first_prompt(world):
+    """run.json holds the template the run used (the checkpoint's by default, `--template` otherwise) and the
+    rendered prompt of the first row, the image placeholder not expanded."""
+    import json
+
+    from jaxflow.inputs.prompts import build_prompt
+
+    model, data, images, root = world
+    first = gqa.load_tasks(data, check_images=False)[0][0].question
+    for template, out in ((None, "default-template"), ("plain", "plain-template")):
+        run.sweep(model, data, str(root / out), flows=FLOWS[:1], window_size=3, images=images, limit=1,
+                  filter_correct=False, progress=False, template=template)
+        with open(root / out / "run.json") as f:
+            header = json.load(f)
+        expected = template or "vicuna_v1"  # the toy's Llama-2 tokenizer has no chat template
+        assert header["template"] == expected
+        assert header["prompt"] == build_prompt(first, expected).text and header["prompt"].count("<image>") == 1
+    with pytest.raises(RunMismatchError, match="template"):  # resuming with another template is refused
+        run.sweep(model, data, str(root / "plain-template"), flows=FLOWS[:1], window_size=3, images=images, limit=1,
+                  filter_correct=False, progress=False, template="vicuna_v1")
