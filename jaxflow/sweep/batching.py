@@ -23,7 +23,9 @@ class Prepared:
 
 def prepare(model: Model, samples: Sequence[gqa.GQASample], template: str | None, image_loader=None,
             related_patches: str = "study", required: Sequence[str] = ()):
-    """Yields Prepared, or (sample, reason) for a sample that cannot be used (e.g. lacks a `required` region)."""
+    """Yields Prepared, or (sample, reason) for a sample that cannot be used (e.g. lacks a `required` region).
+    template: None for the checkpoint's (`Model.default_template`)."""
+    template = template or model.default_template
     for s in samples:
         try:
             if image_loader is not None:
