@@ -2,7 +2,9 @@
 llava-1.6 pinpoints) with the rows' image sizes: the Question span decodes back to the question,
 options and object names decode to their words, related patches (overlap rule) equal an exact brute
 force, and LLaVA-NeXT feature counts equal transformers' processor counts. The study's red-mask rule on
-every row: scripts/compare_related_patches.py."""
+every row: scripts/compare_related_patches.py. The text regions on every row are checked again with each of the
+family's other tokenizers (Mistral and Yi SentencePiece, Qwen2 byte-level BPE) and their templates, in both
+tokenization modes."""
 
 import os
 import re
