@@ -539,3 +539,19 @@ def test_model_default_template_reads_the_converted_directory(tmp_path):
     (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": toy.LLAVA_HF_YI_CHAT_TEMPLATE}))
     assert model(toy.yi_tokenizer(), "/ckpt/whatever").default_template == "chatml_direct"
     assert model(toy.qwen2_tokenizer(), "/ckpt/whatever").default_template == "qwen_1_5"
+
+
+@pytest.mark.parametrize("command", ["sweep", "lens", "regions"])
+def test_cli_template_choices_are_the_templates(command, capsys):
+    from jaxflow.cli import build_parser
+
+    required = {"regions": ["--model", "m", "--image", "i.jpg", "--question", "q?"],
+                "sweep": ["--model", "m", "--data", "d.csv", "--out", "o"]}
+    args = [command] + required.get(command, required["sweep"])
+    parser = build_parser()
+    for template in TEMPLATES:
+        assert parser.parse_args(args + ["--template", template]).template == template
+    assert parser.parse_args(args).template is None  # the checkpoint's default, resolved at run time
+    with pytest.raises(SystemExit):
+        parser.parse_args(args + ["--template", "qwen"])
+    assert "invalid choice: 'qwen'" in capsys.readouterr().err
