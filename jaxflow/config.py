@@ -39,7 +39,7 @@ _REQUIRED_TEXT = {
 _REQUIRED_VISION = {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", "num_channels": 3}
 _REQUIRED_TOP = {"projector_hidden_act": "gelu"}
 
-# Whose anyres arithmetic a checkpoint's image features follow (jaxflow.image_layout): transformers'
+# Whose anyres arithmetic a checkpoint's image features follow (jaxflow.geometry): transformers'
 # LlavaNext for llava-hf checkpoints, LLaVA's own code for original-layout ones. The converter writes
 # `jaxflow_image_geometry` into config.json for the latter; absent means "transformers".
 IMAGE_GEOMETRIES = ("transformers", "llava")

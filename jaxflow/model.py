@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxflow import checkpoint, sharding
 from jaxflow.config import LlavaConfig
-from jaxflow.image_layout import image_layout
+from jaxflow.geometry import image_layout
 from jaxflow.inputs.images import ProcessorSettings
 from jaxflow.knockout import DenseKnockout, Knockout, KnockoutMasks, stack_knockouts
 from jaxflow.nn.llama import KVCache

@@ -31,8 +31,9 @@ from collections.abc import Collection, Sequence
 import numpy as np
 from PIL import Image
 
+from jaxflow import geometry
 from jaxflow.config import LlavaConfig
-from jaxflow.image_layout import image_layout
+from jaxflow.geometry import image_layout
 from jaxflow.inputs import gqa, images, prompts
 
 Box = tuple[float, float, float, float]  # x, y, w, h in original image pixels
@@ -221,13 +222,13 @@ def render(sample: SampleInputs, cfg: LlavaConfig, boxes: Sequence[Box], path: s
     lay = image_layout(cfg, sample.image_size)
     related = np.isin(sample.encoded.image_positions, sample.regions["related_image_patches"])
     p, s = cfg.vision.patch_size, cfg.vision.image_size
-    panels = [("base image (crop 0)", pictures[0], lay.crop == 0, [images.box_in_base(b, sample.image_size, cfg)
+    panels = [("base image (crop 0)", pictures[0], lay.crop == 0, [geometry.box_in_base(b, sample.image_size, cfg)
                                                                    for b in boxes])]
     if cfg.is_next:
         nh, nw = lay.grid
         grid = pictures[1:1 + nh * nw].reshape(nh, nw, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(nh * s, nw * s, 3)
         panels.append((f"anyres grid {nh}x{nw} crops", grid, lay.crop > 0,
-                       [images.box_in_grid(b, sample.image_size, cfg) for b in boxes]))
+                       [geometry.box_in_grid(b, sample.image_size, cfg) for b in boxes]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
     for ax, (title, picture, select, rects) in zip(axes[0], panels, strict=True):
         ax.imshow(picture)

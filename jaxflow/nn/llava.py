@@ -1,6 +1,6 @@
 """LLaVA: CLIP tower -> projector -> image features placed at the image-token positions -> Llama.
 
-`feature_index` [B, T] (built on the host from `image_layout`) says, per sequence position,
+`feature_index` [B, T] (built on the host from `jaxflow.geometry.image_layout`) says, per sequence position,
 which image feature fills it (-1: a text token keeps its embedding). One gather serves both
 LLaVA-1.5 (features in order) and LLaVA-NeXT anyres packing (base crop, unpadded grid rows,
 one `image_newline` per row).
