@@ -221,22 +221,23 @@ def render(sample: SampleInputs, cfg: LlavaConfig, boxes: Sequence[Box], path: s
     pictures = np.clip((crops * std + mean).transpose(0, 2, 3, 1), 0, 1)  # [crops, S, S, 3]
     lay = image_layout(cfg, sample.image_size)
     related = np.isin(sample.encoded.image_positions, sample.regions["related_image_patches"])
-    p, s = cfg.vision.patch_size, cfg.vision.image_size
+    s = cfg.vision.image_size
+    rects_px = lay.rects(cfg)  # [F, 4] each feature's patch (or OneVision cell) in its panel's pixels
     panels = [("base image (crop 0)", pictures[0], lay.crop == 0, [geometry.box_in_base(b, sample.image_size, cfg)
                                                                    for b in boxes])]
     if cfg.is_next:
         nh, nw = lay.grid
         grid = pictures[1:1 + nh * nw].reshape(nh, nw, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(nh * s, nw * s, 3)
-        panels.append((f"anyres grid {nh}x{nw} crops", grid, lay.crop > 0,
+        panels.append((f"anyres grid {nh}x{nw} crops", grid, lay.crop != 0,
                        [geometry.box_in_grid(b, sample.image_size, cfg) for b in boxes]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
     for ax, (title, picture, select, rects) in zip(axes[0], panels, strict=True):
         ax.imshow(picture)
-        for r, c in zip(lay.row[select & related], lay.col[select & related], strict=True):
-            ax.add_patch(Rectangle((c * p, r * p), p, p, color="red", alpha=0.35, linewidth=0))
-        for r, c in zip(lay.row[select & ~related & ~lay.is_newline], lay.col[select & ~related & ~lay.is_newline],
-                        strict=True):
-            ax.add_patch(Rectangle((c * p, r * p), p, p, fill=False, edgecolor="white", alpha=0.25, linewidth=0.4))
+        for x0, y0, x1, y1 in rects_px[select & related]:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, color="red", alpha=0.35, linewidth=0))
+        for x0, y0, x1, y1 in rects_px[select & ~related & ~lay.is_newline & (lay.row >= 0)]:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", alpha=0.25,
+                                   linewidth=0.4))
         for x0, y0, x1, y1 in rects:
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1.5))
         n = int((select & related).sum())
