@@ -1,7 +1,8 @@
 """Image geometry, in one place: image -> crops -> patches -> feature slots, and a box -> the same slots.
 
-- Crops: the LLaVA-1.5 square (`pad_geometry`) or the anyres canvas of LLaVA-NeXT (`anyres_geometry`:
-  best resolution, aspect-preserving resize, centred paste), cut into `image_size` crops.
+- Crops: the LLaVA-1.5 square (`pad_geometry`) or the anyres canvas of LLaVA-NeXT and OneVision
+  (`anyres_geometry`: best resolution, aspect-preserving resize, centred paste), cut into `image_size` crops
+  (`crop_boxes`).
 - Feature slots (`image_layout`): for every image feature in sequence order, the crop it comes from and its
   patch row/column, or an `image_newline` slot, or (LLaVA-OneVision, `anyres_max_N`) a cell of the unpadded
   grid bilinearly downsampled when it holds more than N crops' worth of patches (`downsampled_shape`,
@@ -83,6 +84,12 @@ def anyres_geometry(cfg: LlavaConfig, size: tuple[int, int]):
     fit = fit_size(size, best)
     paste = ((best[0] - fit[0]) // 2, (best[1] - fit[1]) // 2)  # odd remainder goes bottom/right
     return best, fit, paste
+
+
+def crop_boxes(cfg: LlavaConfig, best: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) of each grid crop in the best-resolution canvas of (height, width) `best`, row-major."""
+    s = cfg.vision.image_size
+    return [(c * s, r * s, (c + 1) * s, (r + 1) * s) for r in range(best[0] // s) for c in range(best[1] // s)]
 
 
 # Unpadding: the image side scaled to the patch grid, as a whole number of patches. transformers rounds to 7

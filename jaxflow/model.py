@@ -316,8 +316,7 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
 
         tokenizer = AutoTokenizer.from_pretrained(path)
     if no_anyres:
-        if not cfg.is_next:
+        if cfg.kind != "llava_next":  # OneVision appends a newline even to a single crop: not LLaVA-1.5's geometry
             raise ValueError(f"{path}: no_anyres applies to LLaVA-NeXT checkpoints; this one is {cfg.kind!r}")
-        # image_newline stays, unused
-        cfg = dataclasses.replace(cfg, kind="llava", image_grid_pinpoints=(), max_grid_crops=None)
+        cfg = dataclasses.replace(cfg, kind="llava", image_grid_pinpoints=())  # image_newline stays, unused
     return Model(nnx.merge(graphdef, state), cfg, tokenizer, path, meta, mesh, no_anyres)

@@ -1,8 +1,9 @@
-"""Image pixels for LLaVA-1.5 ("pad") and LLaVA-NeXT ("anyres"), and the related-patch rules; numpy + PIL only.
+"""Image pixels for LLaVA-1.5 ("pad"), LLaVA-NeXT and OneVision ("anyres"), and the related-patch rules; numpy + PIL.
 
 `preprocess` reproduces the pixel values of transformers' PIL image processors
-(`LlavaImageProcessorPil(do_pad=True)` for LLaVA-1.5, i.e. the original LLaVA `expand2square`, and
-`LlavaNextImageProcessorPil` for LLaVA-NeXT). Every step works on uint8 pixels through PIL exactly as
+(`LlavaImageProcessorPil(do_pad=True)` for LLaVA-1.5, i.e. the original LLaVA `expand2square`,
+`LlavaNextImageProcessorPil` for LLaVA-NeXT and `LlavaOnevisionImageProcessorPil` for OneVision, whose crops
+are cut the same way). Every step works on uint8 pixels through PIL exactly as
 transformers does; only the final rescale/normalize is float.
 
 `related_features` marks the image features that hold a question-related object (boxes (x, y, w, h) in
@@ -13,9 +14,12 @@ newline and CLS features are never related), by one of two rules (`RELATED_PATCH
   (`study_mask`), the mask goes through the very crops the image goes through (`vision_crops`: the same pad /
   resize / anyres code, without rescale and normalize), and a patch is related when any of its pixels is still
   exactly (255, 0, 0). Bicubic resizing blends the box border, so a tiny box can have no related patch at all.
+  A downsampled OneVision cell is related when every patch it blends (positive bilinear weight) is: the red-patch
+  indicator, resized as the features are, is still exactly 1 (`jaxflow.geometry.patch_features`).
 - "overlap": the patch rectangle overlaps a box with positive area, the box carried through the same geometry
   into the pixel frame of the base crop (`box_in_base`) or of the padded best-resolution anyres image
-  (`box_in_grid`). It marks the blended border patches too.
+  (`box_in_grid`). It marks the blended border patches too. A downsampled OneVision cell covers its share of
+  the unpadded grid (`ImageLayout.rects`) and is related when a box overlaps that rectangle.
 
 Every size, offset and crop box comes from `jaxflow.geometry`; this module only moves pixels.
 Sizes are (height, width) throughout, as in transformers' LlavaNext; boxes and PIL sizes are (x, y, ...).
@@ -38,6 +42,7 @@ from jaxflow.geometry import (  # box_in_base, box_in_grid: re-exported for call
     anyres_geometry,
     box_in_base,  # noqa: F401
     box_in_grid,  # noqa: F401
+    crop_boxes,
     image_layout,
     overlap_features,
     pad_geometry,
@@ -166,7 +171,7 @@ def vision_crops(image: PIL.Image.Image, cfg: LlavaConfig,
     canvas = PIL.Image.new("RGB", (bw, bh), (0, 0, 0))
     canvas.paste(image.resize((fw, fh), resample=settings.resample), (px, py))
     crops = [image.resize((s, s), resample=settings.resample)]
-    crops += [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(bh // s) for c in range(bw // s)]
+    crops += [canvas.crop(box) for box in crop_boxes(cfg, (bh, bw))]
     return np.stack([_clip_resize_crop(c, s, settings.resample) for c in crops]), size_hw
 
 

@@ -12,8 +12,9 @@ parentheses):
   the study's red-mask rule or by geometric overlap (`related_patches`, see `jaxflow.inputs.images`); empty when
   the boxes are too small for any patch to stay pure red; `other_image_patches` (Image Without Central Object):
   the other image features, `image_newline` slots excluded;
-- LLaVA-NeXT only (`NEXT_REGIONS`): `image_base` (Image Original Patch): the base image's features;
-  `image_grid` (Image HD Patch): every image feature after them, the grid's patches and its newline slots;
+- anyres models only (LLaVA-NeXT and OneVision, `NEXT_REGIONS`): `image_base` (Image Original Patch): the base
+  image's features; `image_grid` (Image HD Patch): every image feature after them, the grid's patches (OneVision:
+  the downsampled cells, when the grid is downsampled) and its newline slots;
   `image_newline`: the newline slots (what the study's anyres mask calls "Image Pad");
   `related_image_patches_grid` (Image Central Object in HD Patch): the related features in the grid;
   `image_grid_without_related` (Image HD Patch Without Central Object): `image_grid` minus those, newline slots
