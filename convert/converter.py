@@ -19,7 +19,7 @@ Original-layout checkpoints (liuhaotian/*, lmms-lab/*) are converted as LLaVA's 
 - `image_grid_pinpoints`: LLaVA reads (width, height) pairs; they are stored as jaxflow's
   (height, width).
 - image geometry: config.json gets `"jaxflow_image_geometry": "llava"`, so the anyres features
-  follow LLaVA's unpadding arithmetic, not transformers' (jaxflow.image_layout).
+  follow LLaVA's unpadding arithmetic, not transformers' (jaxflow.geometry).
 - image processor: LLaVA uses the CLIP tower's (CLIPImageProcessor.from_pretrained(--clip)).
 - tokenizer: LLaVA-1.5/1.6 ship only a SentencePiece tokenizer.model; a fast tokenizer.json is
   built from it here (transformers, with sentencepiece and protobuf), so loading is fast and has
@@ -164,7 +164,7 @@ def original_to_hf_config(cfg: dict, clip_cfg: dict, where: str) -> dict:
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": True,
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
-        "jaxflow_image_geometry": "llava",  # LLaVA's own anyres arithmetic (jaxflow.image_layout)
+        "jaxflow_image_geometry": "llava",  # LLaVA's own anyres arithmetic (jaxflow.geometry)
     }
     if anyres:
         out["image_grid_pinpoints"] = pinpoints_hw(cfg.get("image_grid_pinpoints"), where)

@@ -39,7 +39,7 @@ _REQUIRED_TEXT = {
 _REQUIRED_VISION = {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", "num_channels": 3}
 _REQUIRED_TOP = {"projector_hidden_act": "gelu"}
 
-# Whose anyres arithmetic a checkpoint's image features follow (jaxflow.image_layout): transformers'
+# Whose anyres arithmetic a checkpoint's image features follow (jaxflow.geometry): transformers'
 # LlavaNext for llava-hf checkpoints, LLaVA's own code for original-layout ones. The converter writes
 # `jaxflow_image_geometry` into config.json for the latter; absent means "transformers".
 IMAGE_GEOMETRIES = ("transformers", "llava")
@@ -57,6 +57,19 @@ def _check(section: str, d: dict, handled: set[str], required: dict[str, Any]) -
             if value in (None, False, {}, []):
                 continue
             raise UnsupportedConfigError(f"config attribute {where}={value!r} is not known to jaxflow")
+
+
+def _kinds() -> str:
+    return ", ".join(map(repr, KINDS))
+
+
+def _max_grid_crops(value) -> int:
+    """N of OneVision's vision_aspect_ratio "anyres_max_N"."""
+    digits = value[len(ANYRES_MAX_PREFIX):] if isinstance(value, str) and value.startswith(ANYRES_MAX_PREFIX) else ""
+    if not digits.isdigit() or int(digits) < 1:
+        raise UnsupportedConfigError(f"config attribute vision_aspect_ratio={value!r} is not supported "
+                                     f"(jaxflow implements '{ANYRES_MAX_PREFIX}N', N >= 1)")
+    return int(digits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +142,14 @@ class TextConfig:
                    heads, kv_heads, head_dim, d.get("rms_norm_eps", 1e-6), float(rope["rope_theta"]))
 
 
+KINDS = ("llava", "llava_next", "llava_onevision")  # transformers model_type values jaxflow implements
+ANYRES_MAX_PREFIX = "anyres_max_"  # OneVision's vision_aspect_ratio: at most N crops' worth of grid features
+
+
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
-    """LLaVA-1.5 (`kind="llava"`) or LLaVA-NeXT anyres (`kind="llava_next"`)."""
+    """LLaVA-1.5 (`kind="llava"`), LLaVA-NeXT anyres (`kind="llava_next"`) or LLaVA-OneVision
+    (`kind="llava_onevision"`: anyres whose unpadded grid is downsampled past `max_grid_crops` crops)."""
 
     kind: str
     vision: VisionConfig
@@ -143,10 +161,12 @@ class LlavaConfig:
     tie_word_embeddings: bool = False
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # (height, width) in pixels, NeXT only
     image_geometry: str = "transformers"  # one of IMAGE_GEOMETRIES
+    max_grid_crops: int | None = None  # OneVision's anyres_max_N: N; None: the grid is never downsampled
 
     @functools.cached_property
     def is_next(self) -> bool:
-        return self.kind == "llava_next"
+        """Has an anyres grid (base crop, grid crops, image_newline): LLaVA-NeXT and LLaVA-OneVision."""
+        return self.kind in ("llava_next", "llava_onevision")
 
     @functools.cached_property
     def features_per_crop(self) -> int:
@@ -157,16 +177,23 @@ class LlavaConfig:
     def from_hf(cls, d: dict) -> LlavaConfig:
         """Builds the config from a transformers config dict with every default filled in."""
         kind = d.get("model_type")
-        if kind not in ("llava", "llava_next"):
+        if kind not in KINDS:
             raise UnsupportedConfigError(
-                f"config attribute model_type={kind!r} is not supported (jaxflow implements 'llava', 'llava_next')")
+                f"config attribute model_type={kind!r} is not supported (jaxflow implements {_kinds()})")
         handled = {"image_token_index", "vision_feature_layer", "vision_feature_select_strategy",
                    "multimodal_projector_bias", "image_grid_pinpoints", "jaxflow_image_geometry"}
+        if kind == "llava_onevision":  # videos are not run: their token id is only metadata here
+            handled |= {"vision_aspect_ratio", "video_token_index", "video_token_id"}
         _check("", d, handled, _REQUIRED_TOP)
         strategy = d.get("vision_feature_select_strategy", "default")
         if strategy not in ("default", "full") or (kind == "llava_next" and strategy != "default"):
             raise UnsupportedConfigError(
                 f"config attribute vision_feature_select_strategy={strategy!r} is not supported for {kind}")
+        if kind == "llava_onevision" and strategy == "full":  # the base crop must give exactly grid x grid features
+            raise UnsupportedConfigError(
+                "config attribute vision_feature_select_strategy='full' is not supported for llava_onevision with a "
+                "CLIP tower (its CLS feature breaks the grid; transformers refuses it too)")
+        max_crops = _max_grid_crops(d.get("vision_aspect_ratio", "anyres_max_9")) if kind == "llava_onevision" else None
         layers = d.get("vision_feature_layer", -2)
         layers = (layers,) if isinstance(layers, int) else tuple(layers)
         vision = VisionConfig.from_hf(d["vision_config"])
@@ -174,7 +201,7 @@ class LlavaConfig:
         for layer in layers:
             if not -vision.num_layers - 1 <= layer <= vision.num_layers:
                 raise UnsupportedConfigError(f"config attribute vision_feature_layer={layer} is out of range")
-        pinpoints = tuple(tuple(p) for p in d.get("image_grid_pinpoints") or ()) if kind == "llava_next" else ()
+        pinpoints = tuple(tuple(p) for p in d.get("image_grid_pinpoints") or ()) if kind != "llava" else ()
         tie = bool(d.get("tie_word_embeddings") or d["text_config"].get("tie_word_embeddings"))
         image_token = d.get("image_token_index", d.get("image_token_id"))
         geometry = d.get("jaxflow_image_geometry") or "transformers"
@@ -182,7 +209,7 @@ class LlavaConfig:
             raise UnsupportedConfigError(f"config attribute jaxflow_image_geometry={geometry!r} is not supported "
                                          f"(jaxflow implements {', '.join(map(repr, IMAGE_GEOMETRIES))})")
         return cls(kind, vision, text, image_token, layers, strategy,
-                   bool(d.get("multimodal_projector_bias", True)), tie, pinpoints, geometry)
+                   bool(d.get("multimodal_projector_bias", True)), tie, pinpoints, geometry, max_crops)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> LlavaConfig:
@@ -194,9 +221,9 @@ class LlavaConfig:
             raise FileNotFoundError(f"{config_file}: no config.json in the checkpoint directory")
         with open(config_file) as f:
             model_type = json.load(f).get("model_type")
-        if model_type not in ("llava", "llava_next"):
+        if model_type not in KINDS:
             raise UnsupportedConfigError(
-                f"{config_file}: model_type={model_type!r} is not supported (jaxflow implements 'llava', 'llava_next')")
+                f"{config_file}: model_type={model_type!r} is not supported (jaxflow implements {_kinds()})")
         return cls.from_hf(AutoConfig.from_pretrained(path).to_dict())
 
     def vision_layers_needed(self) -> int:

@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxflow import checkpoint, sharding
 from jaxflow.config import LlavaConfig
-from jaxflow.image_layout import image_layout
+from jaxflow.geometry import image_layout
 from jaxflow.inputs.images import ProcessorSettings
 from jaxflow.inputs.prompts import default_template, read_chat_template
 from jaxflow.knockout import DenseKnockout, Knockout, KnockoutMasks, stack_knockouts
@@ -37,6 +37,8 @@ class ModelInputs:
     feature_index: jax.Array  # [B, T] int32
     attention_mask: jax.Array  # [B, T] bool
     position_ids: jax.Array  # [B, T] int32
+    taps: jax.Array | None = None  # [M, 4] int32: OneVision's downsampled cells, their source features
+    tap_weights: jax.Array | None = None  # [M, 4] float32: and bilinear weights
 
 
 @dataclasses.dataclass
@@ -60,7 +62,7 @@ def prepare_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, image_sizes=N
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected [batch, seq], got shape {input_ids.shape}")
     is_image = input_ids == cfg.image_token_id
-    crops, indices = None, []
+    crops, indices, taps = None, [], []
     if pixel_values is not None:
         pixel_values = np.asarray(pixel_values)
         if cfg.is_next:
@@ -79,12 +81,18 @@ def prepare_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, image_sizes=N
                 raise ValueError(f"pixel_values: LLaVA-1.5 expects [images, C, H, W], got {pixel_values.shape}")
             layouts = [image_layout(cfg)] * len(pixel_values)
             crops = pixel_values
-        offset = 0
+        offset, taps, weights = 0, [], []
         for lay in layouts:
             indices.append(lay.feature_index(cfg, offset))
+            tap, weight = lay.taps(cfg, offset)
+            taps.append(tap)
+            weights.append(weight)
             offset += lay.num_crops
         flat = np.concatenate(indices) if indices else np.zeros(0, int)
         flat = np.where(flat == -2, offset * cfg.features_per_crop, flat)  # newline row after all crops
+        cells = flat == -3  # then the downsampled cells, in sequence order
+        flat[cells] = offset * cfg.features_per_crop + 1 + np.arange(int(cells.sum()))
+        taps, weights = np.concatenate(taps), np.concatenate(weights)
         if is_image.sum() != len(flat):
             raise ValueError(f"input_ids: {int(is_image.sum())} image tokens but the images give {len(flat)} "
                              f"features; expand the image token once per feature")
@@ -95,18 +103,19 @@ def prepare_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, image_sizes=N
             raise ValueError("input_ids: image tokens present but pixel_values is None")
         feature_index = np.full(input_ids.shape, -1, np.int64)
     b, t = input_ids.shape
+    blend = (jnp.asarray(taps, jnp.int32), jnp.asarray(weights, jnp.float32)) if crops is not None and len(taps) else ()
     mask = np.ones((b, t), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     pos = np.broadcast_to(np.arange(t), (b, t)) if position_ids is None else np.asarray(position_ids)
     if mask.shape != (b, t) or pos.shape != (b, t):
         raise ValueError(f"attention_mask / position_ids: expected shape {(b, t)}")
     return ModelInputs(jnp.asarray(input_ids, jnp.int32), None if crops is None else jnp.asarray(crops),
-                       jnp.asarray(feature_index, jnp.int32), jnp.asarray(mask), jnp.asarray(pos, jnp.int32))
+                       jnp.asarray(feature_index, jnp.int32), jnp.asarray(mask), jnp.asarray(pos, jnp.int32), *blend)
 
 
 @functools.partial(nnx.jit, static_argnames=("collect_hidden", "collect_attn"))
 def _forward(module: Llava, inputs: ModelInputs, knock: KnockoutMasks | None,
              collect_hidden: bool = False, collect_attn: bool = False):
-    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index)
+    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index, inputs.taps, inputs.tap_weights)
     lm = module.language_model
 
     def run(k):
@@ -133,7 +142,7 @@ class Prefill:
 @functools.partial(nnx.jit, static_argnames=("collect_hidden",))
 def prefill_forward(module: Llava, inputs: ModelInputs, last: jax.Array, collect_hidden: bool = False) -> Prefill:
     """Runs the prompt once; `last` [B] is each row's last position."""
-    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index)
+    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index, inputs.taps, inputs.tap_weights)
     lm = module.language_model
     out = lm(x, inputs.position_ids, inputs.attention_mask, collect_hidden=collect_hidden, collect_kv=True)
     h = jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
@@ -316,7 +325,7 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
 
         tokenizer = AutoTokenizer.from_pretrained(path)
     if no_anyres:
-        if not cfg.is_next:
+        if cfg.kind != "llava_next":  # OneVision appends a newline even to a single crop: not LLaVA-1.5's geometry
             raise ValueError(f"{path}: no_anyres applies to LLaVA-NeXT checkpoints; this one is {cfg.kind!r}")
         cfg = dataclasses.replace(cfg, kind="llava", image_grid_pinpoints=())  # image_newline stays, unused
     return Model(nnx.merge(graphdef, state), cfg, tokenizer, path, meta, mesh, no_anyres)

@@ -76,8 +76,9 @@ def write_random_checkpoint(path: str, hf_config: dict, seed: int = 0, scale: fl
 
 def tiny_hf_config(kind: str = "llava", image_size: int = 56, layers: int = 4, hidden: int = 64,
                    heads: int = 4, kv_heads: int = 4, vocab: int = 256, image_token_index: int | None = None) -> dict:
-    """A small transformers llava / llava_next config dict (image token: vocab - 1 unless given)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+    """A small transformers llava / llava_next / llava_onevision config dict (image token: vocab - 1 unless given;
+    OneVision: a CLIP tower with strategy "default", pinpoints up to 6 x 6 crops as OneVision's own)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaOnevisionConfig
     from transformers import LlavaConfig as HFLlavaConfig
 
     vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
@@ -90,4 +91,8 @@ def tiny_hf_config(kind: str = "llava", image_size: int = 56, layers: int = 4, h
         s = image_size
         pin = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]]
         return LlavaNextConfig(image_grid_pinpoints=pin, **common).to_dict()
+    if kind == "llava_onevision":
+        pin = [[image_size * i, image_size * j] for i in range(1, 7) for j in range(1, 7)]
+        return LlavaOnevisionConfig(image_grid_pinpoints=pin, vision_feature_select_strategy="default",
+                                    vision_feature_layer=-1, **common).to_dict()
     return HFLlavaConfig(**common).to_dict()

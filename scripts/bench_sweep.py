@@ -48,7 +48,7 @@ def build(preset: dict, root: str, seed: int = 0):
 
 def make_samples(model, n: int, seed: int = 0):
     """n samples: [BOS] + 576 image tokens + ~38 question/instruction tokens, with regions."""
-    from jaxflow.image_layout import image_layout
+    from jaxflow.geometry import image_layout
 
     rng = np.random.default_rng(seed)
     n_image = len(image_layout(model.config))

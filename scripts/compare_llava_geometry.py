@@ -9,7 +9,7 @@ llava-torch 1.2.2.post1 (transformers 4.36.2), as `VENV/bin/python this_file --l
 1. Image features, for every distinct image size of the six packaged GQA task files: LLaVA's own
    `prepare_inputs_labels_for_multimodal` (anyres, spatial_unpad, LLaVA-1.6's pinpoints, CLIP 336/14) runs
    on stand-in features that encode their origin (crop, patch row, patch column; image_newline = -1), so its
-   output lists, position by position, where each image feature comes from. jaxflow's `image_layout` for the
+   output lists, position by position, where each image feature comes from. jaxflow's `geometry.image_layout` for the
    config converted from the same original config must list the same origins in the same order.
 2. Pixels: LLaVA's `process_images` (anyres, pad, square) against `jaxflow.inputs.images.preprocess` on noise
    images of awkward sizes, with the OpenAI CLIP processor settings, at a small tower size and at 336.
@@ -150,7 +150,7 @@ def converted_config(next_: bool, side: int, work: str):
 
 def jaxflow_origins(cfg, size_hw) -> np.ndarray:
     """[F, 3] (crop, patch row, patch column within the crop) per feature of image_layout; newline -1."""
-    from jaxflow.image_layout import image_layout
+    from jaxflow.geometry import image_layout
 
     lay = image_layout(cfg, size_hw)
     g = cfg.vision.grid
@@ -161,7 +161,7 @@ def jaxflow_origins(cfg, size_hw) -> np.ndarray:
 
 def compare(cfg, llava: dict, sizes: dict, rule_diff: list, counts: np.ndarray) -> dict:
     """How jaxflow's image_layout under `cfg` differs from LLaVA's features."""
-    from jaxflow.image_layout import image_layout
+    from jaxflow.geometry import image_layout
 
     def differs(w, h):
         ref, ours = llava[f"{w}x{h}"], jaxflow_origins(cfg, (h, w))
@@ -208,7 +208,7 @@ def main() -> None:
     import PIL.Image
 
     from jaxflow.config import IMAGE_GEOMETRIES
-    from jaxflow.image_layout import grid_shape, unpad_box
+    from jaxflow.geometry import grid_shape, unpad_box
     from jaxflow.inputs.images import preprocess
 
     sizes = task_sizes()

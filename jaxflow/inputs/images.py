@@ -1,22 +1,27 @@
-"""Image preprocessing and box geometry for LLaVA-1.5 ("pad") and LLaVA-NeXT ("anyres"); numpy + PIL only.
+"""Image pixels for LLaVA-1.5 ("pad"), LLaVA-NeXT and OneVision ("anyres"), and the related-patch rules; numpy + PIL.
 
 `preprocess` reproduces the pixel values of transformers' PIL image processors
-(`LlavaImageProcessorPil(do_pad=True)` for LLaVA-1.5, i.e. the original LLaVA `expand2square`, and
-`LlavaNextImageProcessorPil` for LLaVA-NeXT). Every step works on uint8 pixels through PIL exactly as
+(`LlavaImageProcessorPil(do_pad=True)` for LLaVA-1.5, i.e. the original LLaVA `expand2square`,
+`LlavaNextImageProcessorPil` for LLaVA-NeXT and `LlavaOnevisionImageProcessorPil` for OneVision, whose crops
+are cut the same way). Every step works on uint8 pixels through PIL exactly as
 transformers does; only the final rescale/normalize is float.
 
 `related_features` marks the image features that hold a question-related object (boxes (x, y, w, h) in
-original image pixels), in the feature order of `jaxflow.image_layout.image_layout` (the model's own plan;
+original image pixels), in the feature order of `jaxflow.geometry.image_layout` (the model's own plan;
 newline and CLS features are never related), by one of two rules (`RELATED_PATCH_RULES`):
 
 - "study" (the study's released code): the boxes are drawn pure red on a pure green mask of the image's size
   (`study_mask`), the mask goes through the very crops the image goes through (`vision_crops`: the same pad /
   resize / anyres code, without rescale and normalize), and a patch is related when any of its pixels is still
   exactly (255, 0, 0). Bicubic resizing blends the box border, so a tiny box can have no related patch at all.
+  A downsampled OneVision cell is related when every patch it blends (positive bilinear weight) is: the red-patch
+  indicator, resized as the features are, is still exactly 1 (`jaxflow.geometry.patch_features`).
 - "overlap": the patch rectangle overlaps a box with positive area, the box carried through the same geometry
   into the pixel frame of the base crop (`box_in_base`) or of the padded best-resolution anyres image
-  (`box_in_grid`). It marks the blended border patches too.
+  (`box_in_grid`). It marks the blended border patches too. A downsampled OneVision cell covers its share of
+  the unpadded grid (`ImageLayout.rects`) and is related when a box overlaps that rectangle.
 
+Every size, offset and crop box comes from `jaxflow.geometry`; this module only moves pixels.
 Sizes are (height, width) throughout, as in transformers' LlavaNext; boxes and PIL sizes are (x, y, ...).
 """
 
@@ -24,22 +29,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
 from jaxflow.config import LlavaConfig
-from jaxflow.image_layout import image_layout, select_best_resolution
+from jaxflow.geometry import (  # box_in_base, box_in_grid: re-exported for callers of this module
+    Box,
+    anyres_geometry,
+    box_in_base,  # noqa: F401
+    box_in_grid,  # noqa: F401
+    crop_boxes,
+    image_layout,
+    overlap_features,
+    pad_geometry,
+    patch_features,
+)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-Box = tuple[float, float, float, float]  # (x, y, w, h) in original image pixels
-Rect = tuple[float, float, float, float]  # (x0, y0, x1, y1)
 RELATED_PATCH_RULES = ("study", "overlap")
 RED, GREEN = (255, 0, 0), (0, 255, 0)  # the study's mask colours: box, background
 
@@ -133,38 +145,6 @@ def normalize(crops: np.ndarray, settings: ProcessorSettings) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def _pad_geometry(size_hw: tuple[int, int]) -> tuple[int, int, int]:
-    """Side of the LLaVA-1.5 square and the (x, y) offset of the pasted image (odd remainder right/bottom)."""
-    h, w = size_hw
-    side = max(h, w)
-    return side, (side - w) // 2, (side - h) // 2
-
-
-def _fit_size(size_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
-    """(height, width) of the aspect-preserving resize into target (transformers' get_patch_output_size: ceil)."""
-    h, w = size_hw
-    th, tw = target_hw
-    scale_w, scale_h = tw / w, th / h
-    if scale_w < scale_h:
-        return min(math.ceil(h * scale_w), th), tw
-    return th, min(math.ceil(w * scale_h), tw)
-
-
-def _anyres_geometry(cfg: LlavaConfig, size_hw: tuple[int, int]):
-    """Best resolution (h, w), resized content size (h, w) and paste offset (y, x) of the anyres image."""
-    if not cfg.is_next:
-        raise ValueError("the anyres grid exists only for LLaVA-NeXT configs")
-    if not cfg.image_grid_pinpoints:
-        raise ValueError("LLaVA-NeXT config has no image_grid_pinpoints")
-    s = cfg.vision.image_size
-    best = select_best_resolution(size_hw, cfg.image_grid_pinpoints)
-    if best[0] % s or best[1] % s:
-        raise ValueError(f"pinpoint {best} is not a multiple of the vision image_size {s}")
-    fit = _fit_size(size_hw, best)
-    paste = ((best[0] - fit[0]) // 2, (best[1] - fit[1]) // 2)  # odd remainder goes bottom/right
-    return best, fit, paste
-
-
 def vision_crops(image: PIL.Image.Image, cfg: LlavaConfig,
                  settings: ProcessorSettings | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """The crops the vision tower sees, as uint8 pixels [N, S, S, 3] before rescale and normalize, and the
@@ -180,18 +160,18 @@ def vision_crops(image: PIL.Image.Image, cfg: LlavaConfig,
     s = cfg.vision.image_size
     size_hw = (image.height, image.width)
     if not cfg.is_next:
-        side, ox, oy = _pad_geometry(size_hw)
+        side, ox, oy = pad_geometry(size_hw)
         if side != image.width or side != image.height:
             fill = tuple(int(x * 255) for x in settings.image_mean)  # truncation, as LLaVA / transformers
             square = PIL.Image.new("RGB", (side, side), fill)
             square.paste(image, (ox, oy))
             image = square
         return _clip_resize_crop(image, s, settings.resample)[None], size_hw
-    (bh, bw), (fh, fw), (py, px) = _anyres_geometry(cfg, size_hw)
+    (bh, bw), (fh, fw), (py, px) = anyres_geometry(cfg, size_hw)
     canvas = PIL.Image.new("RGB", (bw, bh), (0, 0, 0))
     canvas.paste(image.resize((fw, fh), resample=settings.resample), (px, py))
     crops = [image.resize((s, s), resample=settings.resample)]
-    crops += [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(bh // s) for c in range(bw // s)]
+    crops += [canvas.crop(box) for box in crop_boxes(cfg, (bh, bw))]
     return np.stack([_clip_resize_crop(c, s, settings.resample) for c in crops]), size_hw
 
 
@@ -206,55 +186,6 @@ def preprocess(image: PIL.Image.Image, cfg: LlavaConfig,
     crops, size_hw = vision_crops(image, cfg, settings)
     x = normalize(crops, settings)  # [N, 3, S, S]
     return (x[None] if cfg.is_next else x), size_hw
-
-
-def box_in_base(box: Box, size_hw: tuple[int, int], cfg: LlavaConfig) -> Rect:
-    """(x0, y0, x1, y1) of `box` in the pixel frame of the base crop (S x S)."""
-    x, y, w, h = box
-    s = cfg.vision.image_size
-    if cfg.is_next:  # squash resize
-        ih, iw = size_hw
-        return x * s / iw, y * s / ih, (x + w) * s / iw, (y + h) * s / ih
-    side, ox, oy = _pad_geometry(size_hw)  # pad to square, resize to S x S (the center crop is then a no-op)
-    return (x + ox) * s / side, (y + oy) * s / side, (x + w + ox) * s / side, (y + h + oy) * s / side
-
-
-def box_in_grid(box: Box, size_hw: tuple[int, int], cfg: LlavaConfig) -> Rect:
-    """(x0, y0, x1, y1) of `box` in the padded best-resolution frame of the anyres grid (LLaVA-NeXT)."""
-    x, y, w, h = box
-    _, (fh, fw), (py, px) = _anyres_geometry(cfg, size_hw)
-    ih, iw = size_hw
-    return x * fw / iw + px, y * fh / ih + py, (x + w) * fw / iw + px, (y + h) * fh / ih + py
-
-
-def _clip_to_image(box: Box, size_hw: tuple[int, int]) -> Box:
-    x, y, w, h = box
-    x0, y0 = max(x, 0), max(y, 0)
-    return x0, y0, min(x + w, size_hw[1]) - x0, min(y + h, size_hw[0]) - y0
-
-
-def overlap_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[Box]) -> np.ndarray:
-    """The "overlap" rule, per image feature (order of `image_layout(cfg, size_hw)`): does its patch overlap any
-    box with positive area? Boxes are (x, y, w, h) in original pixels, clipped to the image first."""
-    size_hw = (int(size_hw[0]), int(size_hw[1]))
-    layout = image_layout(cfg, size_hw)
-    related = np.zeros(len(layout), bool)
-    boxes: Sequence[Box] = [_clip_to_image(b, size_hw) for b in boxes]
-    if not boxes:
-        return related
-    p = cfg.vision.patch_size
-    patch = (layout.crop >= 0) & (layout.row >= 0)
-    frames = [(layout.crop == 0, [box_in_base(b, size_hw, cfg) for b in boxes])]
-    if cfg.is_next:
-        frames.append((layout.crop > 0, [box_in_grid(b, size_hw, cfg) for b in boxes]))
-    for in_frame, rects in frames:
-        sel = patch & in_frame
-        r = np.asarray(rects, np.float64)  # [B, 4]
-        x0, y0 = layout.col[sel, None] * p, layout.row[sel, None] * p
-        dx = np.minimum(x0 + p, r[:, 2]) - np.maximum(x0, r[:, 0])
-        dy = np.minimum(y0 + p, r[:, 3]) - np.maximum(y0, r[:, 1])
-        related[sel] = ((dx > 0) & (dy > 0)).any(axis=1)
-    return related
 
 
 def study_mask(size_hw: tuple[int, int], boxes: Iterable[Box]) -> PIL.Image.Image:
@@ -277,19 +208,14 @@ def study_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[B
     """The "study" rule, per image feature (order of `image_layout(cfg, size_hw)`): does its patch, in the crops
     the vision tower sees of the `study_mask`, hold a pixel that is exactly pure red?"""
     size_hw = (int(size_hw[0]), int(size_hw[1]))
-    layout = image_layout(cfg, size_hw)
     boxes = list(boxes)
     if not boxes:
-        return np.zeros(len(layout), bool)
+        return np.zeros(len(image_layout(cfg, size_hw)), bool)
     crops, _ = vision_crops(study_mask(size_hw, boxes), cfg, settings)  # [N, S, S, 3] uint8
     g, p = cfg.vision.grid, cfg.vision.patch_size
     c = crops[:, :g * p, :g * p]
     red = (c[..., 0] == RED[0]) & (c[..., 1] == RED[1]) & (c[..., 2] == RED[2])  # [N, g*p, g*p]
-    per_patch = red.reshape(len(crops), g, p, g, p).any(axis=(2, 4)).reshape(len(crops), g * g)  # [N, g*g]
-    per_feature = np.zeros((len(crops), cfg.features_per_crop), bool)  # [N, features_per_crop], CLS first
-    per_feature[:, cfg.features_per_crop - g * g:] = per_patch
-    index = layout.feature_index(cfg, 0)  # the model's own gather plan; newline: -2
-    return np.where(index >= 0, per_feature.ravel()[np.maximum(index, 0)], False)
+    return patch_features(cfg, size_hw, red.reshape(len(crops), g, p, g, p).any(axis=(2, 4)))  # [N, g, g]
 
 
 def related_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[Box], rule: str = "study",

@@ -12,8 +12,9 @@ parentheses):
   the study's red-mask rule or by geometric overlap (`related_patches`, see `jaxflow.inputs.images`); empty when
   the boxes are too small for any patch to stay pure red; `other_image_patches` (Image Without Central Object):
   the other image features, `image_newline` slots excluded;
-- LLaVA-NeXT only (`NEXT_REGIONS`): `image_base` (Image Original Patch): the base image's features;
-  `image_grid` (Image HD Patch): every image feature after them, the grid's patches and its newline slots;
+- anyres models only (LLaVA-NeXT and OneVision, `NEXT_REGIONS`): `image_base` (Image Original Patch): the base
+  image's features; `image_grid` (Image HD Patch): every image feature after them, the grid's patches (OneVision:
+  the downsampled cells, when the grid is downsampled) and its newline slots;
   `image_newline`: the newline slots (what the study's anyres mask calls "Image Pad");
   `related_image_patches_grid` (Image Central Object in HD Patch): the related features in the grid;
   `image_grid_without_related` (Image HD Patch Without Central Object): `image_grid` minus those, newline slots
@@ -31,8 +32,9 @@ from collections.abc import Collection, Sequence
 import numpy as np
 from PIL import Image
 
+from jaxflow import geometry
 from jaxflow.config import LlavaConfig
-from jaxflow.image_layout import image_layout
+from jaxflow.geometry import image_layout
 from jaxflow.inputs import gqa, images, prompts
 
 Box = tuple[float, float, float, float]  # x, y, w, h in original image pixels
@@ -217,22 +219,23 @@ def render(sample: SampleInputs, cfg: LlavaConfig, boxes: Sequence[Box], path: s
     pictures = np.clip((crops * std + mean).transpose(0, 2, 3, 1), 0, 1)  # [crops, S, S, 3]
     lay = image_layout(cfg, sample.image_size)
     related = np.isin(sample.encoded.image_positions, sample.regions["related_image_patches"])
-    p, s = cfg.vision.patch_size, cfg.vision.image_size
-    panels = [("base image (crop 0)", pictures[0], lay.crop == 0, [images.box_in_base(b, sample.image_size, cfg)
+    s = cfg.vision.image_size
+    rects_px = lay.rects(cfg)  # [F, 4] each feature's patch (or OneVision cell) in its panel's pixels
+    panels = [("base image (crop 0)", pictures[0], lay.crop == 0, [geometry.box_in_base(b, sample.image_size, cfg)
                                                                    for b in boxes])]
     if cfg.is_next:
         nh, nw = lay.grid
         grid = pictures[1:1 + nh * nw].reshape(nh, nw, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(nh * s, nw * s, 3)
-        panels.append((f"anyres grid {nh}x{nw} crops", grid, lay.crop > 0,
-                       [images.box_in_grid(b, sample.image_size, cfg) for b in boxes]))
+        panels.append((f"anyres grid {nh}x{nw} crops", grid, lay.crop != 0,
+                       [geometry.box_in_grid(b, sample.image_size, cfg) for b in boxes]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
     for ax, (title, picture, select, rects) in zip(axes[0], panels, strict=True):
         ax.imshow(picture)
-        for r, c in zip(lay.row[select & related], lay.col[select & related], strict=True):
-            ax.add_patch(Rectangle((c * p, r * p), p, p, color="red", alpha=0.35, linewidth=0))
-        for r, c in zip(lay.row[select & ~related & ~lay.is_newline], lay.col[select & ~related & ~lay.is_newline],
-                        strict=True):
-            ax.add_patch(Rectangle((c * p, r * p), p, p, fill=False, edgecolor="white", alpha=0.25, linewidth=0.4))
+        for x0, y0, x1, y1 in rects_px[select & related]:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, color="red", alpha=0.35, linewidth=0))
+        for x0, y0, x1, y1 in rects_px[select & ~related & ~lay.is_newline & (lay.row >= 0)]:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", alpha=0.25,
+                                   linewidth=0.4))
         for x0, y0, x1, y1 in rects:
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1.5))
         n = int((select & related).sum())

@@ -1,9 +1,10 @@
 """LLaVA: CLIP tower -> projector -> image features placed at the image-token positions -> Llama.
 
-`feature_index` [B, T] (built on the host from `image_layout`) says, per sequence position,
-which image feature fills it (-1: a text token keeps its embedding). One gather serves both
-LLaVA-1.5 (features in order) and LLaVA-NeXT anyres packing (base crop, unpadded grid rows,
-one `image_newline` per row).
+`feature_index` [B, T] (built on the host from `jaxflow.geometry.image_layout`) says, per sequence position,
+which image feature fills it (-1: a text token keeps its embedding). One gather serves LLaVA-1.5 (features
+in order), LLaVA-NeXT anyres packing (base crop, unpadded grid rows, one `image_newline` per row) and
+LLaVA-OneVision, whose downsampled grid cells are first blended from four projected patch features each
+(`taps`, `tap_weights`: torch's bilinear resize written as a gather) and appended after the newline.
 """
 
 from __future__ import annotations
@@ -48,14 +49,20 @@ class Llava(nnx.Module):
             selected = [s[:, 1:] for s in selected]
         return self.projector(jnp.concatenate(selected, axis=-1))
 
-    def embed(self, input_ids, crops, feature_index):
-        """input_ids, feature_index [B, T] -> input embeddings [B, T, D]."""
+    def embed(self, input_ids, crops, feature_index, taps=None, tap_weights=None):
+        """input_ids, feature_index [B, T] -> input embeddings [B, T, D]. feature_index points into
+        [crop features (N * F), image_newline, downsampled cells (M)]; taps [M, 4] int, tap_weights [M, 4]:
+        each cell's four source features and bilinear weights."""
         text = self.language_model.embed_tokens(jnp.where(feature_index >= 0, 0, input_ids))
         if crops is None:
             return text
         feats = self.image_features(crops)
-        feats = feats.reshape(-1, feats.shape[-1]).astype(text.dtype)  # [N * F, D]
+        feats = feats.reshape(-1, feats.shape[-1])  # [N * F, D]
+        table = [feats.astype(text.dtype)]
         if self.image_newline is not None:
-            feats = jnp.concatenate([feats, self.image_newline[...][None].astype(text.dtype)])
-        image = jnp.take(feats, jnp.maximum(feature_index, 0), axis=0)  # [B, T, D]
+            table.append(self.image_newline[...][None].astype(text.dtype))
+        if taps is not None and taps.shape[0]:
+            cells = jnp.einsum("mk,mkd->md", tap_weights.astype(feats.dtype), jnp.take(feats, taps, axis=0))  # [M, D]
+            table.append(cells.astype(text.dtype))
+        image = jnp.take(jnp.concatenate(table), jnp.maximum(feature_index, 0), axis=0)  # [B, T, D]
         return jnp.where((feature_index >= 0)[..., None], image, text)

@@ -52,7 +52,7 @@ def base_run(module: Llava, inputs: ModelInputs, last) -> BaseRun:
 def knockout_full(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token):
     """knock with a leading axis K -> (p [K, B], top1 [K, B]) by full recomputation."""
     lm = module.language_model
-    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index)
+    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index, inputs.taps, inputs.tap_weights)
 
     def one(k):
         out = lm(x, inputs.position_ids, inputs.attention_mask, knock=k)
