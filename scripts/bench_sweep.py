@@ -74,6 +74,9 @@ PRESETS = {
                    vision_heads=4, image_size=56, dtype="float32", study_samples=1, batched_samples=1, small=1,
                    large=2, batch=1),
 }
+# Max (abs, relative) difference of p between methods. A random model's p is small (~1/vocab), so the relative
+# difference is the sharp test; bfloat16 rounds differently in torch and XLA, so there it is a coarse one.
+TOLERANCE = {"float32": (1e-4, 1e-3), "bfloat16": (2e-2, 0.25)}
 STUDY_TARGET, BATCHED_TARGET = 25.0, 20.0  # issue 17: jaxflow's marginal rate over (a) and over (b)
 DEVICE_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
                     "A10": 125e12}  # dense bfloat16 FLOP/s, by device-name substring
@@ -422,9 +425,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="toy-world data seed")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--torch-threads", type=int, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--abs-tol", type=float, default=1e-4, help="fail above this max abs difference")
-    parser.add_argument("--rel-tol", type=float,
-                        help="fail above this max relative difference (default 1e-3 float32, 0.25 bfloat16)")
+    parser.add_argument("--abs-tol", type=float, help="fail above this max abs difference of p (default: TOLERANCE)")
+    parser.add_argument("--rel-tol", type=float, help="fail above this max relative difference of p (TOLERANCE)")
     parser.add_argument("--workdir", help="keep the model, data and runs here (default: a temporary folder)")
     parser.add_argument("--out", help="save the results as JSON")
     args = parser.parse_args(argv)
@@ -438,7 +440,9 @@ def main(argv=None) -> dict:
                                             if getattr(args, f) is not None})
     if not 0 < preset.small < preset.large:
         raise SystemExit(f"--small {preset.small} / --large {preset.large}: need 0 < small < large")
-    rel_tol = args.rel_tol if args.rel_tol is not None else {"float32": 1e-3, "bfloat16": 0.25}[preset.dtype]
+    abs_tol, rel_tol = TOLERANCE[preset.dtype]
+    abs_tol = abs_tol if args.abs_tol is None else args.abs_tol
+    rel_tol = rel_tol if args.rel_tol is None else args.rel_tol
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -520,7 +524,7 @@ def main(argv=None) -> dict:
         "flops_per_sample": mean, "flop_bound_ratio": bound_ratio, "fraction_of_bound": c_over_a / bound_ratio,
         "achieved_flop_per_s": achieved, "device_peak_flop_per_s": peak,
         "decoder_flops_analytic_vs_xla": [decoder_analytic, xla],
-        "agreement": agree, "largest_knockout_effect": effect, "tolerance": {"abs": args.abs_tol, "rel": rel_tol},
+        "agreement": agree, "largest_knockout_effect": effect, "tolerance": {"abs": abs_tol, "rel": rel_tol},
         "compiled_shapes": sum_cold["compiled_shapes"],
         "peak_memory_bytes": {**memory_peak, "c": stats.get("peak_bytes_in_use")},
         "targets": {"c_over_a": [STUDY_TARGET, c_over_a >= STUDY_TARGET],
@@ -530,9 +534,9 @@ def main(argv=None) -> dict:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1, default=str)
-    worst = {pair: d for pair, d in agree.items() if d["max_abs"] > args.abs_tol or d["max_rel"] > rel_tol}
+    worst = {pair: d for pair, d in agree.items() if d["max_abs"] > abs_tol or d["max_rel"] > rel_tol}
     if worst:
-        raise SystemExit(f"methods disagree beyond abs {args.abs_tol} / rel {rel_tol}: {worst}")
+        raise SystemExit(f"methods disagree beyond abs {abs_tol} / rel {rel_tol}: {worst}")
     return result
 
 
