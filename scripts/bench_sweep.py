@@ -455,6 +455,7 @@ def main(argv=None) -> dict:
         data, images = toy_data(root, max(preset.large, n_torch), args.seed)
         samples = load_samples(model, data, images, max(preset.large, n_torch))
         setup = time.perf_counter() - t0
+        log(f"model, data and {len(samples)} samples ready in {setup:.0f} s")
         cfg = model.config
         k = args.window
 
@@ -466,10 +467,12 @@ def main(argv=None) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         base_a, p_a, s_a = run_study(hf, samples[:preset.study_samples], k, device)
+        log(f"(a) study's procedure: {preset.study_samples} samples in {s_a:.1f} s")
         if cuda:
             memory_peak["a"] = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         base_b, p_b, s_b = run_batched(hf, samples[:preset.batched_samples], k, args.torch_batch, device)
+        log(f"(b) batched PyTorch: {preset.batched_samples} samples in {s_b:.1f} s")
         if cuda:
             memory_peak["b"] = torch.cuda.max_memory_allocated()
         del hf  # the accelerator's memory goes to jaxflow
@@ -477,8 +480,10 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
 
         def sweep(n: int, name: str, cold: bool = False):
-            return run_jaxflow(model, data, images, n, os.path.join(root, "runs", name), k, preset.batch,
-                               args.max_new_tokens, cold)
+            out = run_jaxflow(model, data, images, n, os.path.join(root, "runs", name), k, preset.batch,
+                              args.max_new_tokens, cold)
+            log(f"(c) jaxflow sweep, {name}: {n} samples in {out[2]:.1f} s")
+            return out
 
         cold = sweep(preset.large, f"cold-{preset.large}", cold=True)
         runs = {n: sweep(n, f"warm-{n}") for n in (preset.small, preset.large)}
@@ -538,6 +543,10 @@ def main(argv=None) -> dict:
     if worst:
         raise SystemExit(f"methods disagree beyond abs {abs_tol} / rel {rel_tol}: {worst}")
     return result
+
+
+def log(text: str) -> None:
+    print(f"[bench_sweep {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 def _si(x: float | None, unit: str = "") -> str:
