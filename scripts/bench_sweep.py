@@ -115,7 +115,8 @@ def build(preset: Preset, root: str, device: str, seed: int = 0):
     dtype = getattr(torch, preset.dtype)
     torch.manual_seed(seed)
     with torch.device(device):  # a 7B model initialises in seconds on the accelerator
-        hf = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
+        hf = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    hf = hf.to(device).eval()
     hf.save_pretrained(src)
     model = jaxflow.load(convert(src, os.path.join(root, "model"), progress=False), dtype=preset.dtype)
     return hf, model
