@@ -1,0 +1,100 @@
+"""scripts/bench_sweep.py at its tiny preset: the three methods (the study's procedure, batched PyTorch,
+`jaxflow sweep`) agree, the knockouts they agree on change the probabilities, and the FLOP counts are
+consistent with each other and with XLA's own count of a jaxflow forward."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_sweep.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_sweep", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_sweep"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(bench, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "bench.json"
+    result = bench.main(["--preset", "tiny", "--torch-threads", "1", "--workdir", str(root / "work"),
+                         "--out", str(out)])
+    return result, json.loads(out.read_text()), root / "work"
+
+
+def test_three_methods_agree_on_effective_knockouts(run):
+    result, saved, _ = run
+    for pair in ("a_c", "b_c", "a_b"):
+        assert result["agreement"][pair]["max_abs"] <= 1e-4, pair
+        assert result["agreement"][pair]["max_rel"] <= 1e-3, pair
+    # the agreement says something: some configuration moves p by more than a tenth
+    assert result["largest_knockout_effect"] > 0.1
+    assert saved["agreement"] == result["agreement"]
+    assert saved["configurations_per_sample"] == 6 * 4  # six flows x four layers
+    for key, rate in result["samples_per_s"].items():
+        assert np.isfinite(rate), key
+
+
+def test_flop_counts_are_consistent(bench, run):
+    result, _, work = run
+    model = _model(work)
+    sample = _samples(bench, model, work)[0]
+    f = bench.flops_per_sample(model.config, sample, 9)
+    text, k = model.config.text, f["configurations"]
+    t = len(sample.input_ids)
+    assert f["study"] == (1 + k) * f["forward"]
+    assert f["forward"] == bench.tower_flops(model.config) + bench.decoder_flops(text, t) + bench.unembed_flops(text)
+    assert f["batched"] == f["study"] - k * bench.tower_flops(model.config)
+    assert f["forward"] < f["jaxflow_bound"] < f["batched"]
+    assert result["flop_bound_ratio"] == pytest.approx(result["flops_per_sample"]["study"]
+                                                       / result["flops_per_sample"]["jaxflow_bound"])
+
+
+def test_bound_counts_each_suffix_from_its_window_start(bench, run):
+    _, _, work = run
+    model = _model(work)
+    sample = _samples(bench, model, work)[0]
+    text = model.config.text
+    t, num_layers = len(sample.input_ids), text.num_layers
+    q0 = int(min(sample.regions["question"]))
+    # window 1: configuration (flow, l) starts at layer l; three flows target the question, three the last position
+    f = bench.flops_per_sample(model.config, sample, 1)
+    suffix = sum((num_layers - layer) * (3 * bench.decoder_layer_flops(text, t - q0, t)
+                                         + 3 * bench.decoder_layer_flops(text, 1, t)) for layer in range(num_layers))
+    assert f["jaxflow_bound"] == f["forward"] + suffix + 6 * num_layers * bench.unembed_flops(text)
+    # a question that starts at the last position costs what a last-position target costs
+    moved = dataclasses.replace(sample, regions={**sample.regions, "question": np.array([t - 1])})
+    g = bench.flops_per_sample(model.config, moved, 1)
+    assert g["jaxflow_bound"] - g["forward"] == 6 * sum(
+        (num_layers - layer) * bench.decoder_layer_flops(text, 1, t) + bench.unembed_flops(text)
+        for layer in range(num_layers))
+
+
+def test_analytic_decoder_flops_match_xla(bench, run):
+    result, _, work = run
+    model = _model(work)
+    for t in (71, 160):
+        analytic, xla = bench.decoder_flops(model.config.text, t), bench.xla_decoder_flops(model, t)
+        assert xla == pytest.approx(analytic, rel=0.08), t  # XLA also counts norms, softmax, SiLU, RoPE
+    analytic, xla = result["decoder_flops_analytic_vs_xla"]
+    assert xla == pytest.approx(analytic, rel=0.08)
+
+
+def _model(work):
+    import jaxflow
+
+    return jaxflow.load(work / "model")
+
+
+def _samples(bench, model, work):
+    return bench.load_samples(model, str(work / "data" / "ChooseAttr.csv"), str(work / "data" / "images"), 1)
