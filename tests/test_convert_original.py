@@ -25,7 +25,7 @@ from convert import ConversionError, convert, mapping
 from convert.sources import PickleSource
 from jaxflow import checkpoint
 from jaxflow.config import LlavaConfig
-from jaxflow.image_layout import grid_shape, image_layout
+from jaxflow.geometry import grid_shape, image_layout
 
 NEXT_SIZES = ((42, 42), (100, 30), (30, 100))  # (H, W)
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -19,7 +19,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from jaxflow.config import LlavaConfig
-from jaxflow.image_layout import image_layout
+from jaxflow.geometry import image_layout
 from jaxflow.inputs.images import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,

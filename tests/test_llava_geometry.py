@@ -19,7 +19,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 from convert import convert
 from jaxflow.config import LlavaConfig, UnsupportedConfigError
-from jaxflow.image_layout import image_layout
+from jaxflow.geometry import image_layout
 from jaxflow.model import prepare_inputs
 
 # liuhaotian/llava-v1.6-* config.json: (width, height) pairs, as LLaVA reads them against image.size

@@ -281,7 +281,7 @@ def test_llava_side_is_llava(oracle, variant):
 def test_sizes_include_pinpoint_ties(oracle, variant):
     """The data covers both cases: sizes where LLaVA's (W, H) reading of the pinpoints picks another grid than a
     (H, W) reading, and sizes where both agree."""
-    from jaxflow.image_layout import select_best_resolution
+    from jaxflow.geometry import select_best_resolution
 
     differ = []
     for _, r, _ in oracle.llava_rows(variant):
@@ -327,7 +327,7 @@ def test_prompt_ids(oracle, variant):
 def test_image_feature_order(oracle, variant):
     """Number and order of the image features: for each image position, the crop and patch (or image_newline)
     jaxflow places there == where prepare_inputs_labels_for_multimodal puts it."""
-    from jaxflow.image_layout import image_layout
+    from jaxflow.geometry import image_layout
 
     model = oracle.model(variant)
     cfg, g = model.config, model.config.vision.grid

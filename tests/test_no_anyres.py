@@ -15,7 +15,7 @@ from transformers import LlavaForConditionalGeneration
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 import jaxflow
-from jaxflow.image_layout import image_layout
+from jaxflow.geometry import image_layout
 from jaxflow.inputs import images
 from jaxflow.inputs.regions import build_sample
 

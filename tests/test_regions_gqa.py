@@ -16,7 +16,7 @@ import transformers
 from test_images import HFNEXT, PINPOINTS, _expected_related, _local_tokenizer
 
 from jaxflow.config import LlavaConfig
-from jaxflow.image_layout import image_layout
+from jaxflow.geometry import image_layout
 from jaxflow.inputs import gqa, prompts
 from jaxflow.inputs.regions import locate
 

@@ -17,7 +17,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 from jaxflow import cli
 from jaxflow.config import LlavaConfig
-from jaxflow.image_layout import image_layout
+from jaxflow.geometry import image_layout
 from jaxflow.inputs import gqa, images
 from jaxflow.inputs.images import ProcessorSettings, overlap_features, related_features, study_mask
 from jaxflow.inputs.regions import NEXT_REGIONS, RegionError, check_region_names, locate, require

@@ -59,7 +59,7 @@ def make_inputs(cfg, num_text=6, image_sizes=((42, 42),), batch=None, seed=0):
 
     The image tokens sit after one BOS-like token; num_text text tokens (per row, or one count) follow.
     """
-    from jaxflow.image_layout import image_layout
+    from jaxflow.geometry import image_layout
 
     rng = np.random.default_rng(seed)
     size_px = cfg.vision.image_size
