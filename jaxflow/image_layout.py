@@ -85,10 +85,9 @@ class ImageLayout:
         """Index of each feature in the flat [crops * features_per_crop (+1 newline)] array; the
         newline maps to -2 (resolved by the caller)."""
         g = cfg.vision.grid
-        full = cfg.select_strategy == "full"
         local_r = np.where(self.crop > 0, self.row % g, self.row)
         local_c = np.where(self.crop > 0, self.col % g, self.col)
-        within = np.where(self.row < 0, 0, local_r * g + local_c + full)
+        within = np.where(self.row < 0, 0, local_r * g + local_c - cfg.patch_offset)
         index = (crop_offset + self.crop) * cfg.features_per_crop + within
         return np.where(self.is_newline, -2, index)
 
@@ -96,9 +95,8 @@ class ImageLayout:
 def image_layout(cfg: LlavaConfig, size: tuple[int, int] | None = None) -> ImageLayout:
     """The feature plan of one image; `size` (height, width) is needed for LLaVA-NeXT."""
     g = cfg.vision.grid
-    rows, cols = np.divmod(np.arange(g * g), g)
-    if cfg.select_strategy == "full":
-        rows, cols = np.concatenate([[-1], rows]), np.concatenate([[-1], cols])
+    patch = np.arange(cfg.features_per_crop) + cfg.patch_offset  # -1: the CLS token
+    rows, cols = np.where(patch >= 0, patch // g, -1), np.where(patch >= 0, patch % g, -1)
     base = (np.zeros(len(rows), int), rows, cols)
     if not cfg.is_next:
         return ImageLayout(*base, num_crops=1)

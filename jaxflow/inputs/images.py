@@ -2,8 +2,9 @@
 
 `preprocess` reproduces the pixel values of transformers' PIL image processors
 (`LlavaImageProcessorPil(do_pad=True)` for LLaVA-1.5, i.e. the original LLaVA `expand2square`, and
-`LlavaNextImageProcessorPil` for LLaVA-NeXT). Every step works on uint8 pixels through PIL exactly as
-transformers does; only the final rescale/normalize is float.
+`LlavaNextImageProcessorPil` for LLaVA-NeXT; `SiglipImageProcessorPil` for a LLaVA-1.5-style model whose
+processor resizes to an exact size, as SigLIP's does: squashed to S x S, no pad, no crop). Every step works
+on uint8 pixels through PIL exactly as transformers does; only the final rescale/normalize is float.
 
 `related_features` marks the image features that hold a question-related object (boxes (x, y, w, h) in
 original image pixels), in the feature order of `jaxflow.image_layout.image_layout` (the model's own plan;
@@ -42,6 +43,10 @@ Box = tuple[float, float, float, float]  # (x, y, w, h) in original image pixels
 Rect = tuple[float, float, float, float]  # (x0, y0, x1, y1)
 RELATED_PATCH_RULES = ("study", "overlap")
 RED, GREEN = (255, 0, 0), (0, 255, 0)  # the study's mask colours: box, background
+# How a processor resizes, read from the form of its `size` (as transformers' resize does):
+# {"shortest_edge": s} (CLIPImageProcessor): shortest edge to s, then the centre crop;
+# {"height": s, "width": s} (SiglipImageProcessor): straight to s x s, the aspect ratio not kept.
+RESIZE_MODES = ("shortest_edge", "exact")
 
 
 def _side(value, key: str) -> int | None:
@@ -59,14 +64,16 @@ def _side(value, key: str) -> int | None:
 
 @dataclasses.dataclass(frozen=True)
 class ProcessorSettings:
-    """CLIP preprocessing settings. `size` (resize shortest edge) and `crop_size` of None mean the model's
-    vision image_size; other values must equal it (the vision tower sees image_size crops)."""
+    """Preprocessing settings (CLIP's by default). `size` (the resize target, see `resize`) and `crop_size` of
+    None mean the model's vision image_size; other values must equal it (the vision tower sees image_size
+    crops). `resize`: one of RESIZE_MODES."""
 
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     size: int | None = None
     crop_size: int | None = None
     resample: int = int(PIL.Image.Resampling.BICUBIC)
+    resize: str = "shortest_edge"
 
     @classmethod
     def from_dict(cls, d: dict) -> ProcessorSettings:
@@ -76,8 +83,13 @@ class ProcessorSettings:
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"preprocessor config: image_mean/image_std need 3 values, got {mean}, {std}")
         resample = d.get("resample")
-        return cls(mean, std, _side(d.get("size"), "size"), _side(d.get("crop_size"), "crop_size"),
-                   int(PIL.Image.Resampling.BICUBIC) if resample is None else int(resample))
+        size = d.get("size")
+        resize = "exact" if isinstance(size, dict) and "shortest_edge" not in size else "shortest_edge"
+        kind = d.get("image_processor_type") or ""
+        if kind.startswith("Siglip") and resize != "exact":
+            raise ValueError(f"preprocessor config size={size!r}: {kind} resizes to a height and width")
+        return cls(mean, std, _side(size, "size"), _side(d.get("crop_size"), "crop_size"),
+                   int(PIL.Image.Resampling.BICUBIC) if resample is None else int(resample), resize)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> ProcessorSettings:
@@ -113,9 +125,12 @@ def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def _clip_resize_crop(image: PIL.Image.Image, side: int, resample: int) -> np.ndarray:
-    """CLIP's geometric steps on one RGB image: resize the shortest edge to `side`, center crop side x side.
-    Returns [side, side, 3] uint8."""
+def _resize_crop(image: PIL.Image.Image, side: int, settings: ProcessorSettings) -> np.ndarray:
+    """The processor's geometric steps on one RGB image: resize the shortest edge to `side` and center crop
+    side x side (CLIP), or resize to side x side (`resize="exact"`). Returns [side, side, 3] uint8."""
+    resample = settings.resample
+    if settings.resize == "exact":
+        return np.asarray(image if image.size == (side, side) else image.resize((side, side), resample=resample))
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(side * long / short)  # transformers' get_resize_output_image_size truncates
@@ -170,7 +185,8 @@ def vision_crops(image: PIL.Image.Image, cfg: LlavaConfig,
     """The crops the vision tower sees, as uint8 pixels [N, S, S, 3] before rescale and normalize, and the
     image's (height, width).
 
-    LLaVA-1.5: N = 1 (pad to a square of the mean colour, CLIP resize and center crop).
+    LLaVA-1.5: N = 1 (pad to a square of the mean colour, CLIP resize and center crop; with `resize="exact"`
+    no pad, the image squashed to S x S).
     LLaVA-NeXT: N = 1 + grid crops (the base image squashed to S x S, then the anyres grid crops row-major,
     cut from the best-resolution canvas: the image resized into it keeping its aspect, centred on black).
     """
@@ -181,18 +197,18 @@ def vision_crops(image: PIL.Image.Image, cfg: LlavaConfig,
     size_hw = (image.height, image.width)
     if not cfg.is_next:
         side, ox, oy = _pad_geometry(size_hw)
-        if side != image.width or side != image.height:
+        if settings.resize == "shortest_edge" and (side != image.width or side != image.height):
             fill = tuple(int(x * 255) for x in settings.image_mean)  # truncation, as LLaVA / transformers
             square = PIL.Image.new("RGB", (side, side), fill)
             square.paste(image, (ox, oy))
             image = square
-        return _clip_resize_crop(image, s, settings.resample)[None], size_hw
+        return _resize_crop(image, s, settings)[None], size_hw
     (bh, bw), (fh, fw), (py, px) = _anyres_geometry(cfg, size_hw)
     canvas = PIL.Image.new("RGB", (bw, bh), (0, 0, 0))
     canvas.paste(image.resize((fw, fh), resample=settings.resample), (px, py))
     crops = [image.resize((s, s), resample=settings.resample)]
     crops += [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(bh // s) for c in range(bw // s)]
-    return np.stack([_clip_resize_crop(c, s, settings.resample) for c in crops]), size_hw
+    return np.stack([_resize_crop(c, s, settings) for c in crops]), size_hw
 
 
 def preprocess(image: PIL.Image.Image, cfg: LlavaConfig,
@@ -208,11 +224,12 @@ def preprocess(image: PIL.Image.Image, cfg: LlavaConfig,
     return (x[None] if cfg.is_next else x), size_hw
 
 
-def box_in_base(box: Box, size_hw: tuple[int, int], cfg: LlavaConfig) -> Rect:
+def box_in_base(box: Box, size_hw: tuple[int, int], cfg: LlavaConfig,
+                settings: ProcessorSettings | None = None) -> Rect:
     """(x0, y0, x1, y1) of `box` in the pixel frame of the base crop (S x S)."""
     x, y, w, h = box
     s = cfg.vision.image_size
-    if cfg.is_next:  # squash resize
+    if cfg.is_next or (settings is not None and settings.resize == "exact"):  # squash resize
         ih, iw = size_hw
         return x * s / iw, y * s / ih, (x + w) * s / iw, (y + h) * s / ih
     side, ox, oy = _pad_geometry(size_hw)  # pad to square, resize to S x S (the center crop is then a no-op)
@@ -233,7 +250,8 @@ def _clip_to_image(box: Box, size_hw: tuple[int, int]) -> Box:
     return x0, y0, min(x + w, size_hw[1]) - x0, min(y + h, size_hw[0]) - y0
 
 
-def overlap_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[Box]) -> np.ndarray:
+def overlap_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[Box],
+                     settings: ProcessorSettings | None = None) -> np.ndarray:
     """The "overlap" rule, per image feature (order of `image_layout(cfg, size_hw)`): does its patch overlap any
     box with positive area? Boxes are (x, y, w, h) in original pixels, clipped to the image first."""
     size_hw = (int(size_hw[0]), int(size_hw[1]))
@@ -244,7 +262,7 @@ def overlap_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable
         return related
     p = cfg.vision.patch_size
     patch = (layout.crop >= 0) & (layout.row >= 0)
-    frames = [(layout.crop == 0, [box_in_base(b, size_hw, cfg) for b in boxes])]
+    frames = [(layout.crop == 0, [box_in_base(b, size_hw, cfg, settings) for b in boxes])]
     if cfg.is_next:
         frames.append((layout.crop > 0, [box_in_grid(b, size_hw, cfg) for b in boxes]))
     for in_frame, rects in frames:
@@ -286,8 +304,8 @@ def study_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[B
     c = crops[:, :g * p, :g * p]
     red = (c[..., 0] == RED[0]) & (c[..., 1] == RED[1]) & (c[..., 2] == RED[2])  # [N, g*p, g*p]
     per_patch = red.reshape(len(crops), g, p, g, p).any(axis=(2, 4)).reshape(len(crops), g * g)  # [N, g*g]
-    per_feature = np.zeros((len(crops), cfg.features_per_crop), bool)  # [N, features_per_crop], CLS first
-    per_feature[:, cfg.features_per_crop - g * g:] = per_patch
+    patch = np.arange(cfg.features_per_crop) + cfg.patch_offset  # each feature's patch; -1: CLS
+    per_feature = np.where(patch >= 0, per_patch[:, np.maximum(patch, 0)], False)  # [N, features_per_crop]
     index = layout.feature_index(cfg, 0)  # the model's own gather plan; newline: -2
     return np.where(index >= 0, per_feature.ravel()[np.maximum(index, 0)], False)
 
@@ -295,10 +313,10 @@ def study_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[B
 def related_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[Box], rule: str = "study",
                      settings: ProcessorSettings | None = None) -> np.ndarray:
     """Per image feature (order of `image_layout(cfg, size_hw)`): is it a related image patch of `boxes` under
-    `rule` ("study" or "overlap", see the module docstring)? `settings` (the model's processor settings) matter
-    for the study rule only. Newline and CLS features are never related."""
+    `rule` ("study" or "overlap", see the module docstring)? `settings`: the model's processor settings.
+    Newline and CLS features are never related."""
     if rule == "study":
         return study_features(cfg, size_hw, boxes, settings)
     if rule == "overlap":
-        return overlap_features(cfg, size_hw, boxes)
+        return overlap_features(cfg, size_hw, boxes, settings)
     raise ValueError(f"related_patches={rule!r}: expected one of {', '.join(RELATED_PATCH_RULES)}")
