@@ -58,7 +58,7 @@ def hf_model(kind="llava", seed=0, **kw):
             model.model.image_newline.normal_(0, 1.0)
     if kw.get("vision_type") == "siglip":  # SigLIP's init leaves norms at 1 / 0 and biases ~1e-6; make them matter
         with torch.no_grad():
-            for name, p in model.model.vision_tower.named_parameters():
+            for p in model.model.vision_tower.parameters():
                 if p.ndim == 1:
                     p.add_(torch.randn_like(p), alpha=0.2)
     return model
