@@ -209,6 +209,45 @@ def test_greedy_generation_matches_transformers(twins, kind):
         assert np.abs(out.first_token_probs[row] - ref_probs).max() < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_384_px_crops_end_to_end(twins, kind):
+    """so400m-size crops (384 px: 27 x 27 patches of 14 and 6 pixel rows / columns the conv never sees): jaxflow's
+    pixels equal the processor's (SiglipImageProcessor; for NeXT LlavaNextImageProcessor with SigLIP's mean / std)
+    and the logits match transformers on them."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    pinpoints = [[384, 768], [768, 384], [768, 768]]
+    hf, model = twins(kind, "llava-hf", vision_type="siglip", strategy="full", feature_layer=-1, image_size=384,
+                      pinpoints=pinpoints)
+    cfg = model.config
+    if kind == "llava":
+        settings, processor = images.ProcessorSettings.from_dict(_preprocessor_config(384)), _siglip_processor(384)
+    else:
+        settings = images.ProcessorSettings(SIGLIP_MEAN, SIGLIP_STD, 384, 384, 3)
+        processor = LlavaNextImageProcessorPil(image_grid_pinpoints=pinpoints, size={"shortest_edge": 384},
+                                               crop_size={"height": 384, "width": 384},
+                                               image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD))
+    rng = np.random.default_rng(0)
+    for h, w in [(300, 500), (700, 300)]:
+        image = PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        pv, size = images.preprocess(image, cfg, settings)
+        theirs = np.asarray(processor(image)["pixel_values"])
+        assert pv.shape == theirs.shape and np.abs(pv - theirs).max() <= 1e-6
+        lay = image_layout(cfg, size) if cfg.is_next else image_layout(cfg)
+        ids = np.concatenate([[1], np.full(len(lay), tiny.IMAGE_TOKEN), rng.integers(2, 120, 5)])[None]
+        sizes = np.asarray([size]) if cfg.is_next else None
+        ours = np.asarray(model.logits(ids, pv, sizes))
+        ref = _hf_forward(hf, ids, pv, sizes).logits.numpy()
+        err = np.abs(ours - ref).max()
+        print(f"siglip {kind} 384 px {h}x{w}: {len(lay)} image features, max |logits diff| = {err:.2e}")
+        assert len(lay) >= 729 and err < TOL
+    edge = pv.copy()
+    edge[..., 378:, :] += 5.0  # the pixels past 27 * 14 change nothing, in transformers too
+    edge[..., :, 378:] -= 5.0
+    assert np.array_equal(np.asarray(model.logits(ids, edge, sizes)), ours)
+    assert np.abs(_hf_forward(hf, ids, edge, sizes).logits.numpy() - ref).max() < 1e-6
+
+
 # ---------------------------------------------------------------- conversion
 
 

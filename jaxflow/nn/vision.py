@@ -80,7 +80,8 @@ class VisionTower(nnx.Module):
         p, g = self.cfg.patch_size, self.cfg.grid
         if s != self.cfg.image_size:
             raise ValueError(f"pixel_values: crops of {s} px, the vision tower expects {self.cfg.image_size}")
-        x = pixel_values.astype(self.patch_embed.kernel.dtype)
+        # a valid stride-p conv drops the last S - g*p pixel rows and columns (6 of SigLIP's 384 = 27 * 14 + 6)
+        x = pixel_values[:, :, :g * p, :g * p].astype(self.patch_embed.kernel.dtype)
         # [N, C, g, p, g, p] -> [N, g, g, C, p, p] -> [N, g*g, C*p*p]
         patches = x.reshape(n, c, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(n, g * g, c * p * p)
         x = self.patch_embed(patches)  # [N, g*g, D]
