@@ -6,6 +6,7 @@ import csv
 import json
 import os
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
@@ -460,3 +461,25 @@ def test_sweep_incremental_equals_full(siglip_world):
         np.testing.assert_array_equal(np.isin(positions, prepared.inputs.regions["related_image_patches"]), related)
         row = a[(sample.question_id, "Related image patches->Question", "0")]
         assert int(row["n_source"]) == related.sum() and row["related_patches"] == "study"
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (XLA_FLAGS from conftest.py)")
+def test_sharded_siglip_equals_single_device(siglip_world):
+    from jax.sharding import PartitionSpec
+
+    from jaxflow.sharding import make_mesh
+
+    single, _, _, root = siglip_world
+    mesh = make_mesh("data=2,model=4")
+    model = jaxflow.load(str(root / "model"), mesh=mesh)
+    vision = model.module.vision_tower
+    for var, spec in [(vision.layers[0].fc1.kernel, PartitionSpec(None, "model")),
+                      (vision.layers[0].self_attn.q_proj.bias, PartitionSpec("model")),
+                      (vision.patch_embed.bias, PartitionSpec(None))]:
+        assert var[...].sharding.spec == spec
+    rng = np.random.default_rng(2)
+    f = single.config.features_per_crop
+    ids = np.concatenate([[1], np.full(f, single.config.image_token_id), rng.integers(3, 900, 6)])[None].repeat(2, 0)
+    pv = rng.standard_normal((2, 3, 56, 56)).astype(np.float32)
+    ref = np.asarray(single.logits(ids, pv))
+    assert np.abs(np.asarray(model.logits(ids, pv)) - ref).max() < TOL  # sharded sums add in another order
