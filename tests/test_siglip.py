@@ -346,6 +346,8 @@ def test_siglip_processor_with_shortest_edge_is_refused():
     d = {**_preprocessor_config(384), "size": {"shortest_edge": 384}}
     with pytest.raises(ValueError, match="SiglipImageProcessor resizes to a height and width"):
         images.ProcessorSettings.from_dict(d)
+    with pytest.raises(ValueError, match="resize='longest_edge'"):
+        images.ProcessorSettings(resize="longest_edge")
 
 
 def _transformers_related(size_hw, boxes, side, grid, patch, offset):

@@ -75,6 +75,10 @@ class ProcessorSettings:
     resample: int = int(PIL.Image.Resampling.BICUBIC)
     resize: str = "shortest_edge"
 
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"processor settings resize={self.resize!r}: expected one of {', '.join(RESIZE_MODES)}")
+
     @classmethod
     def from_dict(cls, d: dict) -> ProcessorSettings:
         """From a transformers / CLIP `preprocessor_config.json` dict; missing keys take the defaults."""
