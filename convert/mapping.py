@@ -34,7 +34,7 @@ TRANSFORMS = {"identity": identity, "linear": linear, "conv_patch": conv_patch}
 # --- checkpoint layouts ------------------------------------------------------------------
 
 LAYOUTS: dict[str, list[tuple[str, str | None]]] = {
-    # transformers llava-hf as saved on disk (older saves nest the CLIP tower in vision_model)
+    # transformers llava-hf as saved on disk (older saves nest the vision tower in vision_model)
     "llava-hf": [
         ("language_model.model.", "text."),
         ("language_model.lm_head.", "lm_head."),
@@ -78,6 +78,7 @@ STORED_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
 # Canonical tensors that exist in real checkpoints but are not parameters of the computation.
 IGNORED = [
     r"vision\.post_layernorm\..*",
+    r"vision\.head\..*",  # SigLIP's attention-pooling head
     r"vision\.embeddings\.position_ids",
     r"text\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
     r"text\.rotary_emb\.inv_freq",
@@ -127,9 +128,10 @@ _TEXT_LAYER = {
 
 PARAMS: dict[str, tuple[str, str]] = {
     "vision_tower.patch_embed.kernel": ("vision.embeddings.patch_embedding.weight", "conv_patch"),
-    "vision_tower.class_embed": ("vision.embeddings.class_embedding", "identity"),
+    "vision_tower.patch_embed.bias": ("vision.embeddings.patch_embedding.bias", "identity"),  # SigLIP
+    "vision_tower.class_embed": ("vision.embeddings.class_embedding", "identity"),  # CLIP
     "vision_tower.pos_embed": ("vision.embeddings.position_embedding.weight", "identity"),
-    "vision_tower.pre_norm.scale": ("vision.pre_layrnorm.weight", "identity"),
+    "vision_tower.pre_norm.scale": ("vision.pre_layrnorm.weight", "identity"),  # CLIP
     "vision_tower.pre_norm.bias": ("vision.pre_layrnorm.bias", "identity"),
     **{f"vision_tower.layers.{{i}}.{k}": (f"vision.encoder.layers.{{i}}.{s}", t)
        for k, (s, t) in _VISION_LAYER.items()},

@@ -36,7 +36,12 @@ _REQUIRED_TEXT = {
     "model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
     "pretraining_tp": 1, "rope_scaling": None,
 }
-_REQUIRED_VISION = {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", "num_channels": 3}
+# Vision towers by `vision_config.model_type`: the value each unimplemented attribute must hold.
+_REQUIRED_VISION = {
+    "clip_vision_model": {"hidden_act": "quick_gelu", "num_channels": 3},
+    "siglip_vision_model": {"hidden_act": "gelu_pytorch_tanh", "num_channels": 3},
+}
+VISION_TOWERS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 _REQUIRED_TOP = {"projector_hidden_act": "gelu"}
 
 # Whose anyres arithmetic a checkpoint's image features follow (jaxflow.geometry): transformers'
@@ -74,7 +79,8 @@ def _max_grid_crops(value) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """CLIP ViT vision tower (pre-layernorm, quick_gelu)."""
+    """ViT vision tower. `kind` "clip": CLS token, pre-layernorm, quick_gelu, conv without bias; "siglip": no CLS,
+    no pre-layernorm, tanh-approximated gelu, conv with bias. Neither's post-layernorm is used by LLaVA."""
 
     hidden_size: int
     intermediate_size: int
@@ -83,6 +89,7 @@ class VisionConfig:
     image_size: int
     patch_size: int
     layer_norm_eps: float = 1e-5
+    kind: str = "clip"  # one of VISION_TOWERS' values
 
     @functools.cached_property
     def grid(self) -> int:
@@ -93,15 +100,28 @@ class VisionConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @functools.cached_property
+    def has_cls(self) -> bool:
+        """Whether the tower's tokens start with a CLS token (CLIP) or are the patches alone (SigLIP)."""
+        return self.kind == "clip"
+
     @classmethod
     def from_hf(cls, d: dict) -> VisionConfig:
+        model_type = d.get("model_type")
+        if model_type not in VISION_TOWERS:
+            raise UnsupportedConfigError(
+                f"config attribute vision_config.model_type={model_type!r} is not supported (jaxflow implements "
+                f"{', '.join(map(repr, VISION_TOWERS))})")
         handled = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                    "image_size", "patch_size", "layer_norm_eps"}
-        _check("vision_config", d, handled, _REQUIRED_VISION)
+        if model_type == "siglip_vision_model":
+            handled.add("vision_use_head")  # the attention-pooling head; LLaVA never runs it
+        _check("vision_config", d, handled, _REQUIRED_VISION[model_type])
         if d["hidden_size"] % d["num_attention_heads"]:
             raise UnsupportedConfigError("vision_config.hidden_size must be a multiple of num_attention_heads")
         return cls(d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"],
-                   d["num_attention_heads"], d["image_size"], d["patch_size"], d.get("layer_norm_eps", 1e-5))
+                   d["num_attention_heads"], d["image_size"], d["patch_size"], d.get("layer_norm_eps", 1e-5),
+                   VISION_TOWERS[model_type])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +189,17 @@ class LlavaConfig:
         return self.kind in ("llava_next", "llava_onevision")
 
     @functools.cached_property
+    def patch_offset(self) -> int:
+        """The patch index of a crop's first image feature (-1: the CLS token). As transformers does, strategy
+        "default" drops the tower's first token: CLIP's CLS (0), but for SigLIP, which has none, its first patch
+        (1); "full" keeps every token: CLIP's CLS first (-1), SigLIP's patches alone (0)."""
+        return (self.select_strategy == "default") - self.vision.has_cls
+
+    @functools.cached_property
     def features_per_crop(self) -> int:
-        """Image features one crop yields (576 for ViT-L/14 at 336 px with the CLS token dropped)."""
-        return self.vision.grid**2 + (self.select_strategy == "full")
+        """Image features one crop yields (576 for ViT-L/14 at 336 px with the CLS token dropped, 729 for SigLIP
+        so400m-patch14-384 with strategy "full")."""
+        return self.vision.grid**2 - self.patch_offset
 
     @classmethod
     def from_hf(cls, d: dict) -> LlavaConfig:
@@ -186,17 +214,15 @@ class LlavaConfig:
             handled |= {"vision_aspect_ratio", "video_token_index", "video_token_id"}
         _check("", d, handled, _REQUIRED_TOP)
         strategy = d.get("vision_feature_select_strategy", "default")
-        if strategy not in ("default", "full") or (kind == "llava_next" and strategy != "default"):
+        vision = VisionConfig.from_hf(d["vision_config"])
+        # anyres packs each crop's features as its patch grid: exactly the patches, no CLS, none dropped
+        if strategy not in ("default", "full") or (kind != "llava" and (strategy == "default") != vision.has_cls):
             raise UnsupportedConfigError(
-                f"config attribute vision_feature_select_strategy={strategy!r} is not supported for {kind}")
-        if kind == "llava_onevision" and strategy == "full":  # the base crop must give exactly grid x grid features
-            raise UnsupportedConfigError(
-                "config attribute vision_feature_select_strategy='full' is not supported for llava_onevision with a "
-                "CLIP tower (its CLS feature breaks the grid; transformers refuses it too)")
+                f"config attribute vision_feature_select_strategy={strategy!r} is not supported for {kind} with "
+                f"a {vision.kind} vision tower")
         max_crops = _max_grid_crops(d.get("vision_aspect_ratio", "anyres_max_9")) if kind == "llava_onevision" else None
         layers = d.get("vision_feature_layer", -2)
         layers = (layers,) if isinstance(layers, int) else tuple(layers)
-        vision = VisionConfig.from_hf(d["vision_config"])
         text = TextConfig.from_hf(d["text_config"])
         for layer in layers:
             if not -vision.num_layers - 1 <= layer <= vision.num_layers:
@@ -227,6 +253,6 @@ class LlavaConfig:
         return cls.from_hf(AutoConfig.from_pretrained(path).to_dict())
 
     def vision_layers_needed(self) -> int:
-        """How many CLIP layers must run to produce every selected hidden state."""
+        """How many vision tower layers must run to produce every selected hidden state."""
         n = self.vision.num_layers
         return max(layer % (n + 1) for layer in self.vision_feature_layers)

@@ -186,7 +186,7 @@ class ImageLayout:
         g = cfg.vision.grid
         local_r = np.where(crop > 0, row % g, row)
         local_c = np.where(crop > 0, col % g, col)
-        within = np.where(row < 0, 0, local_r * g + local_c + (cfg.select_strategy == "full"))
+        within = np.where(row < 0, 0, local_r * g + local_c - cfg.patch_offset)
         return crop * cfg.features_per_crop + within
 
     def feature_index(self, cfg: LlavaConfig, crop_offset: int) -> np.ndarray:
@@ -230,9 +230,8 @@ class ImageLayout:
 def image_layout(cfg: LlavaConfig, size: tuple[int, int] | None = None) -> ImageLayout:
     """The feature plan of one image; `size` (height, width) is needed for LLaVA-NeXT."""
     g = cfg.vision.grid
-    rows, cols = np.divmod(np.arange(g * g), g)
-    if cfg.select_strategy == "full":
-        rows, cols = np.concatenate([[-1], rows]), np.concatenate([[-1], cols])
+    patch = np.arange(cfg.features_per_crop) + cfg.patch_offset  # -1: the CLS token
+    rows, cols = np.where(patch >= 0, patch // g, -1), np.where(patch >= 0, patch % g, -1)
     base = (np.zeros(len(rows), int), rows, cols)
     if not cfg.is_next:
         return ImageLayout(*base, num_crops=1)
@@ -255,11 +254,12 @@ def image_layout(cfg: LlavaConfig, size: tuple[int, int] | None = None) -> Image
 # ---- boxes -> slots ------------------------------------------------------------------------------------------------
 
 
-def box_in_base(box: Box, size: tuple[int, int], cfg: LlavaConfig) -> Rect:
-    """(x0, y0, x1, y1) of `box` in the pixel frame of the base crop (S x S)."""
+def box_in_base(box: Box, size: tuple[int, int], cfg: LlavaConfig, resize: str = "shortest_edge") -> Rect:
+    """(x0, y0, x1, y1) of `box` in the pixel frame of the base crop (S x S); `resize`: the processor's
+    (`ProcessorSettings.resize`: "exact" squashes a LLaVA-1.5 image too, as SigLIP's processor does)."""
     x, y, w, h = box
     s = cfg.vision.image_size
-    if cfg.is_next:  # squash resize
+    if cfg.is_next or resize == "exact":  # squash resize
         ih, iw = size
         return x * s / iw, y * s / ih, (x + w) * s / iw, (y + h) * s / ih
     side, ox, oy = pad_geometry(size)  # pad to square, resize to S x S (the center crop is then a no-op)
@@ -280,9 +280,11 @@ def _clip_to_image(box: Box, size: tuple[int, int]) -> Box:
     return x0, y0, min(x + w, size[1]) - x0, min(y + h, size[0]) - y0
 
 
-def overlap_features(cfg: LlavaConfig, size: tuple[int, int], boxes: Iterable[Box]) -> np.ndarray:
+def overlap_features(cfg: LlavaConfig, size: tuple[int, int], boxes: Iterable[Box],
+                     resize: str = "shortest_edge") -> np.ndarray:
     """The "overlap" rule, per image feature (order of `image_layout(cfg, size)`): does its patch overlap any
-    box with positive area? Boxes are (x, y, w, h) in original pixels, clipped to the image first."""
+    box with positive area? Boxes are (x, y, w, h) in original pixels, clipped to the image first; `resize` as
+    in `box_in_base`."""
     size = (int(size[0]), int(size[1]))
     layout = image_layout(cfg, size)
     related = np.zeros(len(layout), bool)
@@ -290,7 +292,7 @@ def overlap_features(cfg: LlavaConfig, size: tuple[int, int], boxes: Iterable[Bo
     if not boxes:
         return related
     patches = layout.rects(cfg)  # [F, 4], NaN rows never overlap
-    frames = [(layout.crop == 0, [box_in_base(b, size, cfg) for b in boxes])]
+    frames = [(layout.crop == 0, [box_in_base(b, size, cfg, resize) for b in boxes])]
     if cfg.is_next:
         frames.append((layout.crop != 0, [box_in_grid(b, size, cfg) for b in boxes]))
     for sel, rects in frames:
@@ -309,9 +311,8 @@ def patch_features(cfg: LlavaConfig, size: tuple[int, int], per_patch: np.ndarra
     layout = image_layout(cfg, size)
     g = cfg.vision.grid
     per_patch = np.asarray(per_patch, bool).reshape(len(per_patch), g * g)  # [N, g*g]
-    per_feature = np.zeros((len(per_patch), cfg.features_per_crop), bool)  # [N, features_per_crop], CLS first
-    per_feature[:, cfg.features_per_crop - g * g:] = per_patch
-    flat = per_feature.ravel()
+    patch = np.arange(cfg.features_per_crop) + cfg.patch_offset  # each feature's patch; -1: CLS
+    flat = np.where(patch >= 0, per_patch[:, np.maximum(patch, 0)], False).ravel()  # [N * features_per_crop]
     index = layout.feature_index(cfg, 0)  # the model's own gather plan; newline: -2, cell: -3
     out = np.where(index >= 0, flat[np.maximum(index, 0)], False)
     taps, weights = layout.taps(cfg, 0)  # [M, 4]

@@ -18,6 +18,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    SiglipVisionConfig,
 )
 
 IMAGE_TOKEN = 127
@@ -27,11 +28,15 @@ PINPOINTS = [[42, 84], [84, 42], [84, 84], [126, 42], [42, 126]]
 
 
 def hf_config(kind="llava", kv_heads=4, tie=False, strategy="default", feature_layer=-2, init=0.2, vocab=128,
-              image_size=IMAGE_SIZE, pinpoints=PINPOINTS):
-    """pinpoints: (height, width) pairs, transformers' convention."""
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=image_size, patch_size=14, hidden_act="quick_gelu",
-                              initializer_range=init, initializer_factor=5.0)
+              image_size=IMAGE_SIZE, pinpoints=PINPOINTS, vision_type="clip"):
+    """pinpoints: (height, width) pairs, transformers' convention. vision_type: "clip" or "siglip" (its
+    transformers defaults: gelu_pytorch_tanh, LayerNorm eps 1e-6, the attention-pooling head)."""
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                 image_size=image_size, patch_size=14)
+    if vision_type == "siglip":
+        vision = SiglipVisionConfig(**shape)
+    else:
+        vision = CLIPVisionConfig(**shape, hidden_act="quick_gelu", initializer_range=init, initializer_factor=5.0)
     text = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
                        initializer_range=init, tie_word_embeddings=tie, pad_token_id=PAD_TOKEN,
@@ -51,6 +56,11 @@ def hf_model(kind="llava", seed=0, **kw):
     if kind == "llava_next":  # transformers' init leaves the newline small; make it matter
         with torch.no_grad():
             model.model.image_newline.normal_(0, 1.0)
+    if kw.get("vision_type") == "siglip":  # SigLIP's init leaves norms at 1 / 0 and biases ~1e-6; make them matter
+        with torch.no_grad():
+            for p in model.model.vision_tower.parameters():
+                if p.ndim == 1:
+                    p.add_(torch.randn_like(p), alpha=0.2)
     return model
 
 

@@ -3,8 +3,9 @@
 `preprocess` reproduces the pixel values of transformers' PIL image processors
 (`LlavaImageProcessorPil(do_pad=True)` for LLaVA-1.5, i.e. the original LLaVA `expand2square`,
 `LlavaNextImageProcessorPil` for LLaVA-NeXT and `LlavaOnevisionImageProcessorPil` for OneVision, whose crops
-are cut the same way). Every step works on uint8 pixels through PIL exactly as
-transformers does; only the final rescale/normalize is float.
+are cut the same way; `SiglipImageProcessorPil` for a LLaVA-1.5-style model whose processor resizes to an exact
+size, as SigLIP's does: squashed to S x S, no pad, no crop). Every step works on uint8 pixels through PIL exactly
+as transformers does; only the final rescale/normalize is float.
 
 `related_features` marks the image features that hold a question-related object (boxes (x, y, w, h) in
 original image pixels), in the feature order of `jaxflow.geometry.image_layout` (the model's own plan;
@@ -54,6 +55,10 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 RELATED_PATCH_RULES = ("study", "overlap")
 RED, GREEN = (255, 0, 0), (0, 255, 0)  # the study's mask colours: box, background
+# How a processor resizes, read from the form of its `size` (as transformers' resize does):
+# {"shortest_edge": s} (CLIPImageProcessor): shortest edge to s, then the centre crop;
+# {"height": s, "width": s} (SiglipImageProcessor): straight to s x s, the aspect ratio not kept.
+RESIZE_MODES = ("shortest_edge", "exact")
 
 
 def _side(value, key: str) -> int | None:
@@ -71,14 +76,20 @@ def _side(value, key: str) -> int | None:
 
 @dataclasses.dataclass(frozen=True)
 class ProcessorSettings:
-    """CLIP preprocessing settings. `size` (resize shortest edge) and `crop_size` of None mean the model's
-    vision image_size; other values must equal it (the vision tower sees image_size crops)."""
+    """Preprocessing settings (CLIP's by default). `size` (the resize target, see `resize`) and `crop_size` of
+    None mean the model's vision image_size; other values must equal it (the vision tower sees image_size
+    crops). `resize`: one of RESIZE_MODES."""
 
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     size: int | None = None
     crop_size: int | None = None
     resample: int = int(PIL.Image.Resampling.BICUBIC)
+    resize: str = "shortest_edge"
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"processor settings resize={self.resize!r}: expected one of {', '.join(RESIZE_MODES)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> ProcessorSettings:
@@ -88,8 +99,13 @@ class ProcessorSettings:
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"preprocessor config: image_mean/image_std need 3 values, got {mean}, {std}")
         resample = d.get("resample")
-        return cls(mean, std, _side(d.get("size"), "size"), _side(d.get("crop_size"), "crop_size"),
-                   int(PIL.Image.Resampling.BICUBIC) if resample is None else int(resample))
+        size = d.get("size")
+        resize = "exact" if isinstance(size, dict) and "shortest_edge" not in size else "shortest_edge"
+        kind = d.get("image_processor_type") or ""
+        if kind.startswith("Siglip") and resize != "exact":
+            raise ValueError(f"preprocessor config size={size!r}: {kind} resizes to a height and width")
+        return cls(mean, std, _side(size, "size"), _side(d.get("crop_size"), "crop_size"),
+                   int(PIL.Image.Resampling.BICUBIC) if resample is None else int(resample), resize)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> ProcessorSettings:
@@ -125,9 +141,12 @@ def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def _clip_resize_crop(image: PIL.Image.Image, side: int, resample: int) -> np.ndarray:
-    """CLIP's geometric steps on one RGB image: resize the shortest edge to `side`, center crop side x side.
-    Returns [side, side, 3] uint8."""
+def _resize_crop(image: PIL.Image.Image, side: int, settings: ProcessorSettings) -> np.ndarray:
+    """The processor's geometric steps on one RGB image: resize the shortest edge to `side` and center crop
+    side x side (CLIP), or resize to side x side (`resize="exact"`). Returns [side, side, 3] uint8."""
+    resample = settings.resample
+    if settings.resize == "exact":
+        return np.asarray(image if image.size == (side, side) else image.resize((side, side), resample=resample))
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(side * long / short)  # transformers' get_resize_output_image_size truncates
@@ -150,7 +169,8 @@ def vision_crops(image: PIL.Image.Image, cfg: LlavaConfig,
     """The crops the vision tower sees, as uint8 pixels [N, S, S, 3] before rescale and normalize, and the
     image's (height, width).
 
-    LLaVA-1.5: N = 1 (pad to a square of the mean colour, CLIP resize and center crop).
+    LLaVA-1.5: N = 1 (pad to a square of the mean colour, CLIP resize and center crop; with `resize="exact"`
+    no pad, the image squashed to S x S).
     LLaVA-NeXT: N = 1 + grid crops (the base image squashed to S x S, then the anyres grid crops row-major,
     cut from the best-resolution canvas: the image resized into it keeping its aspect, centred on black).
     """
@@ -161,18 +181,18 @@ def vision_crops(image: PIL.Image.Image, cfg: LlavaConfig,
     size_hw = (image.height, image.width)
     if not cfg.is_next:
         side, ox, oy = pad_geometry(size_hw)
-        if side != image.width or side != image.height:
+        if settings.resize == "shortest_edge" and (side != image.width or side != image.height):
             fill = tuple(int(x * 255) for x in settings.image_mean)  # truncation, as LLaVA / transformers
             square = PIL.Image.new("RGB", (side, side), fill)
             square.paste(image, (ox, oy))
             image = square
-        return _clip_resize_crop(image, s, settings.resample)[None], size_hw
+        return _resize_crop(image, s, settings)[None], size_hw
     (bh, bw), (fh, fw), (py, px) = anyres_geometry(cfg, size_hw)
     canvas = PIL.Image.new("RGB", (bw, bh), (0, 0, 0))
     canvas.paste(image.resize((fw, fh), resample=settings.resample), (px, py))
     crops = [image.resize((s, s), resample=settings.resample)]
     crops += [canvas.crop(box) for box in crop_boxes(cfg, (bh, bw))]
-    return np.stack([_clip_resize_crop(c, s, settings.resample) for c in crops]), size_hw
+    return np.stack([_resize_crop(c, s, settings) for c in crops]), size_hw
 
 
 def preprocess(image: PIL.Image.Image, cfg: LlavaConfig,
@@ -221,10 +241,10 @@ def study_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[B
 def related_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[Box], rule: str = "study",
                      settings: ProcessorSettings | None = None) -> np.ndarray:
     """Per image feature (order of `image_layout(cfg, size_hw)`): is it a related image patch of `boxes` under
-    `rule` ("study" or "overlap", see the module docstring)? `settings` (the model's processor settings) matter
-    for the study rule only. Newline and CLS features are never related."""
+    `rule` ("study" or "overlap", see the module docstring)? `settings`: the model's processor settings.
+    Newline and CLS features are never related."""
     if rule == "study":
         return study_features(cfg, size_hw, boxes, settings)
     if rule == "overlap":
-        return overlap_features(cfg, size_hw, boxes)
+        return overlap_features(cfg, size_hw, boxes, (settings or ProcessorSettings()).resize)
     raise ValueError(f"related_patches={rule!r}: expected one of {', '.join(RELATED_PATCH_RULES)}")

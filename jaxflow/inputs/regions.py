@@ -221,8 +221,8 @@ def render(sample: SampleInputs, cfg: LlavaConfig, boxes: Sequence[Box], path: s
     related = np.isin(sample.encoded.image_positions, sample.regions["related_image_patches"])
     s = cfg.vision.image_size
     rects_px = lay.rects(cfg)  # [F, 4] each feature's patch (or OneVision cell) in its panel's pixels
-    panels = [("base image (crop 0)", pictures[0], lay.crop == 0, [geometry.box_in_base(b, sample.image_size, cfg)
-                                                                   for b in boxes])]
+    panels = [("base image (crop 0)", pictures[0], lay.crop == 0,
+               [geometry.box_in_base(b, sample.image_size, cfg, settings.resize) for b in boxes])]
     if cfg.is_next:
         nh, nw = lay.grid
         grid = pictures[1:1 + nh * nw].reshape(nh, nw, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(nh * s, nw * s, 3)

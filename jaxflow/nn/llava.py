@@ -1,4 +1,4 @@
-"""LLaVA: CLIP tower -> projector -> image features placed at the image-token positions -> Llama.
+"""LLaVA: vision tower (CLIP or SigLIP) -> projector -> image features placed at the image-token positions -> Llama.
 
 `feature_index` [B, T] (built on the host from `jaxflow.geometry.image_layout`) says, per sequence position,
 which image feature fills it (-1: a text token keeps its embedding). One gather serves LLaVA-1.5 (features
@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxflow.config import LlavaConfig
-from jaxflow.nn.clip import ClipVisionTower
 from jaxflow.nn.layers import Linear, param
 from jaxflow.nn.llama import LlamaModel
+from jaxflow.nn.vision import VisionTower
 
 
 class Projector(nnx.Module):
@@ -34,7 +34,7 @@ class Llava(nnx.Module):
     def __init__(self, cfg: LlavaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
         self.cfg = cfg
-        self.vision_tower = ClipVisionTower(cfg.vision, cfg.vision_layers_needed(), dtype=dtype, rngs=rngs)
+        self.vision_tower = VisionTower(cfg.vision, cfg.vision_layers_needed(), dtype=dtype, rngs=rngs)
         self.projector = Projector(cfg, dtype=dtype, rngs=rngs)
         self.image_newline = param(jnp.zeros((cfg.text.hidden_size,), dtype), ("embed",)) if cfg.is_next else None
         self.language_model = LlamaModel(cfg.text, tie_word_embeddings=cfg.tie_word_embeddings,

@@ -495,11 +495,11 @@ def _to_disk(value: np.ndarray, transform: str, patch: int) -> np.ndarray:
 def unused_vision_layers(cfg: LlavaConfig, seed: int) -> dict[str, np.ndarray]:
     """Flat jaxflow-named parameters of the CLIP layers after the feature layer (LLaVA never runs them; a
     llava-hf checkpoint still carries them): freshly initialised, like the rest of the model before training."""
-    from jaxflow.nn.clip import ClipLayer
+    from jaxflow.nn.vision import VisionLayer
 
     out = {}
     for i in range(cfg.vision_layers_needed(), cfg.vision.num_layers):
-        layer = ClipLayer(cfg.vision, dtype=jnp.float32, rngs=nnx.Rngs(seed + 1000 + i))
+        layer = VisionLayer(cfg.vision, dtype=jnp.float32, rngs=nnx.Rngs(seed + 1000 + i))
         for path, var in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
             out[f"vision_tower.layers.{i}." + ".".join(map(str, path))] = np.asarray(var.get_value())
     return out
