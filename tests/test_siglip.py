@@ -14,7 +14,6 @@ import tiny
 import torch
 import toy_tokenizers
 import transformers
-from jaxflow.image_layout import image_layout
 from transformers import SiglipVisionConfig
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -22,6 +21,7 @@ import jaxflow
 from convert import ConversionError, convert
 from jaxflow import Knockout
 from jaxflow.config import LlavaConfig, UnsupportedConfigError
+from jaxflow.geometry import image_layout
 from jaxflow.inputs import gqa, images
 from jaxflow.model import param_shapes
 from jaxflow.reference import dense_cut, embeddings, run_layers
