@@ -32,9 +32,15 @@ _IGNORED = {
 }
 
 # Attributes we do not implement: only this value is accepted.
-_REQUIRED_TEXT = {
-    "model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-    "pretraining_tp": 1, "rope_scaling": None,
+_REQUIRED_TEXT = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
+                  "rope_scaling": None}
+# Decoder families (text_config.model_type), all Llama arithmetic: the attributes each adds to the Llama ones,
+# and whether its q/k/v projections carry a bias (Qwen2: q/k/v yes, o_proj no).
+TEXT_TYPES = {
+    "llama": {"handled": set(), "qkv_bias": False},
+    "mistral": {"handled": {"sliding_window"}, "qkv_bias": False},
+    "qwen2": {"handled": {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
+              "qkv_bias": True},
 }
 _REQUIRED_VISION = {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", "num_channels": 3}
 _REQUIRED_TOP = {"projector_hidden_act": "gelu"}
@@ -93,7 +99,11 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Llama decoder (RMSNorm, RoPE, MHA or GQA, SwiGLU)."""
+    """Llama-arithmetic decoder (RMSNorm, RoPE, MHA or GQA, SwiGLU): Llama, Mistral, Qwen2 (`TEXT_TYPES`).
+
+    sliding_window: query q attends key k only if q - k < sliding_window (transformers' sliding-window
+    mask), in every layer; None: no window. qkv_bias: the q/k/v projections carry a bias (Qwen2).
+    """
 
     vocab_size: int
     hidden_size: int
@@ -104,12 +114,18 @@ class TextConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    sliding_window: int | None = None
+    qkv_bias: bool = False
 
     @classmethod
     def from_hf(cls, d: dict) -> TextConfig:
+        kind = d.get("model_type", "llama")
+        if kind not in TEXT_TYPES:
+            raise UnsupportedConfigError(f"config attribute text_config.model_type={kind!r} is not supported "
+                                         f"(jaxflow implements {', '.join(map(repr, TEXT_TYPES))})")
         handled = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
-                   "rope_parameters", "rope_theta"}
+                   "rope_parameters", "rope_theta"} | TEXT_TYPES[kind]["handled"]
         _check("text_config", d, handled, _REQUIRED_TEXT)
         rope = d.get("rope_parameters") or {"rope_type": "default", "rope_theta": d.get("rope_theta", 10000.0)}
         for key, value in rope.items():
@@ -126,7 +142,35 @@ class TextConfig:
             raise UnsupportedConfigError("text_config.num_attention_heads must be a multiple of num_key_value_heads")
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         return cls(d["vocab_size"], d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"],
-                   heads, kv_heads, head_dim, d.get("rms_norm_eps", 1e-6), float(rope["rope_theta"]))
+                   heads, kv_heads, head_dim, d.get("rms_norm_eps", 1e-6), float(rope["rope_theta"]),
+                   _sliding_window(kind, d), TEXT_TYPES[kind]["qkv_bias"])
+
+
+def _sliding_window(kind: str, d: dict) -> int | None:
+    """The window every layer applies (None: none), as transformers' Mistral / Qwen2 read the config."""
+    window = d.get("sliding_window")
+    if kind == "qwen2":
+        # Qwen2 slides only with use_sliding_window, and then only in layers >= max_window_layers
+        # (transformers writes that rule out as layer_types)
+        if not d.get("use_sliding_window"):
+            window = None
+        n = d["num_hidden_layers"]
+        types = d.get("layer_types") or [
+            "sliding_attention" if window is not None and i >= d.get("max_window_layers", 28) else "full_attention"
+            for i in range(n)]
+        if set(types) - {"full_attention", "sliding_attention"} or len(types) != n:
+            raise UnsupportedConfigError(f"config attribute text_config.layer_types={types!r} is not supported "
+                                         "(jaxflow implements 'full_attention' and 'sliding_attention', one per layer)")
+        if len(set(types)) > 1:
+            raise UnsupportedConfigError(
+                f"config attribute text_config.use_sliding_window=true with max_window_layers="
+                f"{d.get('max_window_layers')!r} (sliding-window attention in some layers only, layer_types={types}) "
+                "is not supported: jaxflow applies one window to every layer or none")
+        window = window if types[0] == "sliding_attention" else None
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise UnsupportedConfigError(f"config attribute text_config.sliding_window={window!r} is not supported "
+                                     "(expected null or a positive integer)")
+    return window
 
 
 @dataclasses.dataclass(frozen=True)
