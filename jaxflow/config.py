@@ -49,6 +49,8 @@ _REQUIRED_TOP = {"projector_hidden_act": "gelu"}
 # LlavaNext for llava-hf checkpoints, LLaVA's own code for original-layout ones. The converter writes
 # `jaxflow_image_geometry` into config.json for the latter; absent means "transformers".
 IMAGE_GEOMETRIES = ("transformers", "llava")
+# Top-level model types of llava-hf (transformers) checkpoints jaxflow reads.
+LLAVA_MODEL_TYPES = ("llava", "llava_next")
 
 
 def _check(section: str, d: dict, handled: set[str], required: dict[str, Any]) -> None:
@@ -201,9 +203,10 @@ class LlavaConfig:
     def from_hf(cls, d: dict) -> LlavaConfig:
         """Builds the config from a transformers config dict with every default filled in."""
         kind = d.get("model_type")
-        if kind not in ("llava", "llava_next"):
+        if kind not in LLAVA_MODEL_TYPES:
             raise UnsupportedConfigError(
-                f"config attribute model_type={kind!r} is not supported (jaxflow implements 'llava', 'llava_next')")
+                f"config attribute model_type={kind!r} is not supported "
+                f"(jaxflow implements {', '.join(map(repr, LLAVA_MODEL_TYPES))})")
         handled = {"image_token_index", "vision_feature_layer", "vision_feature_select_strategy",
                    "multimodal_projector_bias", "image_grid_pinpoints", "jaxflow_image_geometry"}
         _check("", d, handled, _REQUIRED_TOP)
@@ -238,9 +241,10 @@ class LlavaConfig:
             raise FileNotFoundError(f"{config_file}: no config.json in the checkpoint directory")
         with open(config_file) as f:
             model_type = json.load(f).get("model_type")
-        if model_type not in ("llava", "llava_next"):
+        if model_type not in LLAVA_MODEL_TYPES:
             raise UnsupportedConfigError(
-                f"{config_file}: model_type={model_type!r} is not supported (jaxflow implements 'llava', 'llava_next')")
+                f"{config_file}: model_type={model_type!r} is not supported "
+                f"(jaxflow implements {', '.join(map(repr, LLAVA_MODEL_TYPES))})")
         return cls.from_hf(AutoConfig.from_pretrained(path).to_dict())
 
     def vision_layers_needed(self) -> int:

@@ -186,6 +186,14 @@ def _torch(x: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
+# text_config.model_type -> the original LLaVA class, its model_type and the decoder's own config attributes
+ORIGINAL_CLASSES = {
+    "llama": ("LlavaLlamaForCausalLM", "llava_llama", ()),
+    "mistral": ("LlavaMistralForCausalLM", "llava_mistral", ("sliding_window",)),
+    "qwen2": ("LlavaQwenForCausalLM", "llava_qwen", ("use_sliding_window", "sliding_window", "max_window_layers")),
+}
+
+
 def save_original(model, path, clip_path, tower="stale", clip_model=None, unfreeze=False, pickle=False, shards=1,
                   dtype=None, clip_pickle=False, preprocessor=True):
     """The original LLaVA layout (model.layers.*, model.mm_projector.*) plus a CLIP checkpoint.
@@ -211,11 +219,12 @@ def save_original(model, path, clip_path, tower="stale", clip_model=None, unfree
     save_tensors(llava, path, pickle=pickle, shards=shards, dtype=dtype)
     save_tensors(clip, clip_path, pickle=clip_pickle)
     next_ = cfg.model_type == "llava_next"
+    decoder = ORIGINAL_CLASSES[text["model_type"]]
     original = {
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        "architectures": [decoder[0]], "model_type": decoder[1],
         **{k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                 "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "hidden_act",
-                                "max_position_embeddings", "tie_word_embeddings")},
+                                "max_position_embeddings", "tie_word_embeddings") + decoder[2]},
         "rope_theta": text["rope_parameters"]["rope_theta"],
         "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_hidden_size": vision["hidden_size"],
         "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": cfg.vision_feature_layer,
