@@ -141,6 +141,26 @@ def test_greedy_generation_matches_transformers(twins, member):
         assert np.abs(out.first_token_probs[row] - ref_probs).max() < 1e-5
 
 
+def test_qwen2_biases_are_sharded_on_heads(twins):
+    """On a data=2,model=4 mesh (8 host devices from conftest.py) the q/k/v biases split like their kernels'
+    columns, o_proj has none, and the logits equal the single-device ones."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxflow.sharding import make_mesh
+
+    _, model = twins("llava", "llava-hf", text_type="qwen2", kv_heads=2)
+    sharded = jaxflow.load(model.path, mesh=make_mesh("data=2,model=4"))
+    attn = sharded.module.language_model.layers[0].self_attn
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert proj.kernel[...].sharding.spec == P(None, "model")
+        assert proj.bias[...].sharding.spec == P("model")
+        assert np.abs(np.asarray(proj.bias[...])).max() > 0.1  # the twin's biases are not zero
+    assert attn.o_proj.bias is None
+    ids, pv, _, mask = inputs(model, "llava")
+    np.testing.assert_allclose(np.asarray(sharded.logits(ids, pv, attention_mask=mask)),
+                               np.asarray(model.logits(ids, pv, attention_mask=mask)), rtol=0, atol=1e-5)
+
+
 def test_image_token_outside_the_vocabulary(twins, tmp_path):
     """Nothing assumes image_token < vocab_size: the Yi twin with its image token moved to vocab_size (no
     embedding row) gives the same logits."""
