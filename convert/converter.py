@@ -7,8 +7,15 @@ into a temporary directory `.OUT.tmp-<host>-<pid>-*` that is renamed to OUT only
 killed conversion leaves only its temporary directory; the next conversion into OUT on the same host
 removes those whose process is gone.
 
+Models that are not LLaVA-style (Qwen2-VL's M-RoPE, mllama's cross-attention, pixtral, idefics) and unknown
+model types are refused from config.json alone, before any tensor is read (`refuse_architecture`).
+
 Original-layout checkpoints (liuhaotian/*, lmms-lab/*) are converted as LLaVA's own code
 (llava-torch 1.2.2) runs them:
+- decoder: the class config.json names in `architectures` (LlavaLlamaForCausalLM, LlavaMistralForCausalLM,
+  lmms-lab's LlavaQwenForCausalLM), else its model_type (llava_llama, llava_mistral, llava_qwen), else Llama;
+  the family's own attributes (Mistral's sliding_window; Qwen2's use_sliding_window, max_window_layers) go into
+  text_config. (LLaVA's loader picks the class from the checkpoint's directory name instead.)
 - vision tower: LLaVA builds the CLIP tower before loading the checkpoint, so the tower stored in
   it (model.vision_tower.vision_tower.vision_model.*) replaces the separate CLIP, when config.json
   says the tower was trained (`unfreeze_mm_vision_tower`, or `mm_tunable_parts` naming

@@ -53,8 +53,10 @@ VARIANTS = {
     "next": {**_NEXT, **_SMALL, "seed": 2},
     "next-tuned": {**_NEXT, **_SMALL, "seed": 3, "tuned_tower": True},
     "next-gqa": {**_NEXT, "hidden": 64, "layers": 4, "heads": 4, "kv_heads": 2, "rope_theta": 500000.0, "seed": 4},
-    # LLaVA's loader picks LlavaMistralForCausalLM (and a fast tokenizer) because the name holds "mistral"
-    "next-mistral": {**_NEXT, **_SMALL, "decoder": "mistral", "kv_heads": 2, "rope_theta": 1e6, "sliding_window": 48,
+    # LLaVA's loader picks LlavaMistralForCausalLM (and a fast tokenizer) because the name holds "mistral". The rows
+    # are 156-189 tokens, 49-63 of them after the image: a 96-token window hides the prompt's start from the last
+    # position but not the image
+    "next-mistral": {**_NEXT, **_SMALL, "decoder": "mistral", "kv_heads": 2, "rope_theta": 1e6, "sliding_window": 96,
                      "seed": 5},
 }
 NEXT_VARIANTS = [v for v, spec in VARIANTS.items() if spec["image_aspect_ratio"] == "anyres"]
