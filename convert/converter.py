@@ -7,8 +7,15 @@ into a temporary directory `.OUT.tmp-<host>-<pid>-*` that is renamed to OUT only
 killed conversion leaves only its temporary directory; the next conversion into OUT on the same host
 removes those whose process is gone.
 
+Models that are not LLaVA-style (Qwen2-VL's M-RoPE, mllama's cross-attention, pixtral, idefics) and unknown
+model types are refused from config.json alone, before any tensor is read (`refuse_architecture`).
+
 Original-layout checkpoints (liuhaotian/*, lmms-lab/*) are converted as LLaVA's own code
 (llava-torch 1.2.2) runs them:
+- decoder: the class config.json names in `architectures` (LlavaLlamaForCausalLM, LlavaMistralForCausalLM,
+  lmms-lab's LlavaQwenForCausalLM), else its model_type (llava_llama, llava_mistral, llava_qwen), else Llama;
+  the family's own attributes (Mistral's sliding_window; Qwen2's use_sliding_window, max_window_layers) go into
+  text_config. (LLaVA's loader picks the class from the checkpoint's directory name instead.)
 - vision tower: LLaVA builds the CLIP tower before loading the checkpoint, so the tower stored in
   it (model.vision_tower.vision_tower.vision_model.*) replaces the separate CLIP, when config.json
   says the tower was trained (`unfreeze_mm_vision_tower`, or `mm_tunable_parts` naming
@@ -44,7 +51,7 @@ from tqdm import tqdm
 from convert import mapping
 from convert.sources import CheckpointError, PickleSource, Source, open_source
 from jaxflow import checkpoint
-from jaxflow.config import LlavaConfig
+from jaxflow.config import LLAVA_MODEL_TYPES, LlavaConfig
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 TOKENIZER_FILES = (
@@ -84,6 +91,57 @@ _LLAMA_KEYS = (
     "bos_token_id", "eos_token_id", "pad_token_id",
 )
 IMAGE_TOKEN_INDEX_ORIGINAL = -200  # LLaVA's placeholder id; never looked up in the embedding
+# Original LLaVA's model classes (config.json `architectures`) and model types -> text_config.model_type, and the
+# attributes each decoder family adds to _LLAMA_KEYS. model_type "llava" names no decoder (LLaVA-1.5/1.6 saves).
+ORIGINAL_DECODERS = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral",
+                     "LlavaQwenForCausalLM": "qwen2"}
+ORIGINAL_MODEL_TYPES = {"llava": None, "llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
+_DECODER_KEYS = {"llama": (), "mistral": ("sliding_window",),
+                 "qwen2": ("use_sliding_window", "sliding_window", "max_window_layers")}
+# Top-level model types that are not LLaVA-style (vision features placed as tokens into a RoPE decoder), and why.
+NOT_LLAVA = {
+    "qwen2_vl": "M-RoPE (multimodal rotary positions over time, height and width)",
+    "qwen2_5_vl": "M-RoPE (multimodal rotary positions over time, height and width)",
+    "mllama": "cross-attention layers (the image enters the decoder through cross-attention, not as tokens)",
+    "pixtral": "the Pixtral vision encoder (2D RoPE over variable-size images, [IMG_BREAK] row tokens)",
+    "idefics": "gated cross-attention layers (Flamingo-style)",
+    "idefics2": "a perceiver-resampler connector",
+    "idefics3": "a pixel-shuffle connector over image tiles",
+}
+
+
+def refuse_architecture(raw: dict, where: str) -> None:
+    """Refuses a config.json whose model is not LLaVA-style (NOT_LLAVA) or of no model type jaxflow knows, in one
+    line naming the model type (or vision_config.model_type) and what it has that jaxflow does not implement."""
+    supported = (f"jaxflow supports {', '.join(LLAVA_MODEL_TYPES)} (llava-hf layout) and "
+                 f"{', '.join(ORIGINAL_MODEL_TYPES)} (original LLaVA layout)")
+    kind = raw.get("model_type")
+    vision = raw.get("vision_config")
+    vision = vision.get("model_type") if isinstance(vision, dict) else None
+    if kind in NOT_LLAVA:
+        raise ConversionError(f"{where}: model_type={kind!r} is not supported: {NOT_LLAVA[kind]} is not a "
+                              f"LLaVA-style model; {supported}")
+    if vision in NOT_LLAVA:
+        raise ConversionError(f"{where}: vision_config.model_type={vision!r} is not supported: {NOT_LLAVA[vision]}; "
+                              f"{supported}")
+    if kind not in LLAVA_MODEL_TYPES and kind not in ORIGINAL_MODEL_TYPES:
+        raise ConversionError(f"{where}: model_type={kind!r} is not supported: not a LLaVA-style model jaxflow "
+                              f"knows; {supported}")
+
+
+def original_decoder(cfg: dict, where: str) -> str:
+    """The text_config.model_type of an original config: from its model class (`architectures`), else its
+    model_type; Llama when neither names one (LLaVA-1.5's saves)."""
+    archs = cfg.get("architectures") or []
+    by_type = ORIGINAL_MODEL_TYPES.get(cfg.get("model_type"))
+    if archs and (len(archs) != 1 or archs[0] not in ORIGINAL_DECODERS):
+        raise ConversionError(f"{where}: config attribute architectures={archs!r} is not supported (jaxflow "
+                              f"implements {', '.join(ORIGINAL_DECODERS)})")
+    by_class = ORIGINAL_DECODERS[archs[0]] if archs else None
+    if by_class and by_type and by_class != by_type:
+        raise ConversionError(f"{where}: architectures={archs!r} and model_type={cfg.get('model_type')!r} name "
+                              "different decoders")
+    return by_class or by_type or "llama"
 
 
 def tower_trained(cfg: dict) -> str | None:
@@ -152,8 +210,9 @@ def original_to_hf_config(cfg: dict, clip_cfg: dict, where: str) -> dict:
         refuse("mm_patch_merge_type")
     vision = dict(clip_cfg.get("vision_config", clip_cfg))
     vision["model_type"] = "clip_vision_model"
-    text = {k: cfg[k] for k in _LLAMA_KEYS if k in cfg}
-    text["model_type"] = "llama"
+    decoder = original_decoder(cfg, where)
+    text = {k: cfg[k] for k in _LLAMA_KEYS + _DECODER_KEYS[decoder] if k in cfg}
+    text["model_type"] = decoder
     out = {
         "model_type": "llava_next" if anyres else "llava",
         "text_config": text,
@@ -194,6 +253,9 @@ def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32",
     if os.path.exists(out):
         raise ConversionError(f"{out}: already exists; remove it or choose another output directory")
     src_dir = src if os.path.isdir(src) else os.path.dirname(src)
+    config_path = os.path.join(src_dir, "config.json")
+    if os.path.isfile(config_path):  # before the layout: a refused model's tensors may look like LLaVA's
+        refuse_architecture(_read_json(config_path), config_path)
     main = _open(src, allow_pickle)
     try:
         layout = mapping.detect_layout(main.keys())
@@ -201,7 +263,6 @@ def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32",
         raise ConversionError(f"{src}: {e}") from e
 
     # config.json in llava-hf form
-    config_path = os.path.join(src_dir, "config.json")
     raw = _read_json(config_path)
     clip_dir = None
     if layout == "original":

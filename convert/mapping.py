@@ -123,6 +123,7 @@ _TEXT_LAYER = {
     "input_layernorm.scale": ("input_layernorm.weight", "identity"),
     "post_attention_layernorm.scale": ("post_attention_layernorm.weight", "identity"),
     **{f"self_attn.{p}.kernel": (f"self_attn.{p}.weight", "linear") for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    **{f"self_attn.{p}.bias": (f"self_attn.{p}.bias", "identity") for p in ("q_proj", "k_proj", "v_proj")},  # Qwen2
     **{f"{p}.kernel": (f"mlp.{p}.weight", "linear") for p in ("gate_proj", "up_proj", "down_proj")},
 }
 

@@ -32,9 +32,15 @@ _IGNORED = {
 }
 
 # Attributes we do not implement: only this value is accepted.
-_REQUIRED_TEXT = {
-    "model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-    "pretraining_tp": 1, "rope_scaling": None,
+_REQUIRED_TEXT = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
+                  "rope_scaling": None}
+# Decoder families (text_config.model_type), all Llama arithmetic: the attributes each adds to the Llama ones,
+# and whether its q/k/v projections carry a bias (Qwen2: q/k/v yes, o_proj no).
+TEXT_TYPES = {
+    "llama": {"handled": set(), "qkv_bias": False},
+    "mistral": {"handled": {"sliding_window"}, "qkv_bias": False},
+    "qwen2": {"handled": {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
+              "qkv_bias": True},
 }
 # Vision towers by `vision_config.model_type`: the value each unimplemented attribute must hold.
 _REQUIRED_VISION = {
@@ -48,6 +54,8 @@ _REQUIRED_TOP = {"projector_hidden_act": "gelu"}
 # LlavaNext for llava-hf checkpoints, LLaVA's own code for original-layout ones. The converter writes
 # `jaxflow_image_geometry` into config.json for the latter; absent means "transformers".
 IMAGE_GEOMETRIES = ("transformers", "llava")
+# Top-level model types of llava-hf (transformers) checkpoints jaxflow reads.
+LLAVA_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
 
 
 def _check(section: str, d: dict, handled: set[str], required: dict[str, Any]) -> None:
@@ -62,10 +70,6 @@ def _check(section: str, d: dict, handled: set[str], required: dict[str, Any]) -
             if value in (None, False, {}, []):
                 continue
             raise UnsupportedConfigError(f"config attribute {where}={value!r} is not known to jaxflow")
-
-
-def _kinds() -> str:
-    return ", ".join(map(repr, KINDS))
 
 
 def _max_grid_crops(value) -> int:
@@ -126,7 +130,11 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Llama decoder (RMSNorm, RoPE, MHA or GQA, SwiGLU)."""
+    """Llama-arithmetic decoder (RMSNorm, RoPE, MHA or GQA, SwiGLU): Llama, Mistral, Qwen2 (`TEXT_TYPES`).
+
+    sliding_window: query q attends key k only if q - k < sliding_window (transformers' sliding-window
+    mask), in every layer; None: no window. qkv_bias: the q/k/v projections carry a bias (Qwen2).
+    """
 
     vocab_size: int
     hidden_size: int
@@ -137,12 +145,18 @@ class TextConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    sliding_window: int | None = None
+    qkv_bias: bool = False
 
     @classmethod
     def from_hf(cls, d: dict) -> TextConfig:
+        kind = d.get("model_type", "llama")
+        if kind not in TEXT_TYPES:
+            raise UnsupportedConfigError(f"config attribute text_config.model_type={kind!r} is not supported "
+                                         f"(jaxflow implements {', '.join(map(repr, TEXT_TYPES))})")
         handled = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
-                   "rope_parameters", "rope_theta"}
+                   "rope_parameters", "rope_theta"} | TEXT_TYPES[kind]["handled"]
         _check("text_config", d, handled, _REQUIRED_TEXT)
         rope = d.get("rope_parameters") or {"rope_type": "default", "rope_theta": d.get("rope_theta", 10000.0)}
         for key, value in rope.items():
@@ -159,10 +173,37 @@ class TextConfig:
             raise UnsupportedConfigError("text_config.num_attention_heads must be a multiple of num_key_value_heads")
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         return cls(d["vocab_size"], d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"],
-                   heads, kv_heads, head_dim, d.get("rms_norm_eps", 1e-6), float(rope["rope_theta"]))
+                   heads, kv_heads, head_dim, d.get("rms_norm_eps", 1e-6), float(rope["rope_theta"]),
+                   _sliding_window(kind, d), TEXT_TYPES[kind]["qkv_bias"])
 
 
-KINDS = ("llava", "llava_next", "llava_onevision")  # transformers model_type values jaxflow implements
+def _sliding_window(kind: str, d: dict) -> int | None:
+    """The window every layer applies (None: none), as transformers' Mistral / Qwen2 read the config."""
+    window = d.get("sliding_window")
+    if kind == "qwen2":
+        # Qwen2 slides only with use_sliding_window, and then only in layers >= max_window_layers
+        # (transformers writes that rule out as layer_types)
+        if not d.get("use_sliding_window"):
+            window = None
+        n = d["num_hidden_layers"]
+        types = d.get("layer_types") or [
+            "sliding_attention" if window is not None and i >= d.get("max_window_layers", 28) else "full_attention"
+            for i in range(n)]
+        if set(types) - {"full_attention", "sliding_attention"} or len(types) != n:
+            raise UnsupportedConfigError(f"config attribute text_config.layer_types={types!r} is not supported "
+                                         "(jaxflow implements 'full_attention' and 'sliding_attention', one per layer)")
+        if len(set(types)) > 1:
+            raise UnsupportedConfigError(
+                f"config attribute text_config.use_sliding_window=true with max_window_layers="
+                f"{d.get('max_window_layers')!r} (sliding-window attention in some layers only, layer_types={types}) "
+                "is not supported: jaxflow applies one window to every layer or none")
+        window = window if types[0] == "sliding_attention" else None
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise UnsupportedConfigError(f"config attribute text_config.sliding_window={window!r} is not supported "
+                                     "(expected null or a positive integer)")
+    return window
+
+
 ANYRES_MAX_PREFIX = "anyres_max_"  # OneVision's vision_aspect_ratio: at most N crops' worth of grid features
 
 
@@ -205,9 +246,10 @@ class LlavaConfig:
     def from_hf(cls, d: dict) -> LlavaConfig:
         """Builds the config from a transformers config dict with every default filled in."""
         kind = d.get("model_type")
-        if kind not in KINDS:
+        if kind not in LLAVA_MODEL_TYPES:
             raise UnsupportedConfigError(
-                f"config attribute model_type={kind!r} is not supported (jaxflow implements {_kinds()})")
+                f"config attribute model_type={kind!r} is not supported "
+                f"(jaxflow implements {', '.join(map(repr, LLAVA_MODEL_TYPES))})")
         handled = {"image_token_index", "vision_feature_layer", "vision_feature_select_strategy",
                    "multimodal_projector_bias", "image_grid_pinpoints", "jaxflow_image_geometry"}
         if kind == "llava_onevision":  # videos are not run: their token id is only metadata here
@@ -247,9 +289,10 @@ class LlavaConfig:
             raise FileNotFoundError(f"{config_file}: no config.json in the checkpoint directory")
         with open(config_file) as f:
             model_type = json.load(f).get("model_type")
-        if model_type not in KINDS:
+        if model_type not in LLAVA_MODEL_TYPES:
             raise UnsupportedConfigError(
-                f"{config_file}: model_type={model_type!r} is not supported (jaxflow implements {_kinds()})")
+                f"{config_file}: model_type={model_type!r} is not supported "
+                f"(jaxflow implements {', '.join(map(repr, LLAVA_MODEL_TYPES))})")
         return cls.from_hf(AutoConfig.from_pretrained(path).to_dict())
 
     def vision_layers_needed(self) -> int:

@@ -34,8 +34,9 @@ def dense_cut(source, target, layers, heads, batch: int, seq_len: int, num_layer
 
 
 def run_layers(hf, embeds, cuts, return_weights: bool = True):
-    """Runs transformers' decoder layer by layer; layer i masks causality plus cuts[i]
-    [B, H|1, T, T] (True = cut). Returns (logits [B, T, V], attention weights [L, B, H, T, T] or None)."""
+    """Runs transformers' decoder layer by layer; layer i masks causality (and a sliding window, if the
+    text config has one for that layer) plus cuts[i] [B, H|1, T, T] (True = cut).
+    Returns (logits [B, T, V], attention weights [L, B, H, T, T] or None)."""
     import torch
 
     lm = hf.model.language_model
@@ -43,10 +44,16 @@ def run_layers(hf, embeds, cuts, return_weights: bool = True):
     pos = torch.arange(t)[None].expand(b, t)
     pe = lm.rotary_emb(embeds, pos)
     causal_block = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+    text = hf.config.text_config
+    types = getattr(text, "layer_types", None) or ["sliding_attention"] * len(lm.layers)  # Mistral: every layer
+    window = getattr(text, "sliding_window", None)
+    back = torch.arange(t)[:, None] - torch.arange(t)[None]  # [T, T] query minus key position
     h, weights = embeds, []
     with torch.no_grad():
         for i, layer in enumerate(lm.layers):
             blocked = causal_block | torch.as_tensor(cuts[i])
+            if window is not None and types[i] == "sliding_attention":  # transformers' sliding-window overlay
+                blocked = blocked | (back >= window)
             mask = torch.zeros(blocked.shape, dtype=embeds.dtype).masked_fill(blocked, torch.finfo(embeds.dtype).min)
             a, w = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=mask,
                                    position_embeddings=pe, position_ids=pos)

@@ -1,15 +1,16 @@
 """The LLaVA oracle tier: jaxflow against LLaVA's own code on tiny original-layout checkpoints.
 
 `tests/oracle/llava_side.py` runs in the virtual environment of `scripts/setup_llava_oracle.sh` (llava-torch
-1.2.2.post1, transformers 4.36.2, torch 2.13.0 CPU; `JAXFLOW_LLAVA_PYTHON` names another python). With LLaVA's
-own classes it builds a SentencePiece tokenizer, a tiny CLIP and four `LlavaLlamaForCausalLM` checkpoints
-(LLaVA-1.5 pad; NeXT anyres + spatial_unpad + image_newline; NeXT with its tuned tower stored inside; NeXT with a
-grouped-query decoder and RoPE theta 5e5), loads them with LLaVA's loader and records what LLaVA computes on
-two rows of each of the study's six task kinds (packaged rows, images rescaled to small synthetic ones). Here
-each checkpoint goes through `jaxflow convert --clip` and the two are compared: pixels (`process_images`),
-prompt ids (`conv_templates["vicuna_v1"]` + `tokenizer_image_token`), the number and order of the image
-features and the input embeddings (`prepare_inputs_labels_for_multimodal`), the study's regions (related image
-patches by the red-mask rule), greedy decoding (LLaVA's `generate`) and the base and knocked-out first-token
+1.2.2.post1, transformers 4.36.2, torch 2.13.0 CPU; `JAXFLOW_LLAVA_PYTHON` names another python). With LLaVA's own
+classes it builds a SentencePiece tokenizer, a tiny CLIP and four `LlavaLlamaForCausalLM` checkpoints (LLaVA-1.5
+pad; NeXT anyres + spatial_unpad + image_newline; NeXT with its tuned tower stored inside; NeXT with a grouped-query
+decoder and RoPE theta 5e5) and a NeXT `LlavaMistralForCausalLM` (LLaVA-1.6-Mistral's class: GQA, RoPE theta 1e6, a
+sliding window shorter than every sequence, which LLaVA's cut mask keeps), loads them with LLaVA's loader and
+records what LLaVA computes on two rows of each of the study's six task kinds (packaged rows, images rescaled to
+small synthetic ones). Here each checkpoint goes through `jaxflow convert --clip` and the two are compared: pixels
+(`process_images`), prompt ids (`conv_templates["vicuna_v1"]` + `tokenizer_image_token`), the number and order of
+the image features and the input embeddings (`prepare_inputs_labels_for_multimodal`), the study's regions (related
+image patches by the red-mask rule), greedy decoding (LLaVA's `generate`) and the base and knocked-out first-token
 probabilities of `jaxflow sweep` (LLaVA cut by an additive mask in the window's layers).
 
 llava-torch 1.2.2.post1 has no `llava_llama_3` template (it came with LLaVA-NeXT's code), so only vicuna_v1 is
@@ -54,6 +55,11 @@ VARIANTS = {
     "next": {**_NEXT, **_SMALL, "seed": 2},
     "next-tuned": {**_NEXT, **_SMALL, "seed": 3, "tuned_tower": True},
     "next-gqa": {**_NEXT, "hidden": 64, "layers": 4, "heads": 4, "kv_heads": 2, "rope_theta": 500000.0, "seed": 4},
+    # LLaVA's loader picks LlavaMistralForCausalLM (and a fast tokenizer) because the name holds "mistral". The rows
+    # are 156-189 tokens, 49-63 of them after the image: a 96-token window hides the prompt's start from the last
+    # position but not the image
+    "next-mistral": {**_NEXT, **_SMALL, "decoder": "mistral", "kv_heads": 2, "rope_theta": 1e6, "sliding_window": 96,
+                     "seed": 5},
 }
 NEXT_VARIANTS = [v for v, spec in VARIANTS.items() if spec["image_aspect_ratio"] == "anyres"]
 
@@ -257,7 +263,13 @@ def test_llava_side_is_llava(oracle, variant):
     stored inside exactly for the tuned variant (and run by LLaVA instead of the separate CLIP), the cut really
     cuts (zero attention on the cut edges, attention there without it) and changes the answer's probability."""
     facts = oracle.results[variant]["facts"]
-    assert facts["tokenizer_class"] == "LlamaTokenizer"
+    mistral = VARIANTS[variant].get("decoder") == "mistral"
+    assert facts["model_class"] == ("LlavaMistralForCausalLM" if mistral else "LlavaLlamaForCausalLM")
+    assert facts["tokenizer_class"] == ("LlamaTokenizerFast" if mistral else "LlamaTokenizer")
+    if mistral:  # the window is shorter than every sequence: it changes what LLaVA computes
+        assert facts["saved_config"]["model_type"] == "llava_mistral"
+        window = facts["saved_config"]["sliding_window"]
+        assert all(r["num_features"] + len(r["input_ids"]) - 1 > window for r in oracle.results[variant]["rows"])
     assert facts["dtypes"] == ["torch.float32"]
     assert facts["vocab_size"] == facts["saved_config"]["vocab_size"]
     tuned = VARIANTS[variant].get("tuned_tower", False)

@@ -18,6 +18,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    MistralConfig,
+    Qwen2Config,
     SiglipVisionConfig,
 )
 
@@ -27,21 +29,30 @@ IMAGE_SIZE = 42  # 3 x 3 patches of 14 px per crop
 PINPOINTS = [[42, 84], [84, 42], [84, 84], [126, 42], [42, 126]]
 
 
+TEXT_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+
+
 def hf_config(kind="llava", kv_heads=4, tie=False, strategy="default", feature_layer=-2, init=0.2, vocab=128,
-              image_size=IMAGE_SIZE, pinpoints=PINPOINTS, vision_type="clip"):
-    """pinpoints: (height, width) pairs, transformers' convention. vision_type: "clip" or "siglip" (its
-    transformers defaults: gelu_pytorch_tanh, LayerNorm eps 1e-6, the attention-pooling head)."""
+              image_size=IMAGE_SIZE, pinpoints=PINPOINTS, text_type="llama", sliding_window=None,
+              image_token=IMAGE_TOKEN, vision_type="clip"):
+    """pinpoints: (height, width) pairs, transformers' convention. text_type: the decoder family (TEXT_CONFIGS);
+    sliding_window (mistral, qwen2): the window every layer applies, None for none. vision_type: "clip" or
+    "siglip" (its transformers defaults: gelu_pytorch_tanh, LayerNorm eps 1e-6, the attention-pooling head)."""
     shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                  image_size=image_size, patch_size=14)
     if vision_type == "siglip":
         vision = SiglipVisionConfig(**shape)
     else:
         vision = CLIPVisionConfig(**shape, hidden_act="quick_gelu", initializer_range=init, initializer_factor=5.0)
-    text = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
-                       initializer_range=init, tie_word_embeddings=tie, pad_token_id=PAD_TOKEN,
-                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0 if kv_heads < 4 else 10000.0})
-    common = dict(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMAGE_TOKEN,
+    family = {"llama": {}, "mistral": {"sliding_window": sliding_window},
+              "qwen2": {"use_sliding_window": sliding_window is not None, "sliding_window": sliding_window,
+                        "max_window_layers": 0}}[text_type]
+    theta = 1e6 if text_type != "llama" else 500000.0 if kv_heads < 4 else 10000.0
+    text = TEXT_CONFIGS[text_type](vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
+                                   initializer_range=init, tie_word_embeddings=tie, pad_token_id=PAD_TOKEN,
+                                   rope_parameters={"rope_type": "default", "rope_theta": theta}, **family)
+    common = dict(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image_token,
                   vision_feature_select_strategy=strategy, vision_feature_layer=feature_layer,
                   tie_word_embeddings=tie)
     if kind == "llava_next":
@@ -53,18 +64,20 @@ def hf_model(kind="llava", seed=0, **kw):
     torch.manual_seed(seed)
     cls = LlavaNextForConditionalGeneration if kind == "llava_next" else LlavaForConditionalGeneration
     model = cls._from_config(hf_config(kind, **kw), attn_implementation="eager").eval()
-    if kind == "llava_next":  # transformers' init leaves the newline small; make it matter
-        with torch.no_grad():
+    with torch.no_grad():
+        if kind == "llava_next":  # transformers' init leaves the newline small; make it matter
             model.model.image_newline.normal_(0, 1.0)
-    if kw.get("vision_type") == "siglip":  # SigLIP's init leaves norms at 1 / 0 and biases ~1e-6; make them matter
-        with torch.no_grad():
+        for name, p in model.model.language_model.named_parameters():
+            if name.endswith("_proj.bias"):  # Qwen2's q/k/v biases start at zero
+                p.normal_(0, 0.5)
+        if kw.get("vision_type") == "siglip":  # SigLIP's init leaves norms at 1 / 0 and biases ~1e-6; make them matter
             for p in model.model.vision_tower.parameters():
                 if p.ndim == 1:
                     p.add_(torch.randn_like(p), alpha=0.2)
     return model
 
 
-def make_inputs(cfg, num_text=6, image_sizes=((42, 42),), batch=None, seed=0):
+def make_inputs(cfg, num_text=6, image_sizes=((42, 42),), batch=None, seed=0, image_token=IMAGE_TOKEN):
     """input_ids [B, T] with one image per row, pixel_values, image_sizes (H, W) for NeXT.
 
     The image tokens sit after one BOS-like token; num_text text tokens (per row, or one count) follow.
@@ -78,7 +91,7 @@ def make_inputs(cfg, num_text=6, image_sizes=((42, 42),), batch=None, seed=0):
     for size, count in zip(image_sizes, counts, strict=True):
         lay = image_layout(cfg, size) if cfg.is_next else image_layout(cfg)
         text = rng.integers(2, 120, count)
-        rows.append(np.concatenate([[1], np.full(len(lay), IMAGE_TOKEN), text]))
+        rows.append(np.concatenate([[1], np.full(len(lay), image_token), text]))
         crops = lay.num_crops
         pixels.append(rng.standard_normal((crops, 3, size_px, size_px)).astype(np.float32))
     t = max(map(len, rows))
@@ -182,6 +195,14 @@ def _torch(x: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
+# text_config.model_type -> the original LLaVA class, its model_type and the decoder's own config attributes
+ORIGINAL_CLASSES = {
+    "llama": ("LlavaLlamaForCausalLM", "llava_llama", ()),
+    "mistral": ("LlavaMistralForCausalLM", "llava_mistral", ("sliding_window",)),
+    "qwen2": ("LlavaQwenForCausalLM", "llava_qwen", ("use_sliding_window", "sliding_window", "max_window_layers")),
+}
+
+
 def save_original(model, path, clip_path, tower="stale", clip_model=None, unfreeze=False, pickle=False, shards=1,
                   dtype=None, clip_pickle=False, preprocessor=True):
     """The original LLaVA layout (model.layers.*, model.mm_projector.*) plus a CLIP checkpoint.
@@ -207,11 +228,12 @@ def save_original(model, path, clip_path, tower="stale", clip_model=None, unfree
     save_tensors(llava, path, pickle=pickle, shards=shards, dtype=dtype)
     save_tensors(clip, clip_path, pickle=clip_pickle)
     next_ = cfg.model_type == "llava_next"
+    decoder = ORIGINAL_CLASSES[text["model_type"]]
     original = {
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        "architectures": [decoder[0]], "model_type": decoder[1],
         **{k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                 "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "hidden_act",
-                                "max_position_embeddings", "tie_word_embeddings")},
+                                "max_position_embeddings", "tie_word_embeddings") + decoder[2]},
         "rope_theta": text["rope_parameters"]["rope_theta"],
         "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_hidden_size": vision["hidden_size"],
         "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": cfg.vision_feature_layer,

@@ -1,8 +1,9 @@
-"""Llama decoder: where a knockout is applied.
+"""Llama decoder (also Mistral, Qwen2: jaxflow.config.TextConfig): where a knockout is applied.
 
-Every attention call takes an explicit boolean mask: causal & key-valid, minus the edges a
-`KnockoutMasks` cuts in that layer. Queries and keys carry explicit positions (q_pos, kv_pos),
-so one code path serves the full forward, KV-cache decoding and partial recomputation.
+Every attention call takes an explicit boolean mask: causal & key-valid (& within the sliding
+window, if the config has one), minus the edges a `KnockoutMasks` cuts in that layer. Queries
+and keys carry explicit positions (q_pos, kv_pos), so one code path
+serves the full forward, KV-cache decoding and partial recomputation.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ class KVCache:
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, h * hd, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "heads"))
-        self.k_proj = Linear(d, kv * hd, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "kv_heads"))
-        self.v_proj = Linear(d, kv * hd, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "kv_heads"))
+        bias = cfg.qkv_bias
+        self.q_proj = Linear(d, h * hd, bias=bias, dtype=dtype, rngs=rngs, axes=("embed", "heads"))
+        self.k_proj = Linear(d, kv * hd, bias=bias, dtype=dtype, rngs=rngs, axes=("embed", "kv_heads"))
+        self.v_proj = Linear(d, kv * hd, bias=bias, dtype=dtype, rngs=rngs, axes=("embed", "kv_heads"))
         self.o_proj = Linear(h * hd, d, bias=False, dtype=dtype, rngs=rngs, axes=("heads", "embed"))
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
 
@@ -122,13 +124,16 @@ class LlamaModel(nnx.Module):
         return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
     def masks(self, q_pos, valid, prefix: KVCache | None = None):
-        """RoPE tables for q_pos [B, Tq], and the key positions [B, S] and causal & valid mask
-        [B, 1, Tq, S] over the prefix keys (if any) followed by the queries' own keys."""
+        """RoPE tables for q_pos [B, Tq], and the key positions [B, S] and causal & valid (& sliding
+        window) mask [B, 1, Tq, S] over the prefix keys (if any) followed by the queries' own keys."""
         kv_pos, kv_valid = q_pos, valid
         if prefix is not None:
             kv_pos = jnp.concatenate([prefix.pos, q_pos], axis=1)
             kv_valid = jnp.concatenate([prefix.valid, valid], axis=1)
-        base = (kv_pos[:, None, :] <= q_pos[:, :, None]) & kv_valid[:, None, :]
+        back = q_pos[:, :, None] - kv_pos[:, None, :]  # [B, Tq, S] how far back each key lies
+        base = (back >= 0) & kv_valid[:, None, :]
+        if self.cfg.sliding_window is not None:
+            base = base & (back < self.cfg.sliding_window)
         return rope_tables(q_pos, self.cfg.head_dim, self.cfg.rope_theta), kv_pos, base[:, None]
 
     def __call__(self, x, q_pos, valid, *, prefix: KVCache | None = None, knock: KnockoutMasks | None = None,

@@ -37,8 +37,9 @@ import torch
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import get_anyres_image_grid_shape, process_images, select_best_resolution, tokenizer_image_token
-from llava.model import LlavaLlamaForCausalLM, builder
+from llava.model import LlavaLlamaForCausalLM, LlavaMistralForCausalLM, builder
 from llava.model.language_model.llava_llama import LlavaConfig
+from llava.model.language_model.llava_mistral import LlavaMistralConfig
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -141,6 +142,11 @@ def llava_config(v: dict, clip_dir: str, clip_spec: dict, vocab: int) -> dict:
         "tokenizer_padding_side": "right", "image_aspect_ratio": v["image_aspect_ratio"],
         "mm_patch_merge_type": v["mm_patch_merge_type"],
     }
+    if v.get("decoder") == "mistral":  # as LlavaMistralForCausalLM saves (MistralConfig has no Llama-only fields)
+        for key in ("pretraining_tp", "rope_scaling", "attention_bias"):
+            del cfg[key]
+        cfg.update(architectures=["LlavaMistralForCausalLM"], model_type="llava_mistral",
+                   sliding_window=v["sliding_window"])
     if v.get("image_grid_pinpoints"):
         cfg["image_grid_pinpoints"] = v["image_grid_pinpoints"]
     if v.get("tuned_tower"):
@@ -149,13 +155,16 @@ def llava_config(v: dict, clip_dir: str, clip_spec: dict, vocab: int) -> dict:
 
 
 def build_llava(out: str, v: dict, clip_dir: str, clip_spec: dict, tok_dir: str) -> dict:
-    """A random LlavaLlamaForCausalLM saved with safetensors; with tuned_tower the tower (loaded from the CLIP
-    directory at construction, as LLaVA does under unfreeze_mm_vision_tower) is perturbed and saved inside as
-    model.vision_tower.vision_tower.*. Returns facts about the saved checkpoint."""
+    """A random LlavaLlamaForCausalLM (LlavaMistralForCausalLM for decoder "mistral") saved with safetensors;
+    with tuned_tower the tower (loaded from the CLIP directory at construction, as LLaVA does under
+    unfreeze_mm_vision_tower) is perturbed and saved inside as model.vision_tower.vision_tower.*.
+    Returns facts about the saved checkpoint."""
     sp = spm.SentencePieceProcessor(model_file=os.path.join(tok_dir, "tokenizer.model"))
-    config = LlavaConfig(**llava_config(v, clip_dir, clip_spec, sp.get_piece_size()))
+    config_cls, model_cls = ((LlavaMistralConfig, LlavaMistralForCausalLM) if v.get("decoder") == "mistral"
+                             else (LlavaConfig, LlavaLlamaForCausalLM))
+    config = config_cls(**llava_config(v, clip_dir, clip_spec, sp.get_piece_size()))
     torch.manual_seed(v["seed"])
-    model = LlavaLlamaForCausalLM(config).eval()
+    model = model_cls(config).eval()
     randomize(model, v["seed"], skip="model.vision_tower.")
     with torch.no_grad():  # answers that read like text: byte pieces seldom, the end of sequence now and then
         model.lm_head.weight[[i for i in range(sp.get_piece_size()) if sp.is_byte(i)]] *= 0.3
@@ -289,9 +298,12 @@ def window(layer: int, k: int, num_layers: int) -> list[int]:
     return list(range(max(0, layer - k // 2), min(num_layers, layer + math.ceil(k / 2))))
 
 
-def cut_mask(t: int, source, target, dtype) -> torch.Tensor:
-    """Additive mask [1, 1, T, T]: finfo.min above the diagonal (causal) and at (target row, source column)."""
+def cut_mask(t: int, source, target, dtype, sliding_window=None) -> torch.Tensor:
+    """Additive mask [1, 1, T, T]: finfo.min above the diagonal (causal), at (target row, source column), and
+    (Mistral's sliding window, as transformers 4.36 masks it) where the key lies sliding_window or more back."""
     blocked = torch.ones(t, t, dtype=torch.bool).triu(1)
+    if sliding_window is not None:
+        blocked |= torch.ones(t, t, dtype=torch.bool).tril(-sliding_window)
     if len(source) and len(target):
         blocked[torch.tensor(target)[:, None], torch.tensor(source)[None, :]] = True
     return torch.zeros(t, t, dtype=dtype).masked_fill(blocked, torch.finfo(dtype).min)[None, None]
@@ -365,7 +377,7 @@ def run_row(model, tokenizer, processor, row: dict, job: dict) -> tuple[dict, di
         p_block = np.zeros((len(job["flows"]), num_layers))
         for f, flow in enumerate(job["flows"]):
             source, target = (regions[r] for r in FLOWS[flow])
-            mask = cut_mask(t, source, target, embeds.dtype)
+            mask = cut_mask(t, source, target, embeds.dtype, getattr(model.config, "sliding_window", None))
             for layer in range(num_layers):
                 with mask_in_layers(model, window(layer, job["window"], num_layers), mask):
                     p_block[f, layer] = float(last_probs(model, embeds)[0][first])
@@ -400,7 +412,8 @@ def cut_check(model, tokenizer, processor, row: dict, job: dict) -> dict:
         start = ids.index(IMAGE_TOKEN_INDEX)
         image_pos = list(range(start, start + t - (len(ids) - 1)))
         layers = window(model.config.num_hidden_layers // 2, job["window"], model.config.num_hidden_layers)
-        with mask_in_layers(model, layers, cut_mask(t, image_pos, [t - 1], embeds.dtype)):
+        sliding = getattr(model.config, "sliding_window", None)
+        with mask_in_layers(model, layers, cut_mask(t, image_pos, [t - 1], embeds.dtype, sliding)):
             _, cut = last_probs(model, embeds, output_attentions=True)
         _, uncut = last_probs(model, embeds, output_attentions=True)
     cut_max = max(float(cut.attentions[layer][0, :, t - 1, image_pos].max()) for layer in layers)
@@ -446,7 +459,8 @@ def main(job_path: str) -> None:
         tokenizer, model, processor = load(path)
         tower = model.get_model().get_vision_tower()
         facts.update(tower_differences(tower.vision_tower, path, clip_dir))
-        facts.update(tokenizer_class=type(tokenizer).__name__, attn_implementation=model.config._attn_implementation,
+        facts.update(model_class=type(model).__name__, tokenizer_class=type(tokenizer).__name__,
+                     attn_implementation=model.config._attn_implementation,
                      vocab_size=len(tokenizer), templates=sorted(conv_templates),
                      dtypes=sorted({str(p.dtype) for p in model.parameters()}),
                      tower_loaded_from=tower.vision_tower_name)
