@@ -381,7 +381,7 @@ def test_jaxflow_convert_refuses_non_llava_models(capsys, tmp_path, llava_hf_src
     shutil.copytree(llava_hf_src, src)
     (src / "config.json").write_text(json.dumps(config))
     line = fails(capsys, ["convert", str(src), str(tmp_path / "out")], f"{src / 'config.json'}: {message}",
-                 "jaxflow supports llava, llava_next (llava-hf layout) and llava, llava_llama, llava_mistral, "
-                 "llava_qwen (original LLaVA layout)")
+                 "jaxflow supports llava, llava_next, llava_onevision (llava-hf layout) and llava, llava_llama, "
+                 "llava_mistral, llava_qwen (original LLaVA layout)")
     assert ".tmp-" not in line and not os.path.exists(tmp_path / "out")
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
