@@ -22,6 +22,8 @@ from transformers import (
     LlamaConfig,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
+    SiglipVisionConfig,
 )
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
@@ -192,6 +194,47 @@ def test_greedy_generation_matches_transformers(twin):
                               eos_token_id=EOS, pad_token_id=tiny.PAD_TOKEN)
         ref_tokens = ref[0, n:].numpy()
         np.testing.assert_array_equal(out.tokens[row, : len(ref_tokens)], ref_tokens)
+
+
+def test_siglip_qwen2_twin_matches_transformers(tmp_path):
+    """The composition real OneVision checkpoints use: a SigLIP tower (no CLS) with strategy "full" and feature
+    layer -1, a Qwen2 decoder (q/k/v biases, tied head); logits and a knockout, on sizes with and without the
+    downsampling."""
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=S, patch_size=14)
+    text = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, initializer_range=0.2,
+                       tie_word_embeddings=True, pad_token_id=tiny.PAD_TOKEN)
+    config = ov_config(vision_config=vision.to_dict(), text_config=text.to_dict(), tie_word_embeddings=True,
+                       vision_feature_select_strategy="full", vision_feature_layer=-1)
+    torch.manual_seed(1)
+    hf = LlavaOnevisionForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        hf.model.image_newline.normal_(0, 1.0)
+        for name, param in hf.named_parameters():
+            if name.endswith("_proj.bias") or ("vision_tower" in name and param.ndim == 1):
+                param.add_(torch.randn_like(param), alpha=0.3)  # zero / unit inits would hide a missing term
+    hf.save_pretrained(tmp_path / "src")
+    model = jaxflow.load(convert(str(tmp_path / "src"), str(tmp_path / "out"), progress=False))
+    assert model.config.vision.kind == "siglip" and model.config.text.qkv_bias
+    assert model.config.features_per_crop == model.config.vision.grid ** 2
+    sizes = ((42, 42), (251, 199), (240, 70))
+    assert sum(geometry.image_layout(model.config, s).downsampling is not None for s in sizes) >= 1
+    ids, pv, isz, mask = tiny.make_inputs(model.config, image_sizes=sizes, num_text=[5, 3, 8])
+    ref = hf_forward(hf, ids, pv, isz, mask).logits.numpy()
+    err = np.abs(np.asarray(model.logits(ids, pv, isz, attention_mask=mask)) - ref).max()
+    print(f"onevision siglip + qwen2: max |logits diff| = {err:.2e} (logit scale {np.abs(ref).max():.2f})")
+    assert err < TOL
+    row_ids, row_pv, row_isz = ids[1:2, : int(mask[1].sum())], pv[1:2], isz[1:2]
+    image = np.flatnonzero(row_ids[0] == tiny.IMAGE_TOKEN).tolist()
+    t = row_ids.shape[1]
+    ko = Knockout(source=image, target=[t - 1], layers=[0, 1])
+    ours = np.asarray(model.logits(row_ids, row_pv, row_isz, knockouts=[ko]))[0]
+    cfg = model.config.text
+    cut = dense_cut(ko.source, ko.target, ko.layers, ko.heads, *row_ids.shape, cfg.num_layers, cfg.num_heads)
+    ref_ko, _ = run_layers(hf, embeddings(hf, row_ids, row_pv, row_isz), cut, return_weights=False)
+    assert np.abs(ours - ref_ko).max() < TOL
+    assert np.abs(ours - ref[1:2, :t]).max() > 1e-3  # the cut did something
 
 
 # ---- regions on the downsampled grid ------------------------------------------------------------------------------
