@@ -85,10 +85,10 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
             x = fresh if x is None else jnp.concatenate([x, fresh])
 
         def one(xk, qk, qvk, kk, layer_idx=layer_idx, layer=layer):
-            prefix = KVCache(base.k[layer_idx], base.v[layer_idx], pos=slots, valid=valid & (slots < qk[:, :1]))
-            (cos, sin), kv_pos, mask = lm.masks(qk, qvk, prefix)
-            mask = mask & ~kk.cut(layer_idx, qk, kv_pos)
-            return layer(xk, cos, sin, mask, (prefix.k, prefix.v))[0]
+            (cos, sin), own, pre = lm.masks(qk, qvk, KVCache(None, None, slots, valid & (slots < qk[:, :1])))
+            own = own & ~kk.cut(layer_idx, qk, qk)  # [B, H, S, S]: causal within the suffix
+            pre = pre & ~kk.cut(layer_idx, qk, slots)  # [B, H, S, T]: the uncut run's keys before t0
+            return layer(xk, cos, sin, own, (base.k[layer_idx], base.v[layer_idx], pre))[0]
 
         sub = jax.tree.map(lambda a, n=n: a[:n], knock)
         x = jax.vmap(one)(x, q_pos[:n], q_valid[:n], sub)
@@ -116,29 +116,27 @@ def window_starts(knock: KnockoutMasks) -> np.ndarray:
     return np.where(layers.any(-1), layers.argmax(-1), layers.shape[-1])
 
 
-def suffix_plan(knock: KnockoutMasks, lengths: np.ndarray, bucket: int = 8):
-    """Host side: the suffix each configuration recomputes. Returns q_pos, q_valid [K, B, S] and
-    last_in_suffix [K, B]; S is the longest suffix rounded up to `bucket` (fewer compilations)."""
+def suffix_starts(knock: KnockoutMasks, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Host side: t0 [K, B], the first position each configuration changes (its first target; the last
+    position when it targets nothing), and span [K], the positions it recomputes (max over the batch)."""
     target = np.asarray(knock.target)  # [K, B, T]
-    k, b, t = target.shape
     last = lengths - 1
-    has = target.any(-1)
-    t0 = np.where(has, target.argmax(-1), last[None])  # no target: nothing changes, rerun the last position
-    t0 = np.minimum(t0, last[None])
-    span = int((last[None] - t0).max()) + 1
-    s = min(t, -(-span // bucket) * bucket)
-    q = t0[..., None] + np.arange(s)  # [K, B, S]
-    q_valid = q <= last[None, :, None]
-    return np.minimum(q, t - 1).astype(np.int32), q_valid, (last[None] - t0).astype(np.int32)
+    t0 = np.minimum(np.where(target.any(-1), target.argmax(-1), last[None]), last[None])
+    return t0, (last[None] - t0).max(axis=1) + 1
 
 
-def sort_by_start(knock: KnockoutMasks):
-    """(sorted masks, order, starts tuple) so that layer l runs on a prefix of the configurations."""
-    starts = window_starts(knock)
-    order = np.argsort(starts, kind="stable")
-    sorted_knock = jax.tree.map(lambda a: np.asarray(a)[order], knock)
-    num_layers = np.asarray(knock.layers).shape[-1]
-    return sorted_knock, order, tuple(int(min(s, num_layers - 1)) for s in starts[order])
+def suffix_bucket(span: int, t: int) -> int:
+    """The suffix length `span` positions are padded to: a power of two up to 16, then a multiple of 16
+    (at most t), so the configurations of a task file fall into a handful of shapes."""
+    return min(t, 1 << (span - 1).bit_length() if span <= 16 else _round_up(span, 16))
+
+
+def suffix_plan(t0: np.ndarray, lengths: np.ndarray, size: int, t: int):
+    """Host side: the suffix of `size` positions from t0 [K, B] in a batch of t positions. Returns q_pos,
+    q_valid [K, B, size] and last_in_suffix [K, B]."""
+    last = lengths - 1
+    q = t0[..., None] + np.arange(size)  # [K, B, S]
+    return np.minimum(q, t - 1).astype(np.int32), q <= last[None, :, None], (last[None] - t0).astype(np.int32)
 
 
 def memory_budget() -> int:
@@ -205,15 +203,19 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
     if base is None:
         base = base_run(module, inputs, last)
     lengths = np.asarray(last) + 1
-    valid = inputs.attention_mask
-    sorted_knock, order, starts = sort_by_start(knock)
-    if chunk is None:
-        suffix = suffix_plan(sorted_knock, lengths)[0].shape[-1]
-        chunk = auto_chunk(module, b, t, suffix, k, budget)
-    chunk = _round_up(chunk, data)
-    for idx, n in _chunks(k, chunk):
-        sub = jax.tree.map(lambda a, idx=idx: np.asarray(a)[idx], sorted_knock)
-        plan = sharding.shard_leading((sub, *suffix_plan(sub, lengths)), mesh)
-        p, top = knockout_incremental(module, base, valid, *plan, token, tuple(starts[i] for i in idx))
-        ps[order[idx[:n]]], tops[order[idx[:n]]] = np.asarray(p)[:n], np.asarray(top)[:n]
+    num_layers = np.asarray(knock.layers).shape[-1]
+    starts = np.minimum(window_starts(knock), num_layers - 1)
+    t0, spans = suffix_starts(knock, lengths)
+    sizes = np.array([suffix_bucket(int(span), t) for span in spans])
+    for size in np.unique(sizes):  # one group per suffix bucket, sorted by window start within
+        group = np.flatnonzero(sizes == size)
+        group = group[np.argsort(starts[group], kind="stable")]
+        n_chunk = _round_up(chunk or auto_chunk(module, b, t, int(size), len(group), budget), data)
+        for idx, n in _chunks(len(group), n_chunk):
+            sel = group[idx]
+            sub = jax.tree.map(lambda a, sel=sel: np.asarray(a)[sel], knock)
+            plan = sharding.shard_leading((sub, *suffix_plan(t0[sel], lengths, int(size), t)), mesh)
+            p, top = knockout_incremental(module, base, inputs.attention_mask, *plan, token,
+                                          tuple(int(i) for i in starts[sel]))
+            ps[sel[:n]], tops[sel[:n]] = np.asarray(p)[:n], np.asarray(top)[:n]
     return ps, tops
