@@ -14,6 +14,8 @@ knockout configuration:
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 
 import jax
@@ -26,6 +28,25 @@ from jaxflow.knockout import KnockoutMasks
 from jaxflow.model import ModelInputs, Prefill, prefill_forward
 from jaxflow.nn.llama import KVCache
 from jaxflow.nn.llava import Llava
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Within the block, counts XLA compilations per jitted function name (e.g. 'jit(knockout_incremental)')
+    and their backend compile seconds: yields (counts, seconds), two Counters."""
+    counts, seconds = collections.Counter(), collections.Counter()
+
+    def listen(event: str, duration: float, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            counts[str(kwargs.get("fun_name"))] += 1
+            seconds[str(kwargs.get("fun_name"))] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield counts, seconds
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
 
 BaseRun = Prefill  # the uncut forward of a batch (with its hidden states): what the incremental method reuses
 
