@@ -7,9 +7,10 @@ knockout configuration:
 - `incremental`: exact partial recomputation. A cut with targets starting at position t0 and a
   layer window starting at l0 cannot change positions before t0 (causality) nor anything below
   layer l0. So each configuration reruns only the suffix [t0, T) from layer l0 up, attending to
-  the uncut run's keys/values for positions before t0. Configurations are sorted by l0: layer l
-  runs only for the configurations already started (a static prefix of the sorted list), so
-  no compute is spent below a window.
+  the uncut run's keys/values for positions before t0. Configurations are grouped by how many
+  positions they recompute (a flow into the last position recomputes one; see `suffix_bucket`),
+  and each group is sorted by l0: layer l runs only for the configurations already started (a
+  static prefix of the sorted list), so no compute is spent below a window or past a suffix.
 """
 
 from __future__ import annotations
