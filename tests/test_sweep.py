@@ -117,7 +117,7 @@ def test_suffixes_are_sized_per_configuration():
     t0, spans = engine.suffix_starts(knock, lengths)
     assert t0.tolist() == [[19, 14], [5, 5], [19, 14]] and spans.tolist() == [1, 15, 1]
     assert [engine.suffix_bucket(s, t) for s in (1, 2, 3, 5, 15, 17, 33)] == [1, 2, 4, 8, 16, 20, 20]
-    assert [engine.suffix_bucket(s, 100) for s in (17, 32, 33, 49)] == [32, 32, 48, 64]
+    assert [engine.suffix_bucket(s, 100) for s in (9, 17, 32, 33, 49)] == [16, 24, 32, 40, 56]
     q_pos, q_valid, last_in = engine.suffix_plan(t0[1:2], lengths, 16, t)
     assert q_pos[0, 0].tolist() == list(range(5, 20)) + [19] and q_valid[0, 1].sum() == 10
     assert last_in.tolist() == [[14, 9]]

@@ -148,9 +148,9 @@ def suffix_starts(knock: KnockoutMasks, lengths: np.ndarray) -> tuple[np.ndarray
 
 
 def suffix_bucket(span: int, t: int) -> int:
-    """The suffix length `span` positions are padded to: a power of two up to 16, then a multiple of 16
-    (at most t), so the configurations of a task file fall into a handful of shapes."""
-    return min(t, 1 << (span - 1).bit_length() if span <= 16 else _round_up(span, 16))
+    """The suffix length `span` positions are padded to: a power of two up to 8, then a multiple of 8 (at
+    most t), so the configurations of a task file fall into a handful of shapes."""
+    return min(t, 1 << (span - 1).bit_length() if span <= 8 else _round_up(span, 8))
 
 
 def suffix_plan(t0: np.ndarray, lengths: np.ndarray, size: int, t: int):
