@@ -201,8 +201,9 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
                    mesh: jax.sharding.Mesh | None = None):
     """p(token) and top-1 under each of K configurations: arrays [K, B] (numpy).
 
-    knock: KnockoutMasks with leading axis K (no dense masks). `chunk` bounds how many
-    configurations run at once (default: as many as fit `budget` bytes, see `auto_chunk`);
+    knock: KnockoutMasks with leading axis K (no dense masks). The incremental method runs the
+    configurations grouped by suffix bucket; `chunk` bounds how many run at once (default: as many of a
+    group as fit `budget` bytes, see `auto_chunk`);
     `base` is reused by the incremental method. With a mesh, each call's configurations are
     split over its `data` axis (the parameters carry their own `model` sharding).
     """
