@@ -123,15 +123,16 @@ def test_suffixes_are_sized_per_configuration():
     assert last_in.tolist() == [[14, 9]]
 
 
-def test_a_task_file_compiles_the_knockouts_twice_per_batch_shape(world, tmp_path):
-    """The flows target the question (one suffix bucket) or the last position (a suffix of one), so each
-    batch shape compiles the incremental call at most twice, and a second run of known shapes not at all."""
+def test_a_task_file_compiles_the_knockouts_a_handful_of_times(world, tmp_path):
+    """The flows target the question (one suffix bucket per batch) or the last position (a suffix of one), so
+    each batch compiles the incremental call at most twice: at most 6 for the 6 samples in batches of 2, and
+    a second run of the same shapes not at all."""
     model, data, images, _ = world
     jax.clear_caches()
     kw = dict(flows=FLOWS, window_size=3, batch=2, images=images, filter_correct=False, progress=False)
     first = run.sweep(model, data, str(tmp_path / "a"), **kw)
     print(f"{first['knockout_compiles']} knockout compilations for batch shapes {first['compiled_shapes']}")
-    assert first["kept"] == 6 and 2 <= first["knockout_compiles"] <= 2 * len(first["compiled_shapes"])
+    assert first["kept"] == 6 and 2 <= first["knockout_compiles"] <= 6
     assert run.sweep(model, data, str(tmp_path / "b"), **kw)["knockout_compiles"] == 0
 
 
