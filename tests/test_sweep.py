@@ -106,6 +106,36 @@ def test_engine_chunking_and_order_do_not_change_results(world):
     assert np.abs(p_full - p_inc).max() < 1e-5
 
 
+def test_suffixes_are_sized_per_configuration():
+    """A configuration recomputes from its first target on (the latest row decides), padded to its bucket."""
+    b, t = 2, 20
+    lengths = np.array([20, 15])
+    target = np.zeros((3, b, t), bool)
+    target[0, 0, 19] = target[0, 1, 14] = True  # each row's last position
+    target[1, :, 5:8] = True  # a question at 5..7: 15 positions for the first row
+    knock = jaxflow.KnockoutMasks(target, target, np.ones((3, 2), bool), np.ones((3, 4), bool))
+    t0, spans = engine.suffix_starts(knock, lengths)
+    assert t0.tolist() == [[19, 14], [5, 5], [19, 14]] and spans.tolist() == [1, 15, 1]
+    assert [engine.suffix_bucket(s, t) for s in (1, 2, 3, 5, 15, 17, 33)] == [1, 2, 4, 8, 16, 20, 20]
+    assert [engine.suffix_bucket(s, 100) for s in (9, 17, 32, 33, 49)] == [16, 24, 32, 40, 56]
+    q_pos, q_valid, last_in = engine.suffix_plan(t0[1:2], lengths, 16, t)
+    assert q_pos[0, 0].tolist() == list(range(5, 20)) + [19] and q_valid[0, 1].sum() == 10
+    assert last_in.tolist() == [[14, 9]]
+
+
+def test_a_task_file_compiles_the_knockouts_a_handful_of_times(world, tmp_path):
+    """The flows target the question (one suffix bucket per batch) or the last position (a suffix of one), so
+    each batch compiles the incremental call at most twice: at most 6 for the 6 samples in batches of 2, and
+    a second run of the same shapes not at all."""
+    model, data, images, _ = world
+    jax.clear_caches()
+    kw = dict(flows=FLOWS, window_size=3, batch=2, images=images, filter_correct=False, progress=False)
+    first = run.sweep(model, data, str(tmp_path / "a"), **kw)
+    print(f"{first['knockout_compiles']} knockout compilations for batch shapes {first['compiled_shapes']}")
+    assert first["kept"] == 6 and 2 <= first["knockout_compiles"] <= 6
+    assert run.sweep(model, data, str(tmp_path / "b"), **kw)["knockout_compiles"] == 0
+
+
 def test_table_repairs_partial_and_incomplete_writes(tmp_path):
     path = str(tmp_path / "t.csv")
     t = Table(path, ["question_id", "v"], 2)

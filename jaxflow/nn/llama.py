@@ -1,14 +1,15 @@
 """Llama decoder (also Mistral, Qwen2: jaxflow.config.TextConfig): where a knockout is applied.
 
-Every attention call takes an explicit boolean mask: causal & key-valid (& within the sliding
-window, if the config has one), minus the edges a `KnockoutMasks` cuts in that layer. Queries
-and keys carry explicit positions (q_pos, kv_pos), so one code path
-serves the full forward, KV-cache decoding and partial recomputation.
+Every attention call takes explicit boolean masks: causal & key-valid over the queries' own keys,
+key-valid over a prefix of earlier keys (both within the sliding window, if the config has one),
+minus the edges a `KnockoutMasks` cuts in that layer. Queries and keys carry explicit positions,
+so one code path serves the full forward, KV-cache decoding and partial recomputation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,8 @@ def apply_rope(x, cos, sin):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer at positions `pos`: k, v [L, B, S, K, hd]; pos, valid [B, S]."""
+    """Keys and values of every layer at positions `pos`: k, v [L, B, S, K, hd]; pos, valid [B, S].
+    Each valid slot must be earlier than every query that attends to it (no causal mask applies)."""
 
     k: jax.Array
     v: jax.Array
@@ -58,30 +60,37 @@ class LlamaAttention(nnx.Module):
         self.o_proj = Linear(h * hd, d, bias=False, dtype=dtype, rngs=rngs, axes=("heads", "embed"))
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
 
-    def __call__(self, x, cos, sin, mask, prefix_kv=None):
-        """x [B, Tq, D]; mask [B, 1|H, Tq, S] True = may attend.
+    def __call__(self, x, cos, sin, mask, prefix=None):
+        """x [B, Tq, D]; mask [B, 1|H, Tq, Tq] True = may attend, over this call's own keys.
 
-        prefix_kv: optional (k, v) [B, Sp, K, hd] of earlier positions (a KV cache, or an uncut
-        run's keys) attended before this call's own keys, so S = Sp + Tq.
+        prefix: optional (k, v, mask) of earlier positions (a KV cache, or an uncut run's keys): k, v
+        [B, Sp, K, hd] and mask [B, 1|H, Tq, Sp]. One softmax spans the prefix keys, then the own keys
+        (S = Sp + Tq), computed block by block so that neither scores nor keys are concatenated.
         Returns out [B, Tq, D], weights [B, H, Tq, S] and this call's own (k, v) [B, Tq, K, hd].
         """
         b, t, _ = x.shape
         h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        g = h // kvh
         q = apply_rope(self.q_proj(x).reshape(b, t, h, hd), cos, sin)  # [B, Tq, H, hd]
         k = apply_rope(self.k_proj(x).reshape(b, t, kvh, hd), cos, sin)  # [B, Tq, K, hd]
         v = self.v_proj(x).reshape(b, t, kvh, hd)  # [B, Tq, K, hd]
-        q = q.reshape(b, t, kvh, h // kvh, hd)  # [B, Tq, K, G, hd]; query head = k * G + g
-        scores = jnp.einsum("BTKGd,BSKd->BKGTS", q, k, preferred_element_type=jnp.float32)
-        if prefix_kv is not None:  # separate einsum: a prefix shared under vmap is never copied
-            pre = jnp.einsum("BTKGd,BSKd->BKGTS", q, prefix_kv[0].astype(q.dtype), preferred_element_type=jnp.float32)
-            scores = jnp.concatenate([pre, scores], axis=-1)
-        scores = scores.reshape(b, h, t, -1) * hd**-0.5  # [B, H, Tq, S]
-        weights = jax.nn.softmax(jnp.where(mask, scores, NEG), axis=-1).astype(x.dtype)
-        w = weights.reshape(b, kvh, h // kvh, t, -1)
-        out = jnp.einsum("BKGTS,BSKd->BTKGd", w[..., -t:], v)  # [B, Tq, K, G, hd]
-        if prefix_kv is not None:
-            out = out + jnp.einsum("BKGTS,BSKd->BTKGd", w[..., :-t], prefix_kv[1].astype(v.dtype))
-        return self.o_proj(out.reshape(b, t, h * hd)), weights, (k, v)
+        # heads-major layouts: XLA's batched matmuls want the batch axes (B, K) leading
+        q = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, Tq, hd]; query head = k * G + g
+        blocks = [(k, v, mask)] if prefix is None else [prefix, (k, v, mask)]
+        scores = []
+        for kb, _, mb in blocks:
+            s = jnp.einsum("BKGTd,BKSd->BKGTS", q, kb.astype(q.dtype).transpose(0, 2, 1, 3),
+                           preferred_element_type=jnp.float32) * hd**-0.5  # [B, K, G, Tq, Sb]
+            mb = mb[:, :, None] if mb.shape[1] == 1 else mb.reshape(b, kvh, g, t, -1)  # [B, K|1, G|1, Tq, Sb]
+            scores.append(jnp.where(mb, s, NEG))
+        top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])  # [B, K, G, Tq, 1]
+        exps = [jnp.exp(s - top) for s in scores]
+        total = sum(e.sum(-1, keepdims=True) for e in exps)
+        weights = [(e / total).astype(x.dtype) for e in exps]  # softmax over all S keys, per block
+        out = sum(jnp.einsum("BKGTS,BKSd->BKGTd", w, vb.astype(x.dtype).transpose(0, 2, 1, 3))
+                  for w, (_, vb, _) in zip(weights, blocks, strict=True))  # [B, K, G, Tq, hd]
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
+        return self.o_proj(out), jnp.concatenate(weights, axis=-1).reshape(b, h, t, -1), (k, v)
 
 
 class LlamaLayer(nnx.Module):
@@ -94,8 +103,8 @@ class LlamaLayer(nnx.Module):
         self.up_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "mlp"))
         self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs, axes=("mlp", "embed"))
 
-    def __call__(self, x, cos, sin, mask, prefix_kv=None):
-        attn, weights, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix_kv)
+    def __call__(self, x, cos, sin, mask, prefix=None):
+        attn, weights, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix)
         x = x + attn
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h)), weights, kv
@@ -124,31 +133,37 @@ class LlamaModel(nnx.Module):
         return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
     def masks(self, q_pos, valid, prefix: KVCache | None = None):
-        """RoPE tables for q_pos [B, Tq], and the key positions [B, S] and causal & valid (& sliding
-        window) mask [B, 1, Tq, S] over the prefix keys (if any) followed by the queries' own keys."""
-        kv_pos, kv_valid = q_pos, valid
+        """RoPE tables for q_pos [B, Tq]; the causal & valid mask [B, 1, Tq, Tq] over the queries' own keys;
+        and over the prefix keys (if any) the mask [B, 1, Tq, Sp]: validity only, as every prefix key is
+        earlier than every query. With a sliding window both also keep only keys with q - k < window."""
+        window = self.cfg.sliding_window
+        back = q_pos[:, :, None] - q_pos[:, None, :]  # [B, Tq, Tq] how far back each own key lies
+        own = (back >= 0) & valid[:, None, :]
+        if window is not None:
+            own = own & (back < window)
+        pre = None
         if prefix is not None:
-            kv_pos = jnp.concatenate([prefix.pos, q_pos], axis=1)
-            kv_valid = jnp.concatenate([prefix.valid, valid], axis=1)
-        back = q_pos[:, :, None] - kv_pos[:, None, :]  # [B, Tq, S] how far back each key lies
-        base = (back >= 0) & kv_valid[:, None, :]
-        if self.cfg.sliding_window is not None:
-            base = base & (back < self.cfg.sliding_window)
-        return rope_tables(q_pos, self.cfg.head_dim, self.cfg.rope_theta), kv_pos, base[:, None]
+            pre = jnp.broadcast_to(prefix.valid[:, None, :], (q_pos.shape[0], q_pos.shape[1], prefix.valid.shape[1]))
+            if window is not None:
+                pre = pre & (q_pos[:, :, None] - prefix.pos[:, None, :] < window)
+            pre = pre[:, None]
+        return rope_tables(q_pos, self.cfg.head_dim, self.cfg.rope_theta), own[:, None], pre
 
     def __call__(self, x, q_pos, valid, *, prefix: KVCache | None = None, knock: KnockoutMasks | None = None,
                  collect_hidden=False, collect_attn=False, collect_kv=False) -> DecoderOutput:
         """x [B, Tq, D] input embeddings at positions q_pos [B, Tq]; valid [B, Tq] False for padding.
 
-        Queries attend to `prefix` (earlier keys, e.g. a KV cache) and to their own keys, under
-        causality and validity; a knockout additionally cuts edges per layer.
+        Queries attend to `prefix` (keys of earlier positions, e.g. a KV cache) and to their own keys,
+        under causality and validity; a knockout additionally cuts edges per layer.
         """
-        (cos, sin), kv_pos, base = self.masks(q_pos, valid, prefix)
+        (cos, sin), own, pre = self.masks(q_pos, valid, prefix)
         states, attns, ks, vs = [x], [], [], []
         for i, layer in enumerate(self.layers):
-            mask = base if knock is None else base & ~knock.cut(i, q_pos, kv_pos)
-            prefix_kv = None if prefix is None else (prefix.k[i], prefix.v[i])
-            x, weights, (k, v) = layer(x, cos, sin, mask, prefix_kv)
+            mask = own if knock is None else own & ~knock.cut(i, q_pos, q_pos)
+            block = None
+            if prefix is not None:
+                block = (prefix.k[i], prefix.v[i], pre if knock is None else pre & ~knock.cut(i, q_pos, prefix.pos))
+            x, weights, (k, v) = layer(x, cos, sin, mask, block)
             states.append(x)
             if collect_attn:
                 attns.append(weights)

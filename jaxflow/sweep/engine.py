@@ -7,13 +7,16 @@ knockout configuration:
 - `incremental`: exact partial recomputation. A cut with targets starting at position t0 and a
   layer window starting at l0 cannot change positions before t0 (causality) nor anything below
   layer l0. So each configuration reruns only the suffix [t0, T) from layer l0 up, attending to
-  the uncut run's keys/values for positions before t0. Configurations are sorted by l0: layer l
-  runs only for the configurations already started (a static prefix of the sorted list), so
-  no compute is spent below a window.
+  the uncut run's keys/values for positions before t0. Configurations are grouped by how many
+  positions they recompute (a flow into the last position recomputes one; see `suffix_bucket`),
+  and each group is sorted by l0: layer l runs only for the configurations already started (a
+  static prefix of the sorted list), so no compute is spent below a window or past a suffix.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 
 import jax
@@ -26,6 +29,25 @@ from jaxflow.knockout import KnockoutMasks
 from jaxflow.model import ModelInputs, Prefill, prefill_forward
 from jaxflow.nn.llama import KVCache
 from jaxflow.nn.llava import Llava
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Within the block, counts XLA compilations per jitted function name (e.g. 'jit(knockout_incremental)')
+    and their backend compile seconds: yields (counts, seconds), two Counters."""
+    counts, seconds = collections.Counter(), collections.Counter()
+
+    def listen(event: str, duration: float, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            counts[str(kwargs.get("fun_name"))] += 1
+            seconds[str(kwargs.get("fun_name"))] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield counts, seconds
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
 
 BaseRun = Prefill  # the uncut forward of a batch (with its hidden states): what the incremental method reuses
 
@@ -85,10 +107,10 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
             x = fresh if x is None else jnp.concatenate([x, fresh])
 
         def one(xk, qk, qvk, kk, layer_idx=layer_idx, layer=layer):
-            prefix = KVCache(base.k[layer_idx], base.v[layer_idx], pos=slots, valid=valid & (slots < qk[:, :1]))
-            (cos, sin), kv_pos, mask = lm.masks(qk, qvk, prefix)
-            mask = mask & ~kk.cut(layer_idx, qk, kv_pos)
-            return layer(xk, cos, sin, mask, (prefix.k, prefix.v))[0]
+            (cos, sin), own, pre = lm.masks(qk, qvk, KVCache(None, None, slots, valid & (slots < qk[:, :1])))
+            own = own & ~kk.cut(layer_idx, qk, qk)  # [B, H, S, S]: causal within the suffix
+            pre = pre & ~kk.cut(layer_idx, qk, slots)  # [B, H, S, T]: the uncut run's keys before t0
+            return layer(xk, cos, sin, own, (base.k[layer_idx], base.v[layer_idx], pre))[0]
 
         sub = jax.tree.map(lambda a, n=n: a[:n], knock)
         x = jax.vmap(one)(x, q_pos[:n], q_valid[:n], sub)
@@ -116,29 +138,27 @@ def window_starts(knock: KnockoutMasks) -> np.ndarray:
     return np.where(layers.any(-1), layers.argmax(-1), layers.shape[-1])
 
 
-def suffix_plan(knock: KnockoutMasks, lengths: np.ndarray, bucket: int = 8):
-    """Host side: the suffix each configuration recomputes. Returns q_pos, q_valid [K, B, S] and
-    last_in_suffix [K, B]; S is the longest suffix rounded up to `bucket` (fewer compilations)."""
+def suffix_starts(knock: KnockoutMasks, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Host side: t0 [K, B], the first position each configuration changes (its first target; the last
+    position when it targets nothing), and span [K], the positions it recomputes (max over the batch)."""
     target = np.asarray(knock.target)  # [K, B, T]
-    k, b, t = target.shape
     last = lengths - 1
-    has = target.any(-1)
-    t0 = np.where(has, target.argmax(-1), last[None])  # no target: nothing changes, rerun the last position
-    t0 = np.minimum(t0, last[None])
-    span = int((last[None] - t0).max()) + 1
-    s = min(t, -(-span // bucket) * bucket)
-    q = t0[..., None] + np.arange(s)  # [K, B, S]
-    q_valid = q <= last[None, :, None]
-    return np.minimum(q, t - 1).astype(np.int32), q_valid, (last[None] - t0).astype(np.int32)
+    t0 = np.minimum(np.where(target.any(-1), target.argmax(-1), last[None]), last[None])
+    return t0, (last[None] - t0).max(axis=1) + 1
 
 
-def sort_by_start(knock: KnockoutMasks):
-    """(sorted masks, order, starts tuple) so that layer l runs on a prefix of the configurations."""
-    starts = window_starts(knock)
-    order = np.argsort(starts, kind="stable")
-    sorted_knock = jax.tree.map(lambda a: np.asarray(a)[order], knock)
-    num_layers = np.asarray(knock.layers).shape[-1]
-    return sorted_knock, order, tuple(int(min(s, num_layers - 1)) for s in starts[order])
+def suffix_bucket(span: int, t: int) -> int:
+    """The suffix length `span` positions are padded to: a power of two up to 8, then a multiple of 8 (at
+    most t), so the configurations of a task file fall into a handful of shapes."""
+    return min(t, 1 << (span - 1).bit_length() if span <= 8 else _round_up(span, 8))
+
+
+def suffix_plan(t0: np.ndarray, lengths: np.ndarray, size: int, t: int):
+    """Host side: the suffix of `size` positions from t0 [K, B] in a batch of t positions. Returns q_pos,
+    q_valid [K, B, size] and last_in_suffix [K, B]."""
+    last = lengths - 1
+    q = t0[..., None] + np.arange(size)  # [K, B, S]
+    return np.minimum(q, t - 1).astype(np.int32), q <= last[None, :, None], (last[None] - t0).astype(np.int32)
 
 
 def memory_budget() -> int:
@@ -181,8 +201,9 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
                    mesh: jax.sharding.Mesh | None = None):
     """p(token) and top-1 under each of K configurations: arrays [K, B] (numpy).
 
-    knock: KnockoutMasks with leading axis K (no dense masks). `chunk` bounds how many
-    configurations run at once (default: as many as fit `budget` bytes, see `auto_chunk`);
+    knock: KnockoutMasks with leading axis K (no dense masks). The incremental method runs the
+    configurations grouped by suffix bucket; `chunk` bounds how many run at once (default: as many of a
+    group as fit `budget` bytes, see `auto_chunk`);
     `base` is reused by the incremental method. With a mesh, each call's configurations are
     split over its `data` axis (the parameters carry their own `model` sharding).
     """
@@ -205,15 +226,19 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
     if base is None:
         base = base_run(module, inputs, last)
     lengths = np.asarray(last) + 1
-    valid = inputs.attention_mask
-    sorted_knock, order, starts = sort_by_start(knock)
-    if chunk is None:
-        suffix = suffix_plan(sorted_knock, lengths)[0].shape[-1]
-        chunk = auto_chunk(module, b, t, suffix, k, budget)
-    chunk = _round_up(chunk, data)
-    for idx, n in _chunks(k, chunk):
-        sub = jax.tree.map(lambda a, idx=idx: np.asarray(a)[idx], sorted_knock)
-        plan = sharding.shard_leading((sub, *suffix_plan(sub, lengths)), mesh)
-        p, top = knockout_incremental(module, base, valid, *plan, token, tuple(starts[i] for i in idx))
-        ps[order[idx[:n]]], tops[order[idx[:n]]] = np.asarray(p)[:n], np.asarray(top)[:n]
+    num_layers = np.asarray(knock.layers).shape[-1]
+    starts = np.minimum(window_starts(knock), num_layers - 1)
+    t0, spans = suffix_starts(knock, lengths)
+    sizes = np.array([suffix_bucket(int(span), t) for span in spans])
+    for size in np.unique(sizes):  # one group per suffix bucket, sorted by window start within
+        group = np.flatnonzero(sizes == size)
+        group = group[np.argsort(starts[group], kind="stable")]
+        n_chunk = _round_up(chunk or auto_chunk(module, b, t, int(size), len(group), budget), data)
+        for idx, n in _chunks(len(group), n_chunk):
+            sel = group[idx]
+            sub = jax.tree.map(lambda a, sel=sel: np.asarray(a)[sel], knock)
+            plan = sharding.shard_leading((sub, *suffix_plan(t0[sel], lengths, int(size), t)), mesh)
+            p, top = knockout_incremental(module, base, inputs.attention_mask, *plan, token,
+                                          tuple(int(i) for i in starts[sel]))
+            ps[sel[:n]], tops[sel[:n]] = np.asarray(p)[:n], np.asarray(top)[:n]
     return ps, tops

@@ -45,6 +45,9 @@ __all__ = ["sweep", "run_header", "STUDY_FLOWS", "Flow", "parse_flow", "window",
            "prepare", "batches", "stack_inputs", "merge_shards", "RESULT_COLUMNS", "LENS_COLUMNS",
            "SKIP_COLUMNS"]
 
+# the jitted calls whose compilations a sweep's summary counts (one per static signature)
+KNOCKOUT_CALLS = (engine.knockout_incremental, engine.knockout_full)
+
 # run.json settings a resumed run must share with the run it continues
 RESUME_KEYS = ["model", "data", "kind", "flows", "window", "method", "template", "filter_correct", "max_new_tokens",
                "no_anyres", "processes", "related_patches", "dtype"]
@@ -99,7 +102,8 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
     template: the prompt template (default: the checkpoint's, `Model.default_template`); run.json records it and
     the first row's rendered prompt.
     max_new_tokens: greedy-decoding limit of the correct-answer filter (an answer without EOS within it is
-    skipped). Returns a summary (rows written, samples kept / skipped, compiled shapes)."""
+    skipped). Returns a summary: rows written, samples kept / skipped, compiled batch shapes and
+    knockout_compiles, the XLA compilations of the knockout calls this run needed."""
     cfg = model.config
     num_layers, num_heads = cfg.text.num_layers, cfg.text.num_heads
     required = () if lens else sorted({name for f in flows for name in (f.source, f.target)})
@@ -142,6 +146,7 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
                 s, reason = item
                 skipped.append(s.question_id, [skip_row(s, reason)])
         shapes: set[tuple[int, int]] = set()
+        compiles, _ = locks.enter_context(engine.count_compiles())
         with tqdm(total=len(prepared), desc=f"{kind} {os.path.basename(data)}", unit="sample",
                   disable=not progress) as bar:  # closed before an error propagates: the error is the last line
             for group, t in batches(prepared, batch):
@@ -169,7 +174,8 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
                 merge_shards(out, "skipped", SKIP_COLUMNS, 1, procs)
             barrier(f"jaxflow-{kind}-merged")
         return {"rows": len(table.read()), "kept": len(table.done), "skipped": len(skipped.done),
-                "compiled_shapes": sorted(shapes)}
+                "compiled_shapes": sorted(shapes),
+                "knockout_compiles": sum(compiles[f"jit({f.__name__})"] for f in KNOCKOUT_CALLS)}
 
 
 def _write_knockouts(table: Table, skipped: Table, keep, flows, num_layers: int, k: int, method: str, token, probs,
