@@ -188,9 +188,7 @@ def test_sweep_incremental_equals_full(tmp_path, kw):
     """A study sweep through the toy GQA rows: the incremental recomputation (KV prefix + the window's mask)
     equals full forwards."""
     import toy_tokenizers
-    from PIL import Image
 
-    from jaxflow.inputs import gqa
     from jaxflow.sweep import run
     from jaxflow.sweep.flows import STUDY_FLOWS, parse_flow
 
@@ -200,19 +198,7 @@ def test_sweep_incremental_equals_full(tmp_path, kw):
     src = tiny.save_llava_hf(hf, str(tmp_path / "src"))
     toy_tokenizers.save(tok, src)
     model = jaxflow.load(convert(src, str(tmp_path / "model"), progress=False))
-    with open(os.path.join(str(gqa.TASK_DIR), "ChooseAttr.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))[:3]
-    data = tmp_path / "ChooseAttr.csv"
-    with open(data, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for r in rows:
-        h, w_ = int(r["image_h"]), int(r["image_w"])
-        Image.fromarray(rng.integers(0, 255, (h, w_, 3), dtype=np.uint8)).save(images / f"{r['img_id']}.jpg")
+    data, images = tiny.task_subset(tmp_path, 3)
     flows = [parse_flow(f) for f in STUDY_FLOWS]
     opts = dict(flows=flows, window_size=2, batch=2, images=str(images), filter_correct=False, progress=False)
     results = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import types
 
 import numpy as np
@@ -32,7 +31,7 @@ import jaxflow
 from convert import ConversionError, convert
 from jaxflow import Knockout, geometry
 from jaxflow.config import LlavaConfig, UnsupportedConfigError
-from jaxflow.inputs import gqa, images
+from jaxflow.inputs import images
 from jaxflow.reference import dense_cut, embeddings, run_layers
 
 TOL = 1e-4
@@ -295,22 +294,12 @@ def test_sweep_incremental_equals_full(ov_model_dir, tmp_path):
 
     model = jaxflow.load(ov_model_dir)
     assert model.config.kind == "llava_onevision" and model.config.max_grid_crops == 9
-    with open(os.path.join(str(gqa.TASK_DIR), "ChooseAttr.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))[:3]
-    data = tmp_path / "ChooseAttr.csv"
-    with open(data, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (tmp_path / "images").mkdir()
-    rng = np.random.default_rng(0)
-    for r in rows:
-        size = (int(r["image_h"]), int(r["image_w"]))
-        assert geometry.image_layout(model.config, size).downsampling is not None  # GQA sizes are downsampled
-        pixels = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(tmp_path / "images" / f"{r['img_id']}.jpg")
+    data, image_dir = tiny.task_subset(tmp_path, 3)
+    with open(data, newline="") as f:
+        for r in csv.DictReader(f):  # GQA sizes are downsampled
+            assert geometry.image_layout(model.config, (int(r["image_h"]), int(r["image_w"]))).downsampling
     flows = [parse_flow(f) for f in ("image->last", "related_image_patches->last", "question->last")]
-    kw = dict(flows=flows, window_size=3, batch=2, images=str(tmp_path / "images"), filter_correct=False,
+    kw = dict(flows=flows, window_size=3, batch=2, images=image_dir, filter_correct=False,
               progress=False)
     inc = run.sweep(model, str(data), str(tmp_path / "inc"), method="incremental", **kw)
     run.sweep(model, str(data), str(tmp_path / "full"), method="full", **kw)

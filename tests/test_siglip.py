@@ -412,20 +412,8 @@ def siglip_world(tmp_path_factory):
     with open(os.path.join(src, "preprocessor_config.json"), "w") as f:
         json.dump(_preprocessor_config(56), f)
     model = jaxflow.load(convert(src, str(root / "model"), progress=False))
-    with open(os.path.join(gqa.TASK_DIR, "ChooseAttr.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))[:6]
-    data = root / "ChooseAttr.csv"
-    with open(data, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (root / "images").mkdir()
-    rng = np.random.default_rng(0)
-    for r in rows:
-        h, w_ = int(r["image_h"]), int(r["image_w"])
-        pixels = rng.integers(0, 255, (h, w_, 3), dtype=np.uint8)
-        PIL.Image.fromarray(pixels).save(root / "images" / f"{r['img_id']}.jpg")
-    return model, str(data), str(root / "images"), root
+    data, image_dir = tiny.task_subset(root, 6)
+    return model, data, image_dir, root
 
 
 def _results(path):

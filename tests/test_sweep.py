@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+import tiny
 
 import jaxflow
 from jaxflow.inputs import gqa
@@ -29,21 +29,11 @@ def world(tmp_path_factory, toy_model_dir):
     """The tiny LLaVA-NeXT with a Vicuna-style tokenizer, 8 ChooseAttr rows and their synthetic images."""
     root = tmp_path_factory.mktemp("sweep")
     model = jaxflow.load(toy_model_dir)
-    with open(os.path.join(GQA, "ChooseAttr.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))[:8]
-    rows[5]["central object x"] = "9000"  # a bad row: box outside the image
-    data = root / "ChooseAttr.csv"
-    with open(data, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for r in rows[:-1]:  # the last row's image is missing
-        h, w_ = int(r["image_h"]), int(r["image_w"])
-        Image.fromarray(rng.integers(0, 255, (h, w_, 3), dtype=np.uint8)).save(images / f"{r['img_id']}.jpg")
-    return model, str(data), str(images), root
+    def bad_box(rows):
+        rows[5]["central object x"] = "9000"  # a bad row: box outside the image
+
+    data, images = tiny.task_subset(root, 8, edit=bad_box, missing_images=1)  # the last row's image is missing
+    return model, data, images, root
 
 
 def _rows(path):

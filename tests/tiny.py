@@ -311,3 +311,32 @@ def save_sentencepiece_tokenizer(path, vocab=320, legacy=False) -> int:
         json.dump({"bos_token": _added("<s>"), "eos_token": _added("</s>"), "pad_token": "<unk>",
                    "unk_token": _added("<unk>")}, f)
     return spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+
+
+def task_subset(root, n: int, task: str = "ChooseAttr", seed: int = 0, edit=None, missing_images: int = 0):
+    """The first n rows of a packaged GQA task file written to root/<task>.csv (after `edit(rows)`, if given),
+    with random images of each row's size in root/images (the last `missing_images` rows get none).
+    Returns (csv path, image folder) as strings."""
+    import csv
+    import os
+
+    from PIL import Image
+
+    from jaxflow.inputs import gqa
+
+    with open(os.path.join(str(gqa.TASK_DIR), f"{task}.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))[:n]
+    if edit is not None:
+        edit(rows)
+    data = os.path.join(str(root), f"{task}.csv")
+    with open(data, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    images = os.path.join(str(root), "images")
+    os.makedirs(images, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for r in rows[: len(rows) - missing_images]:
+        pixels = rng.integers(0, 255, (int(r["image_h"]), int(r["image_w"]), 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(images, f"{r['img_id']}.jpg"))
+    return data, images
