@@ -11,9 +11,11 @@ types prints one line too; `--debug` shows where it came from).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
+import traceback
 
 USER_ERRORS = (ValueError, OSError)
 
@@ -210,6 +212,19 @@ def quiet_closed_event_loop() -> None:
             previous(unraisable)
 
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_storage_task_report)
+
+
+def _storage_task_report(record: logging.LogRecord) -> bool:
+    """False for asyncio's "Task exception was never retrieved" about an orbax / tensorstore read task (the same
+    tail of an already reported error, logged when the task is collected); True for every other record."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None or not str(record.msg).startswith("Task exception was never retrieved"):
+        return True
+    files = [frame.filename for frame in traceback.extract_tb(exc.__traceback__)]
+    storage = any("orbax" in f or "tensorstore" in f for f in files)
+    closed = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+    return not (storage or closed)
 
 
 def main(argv: list[str] | None = None) -> int:

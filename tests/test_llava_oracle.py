@@ -200,7 +200,7 @@ class Oracle:
         for task, path in self.csvs.items():
             out = self.root / f"sweep-{variant}" / task
             run.sweep(model, str(path), str(out), flows=flows, window_size=WINDOW, images=str(self.images),
-                      filter_correct=False, progress=False)
+                      template="vicuna_v1", filter_correct=False, progress=False)  # the oracle side's template
             with open(out / "results.csv", newline="") as f:
                 for r in csv.DictReader(f):
                     rows.setdefault(r["question_id"], []).append(r)
