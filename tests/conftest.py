@@ -38,18 +38,21 @@ def twins(tmp_path_factory):
     return make
 
 
-@pytest.fixture(scope="session")
-def toy_model_dir(tmp_path_factory):
-    """A tiny random LLaVA-NeXT (GQA) with the Vicuna-style toy tokenizer, converted: for sweeps."""
+def convert_toy(root, kind: str) -> str:
+    """A tiny random `kind` model (GQA) with the Vicuna-style toy tokenizer, written under root and converted."""
     import toy_tokenizers
 
     from convert import convert
     from jaxflow.testing import tiny_hf_config, write_random_checkpoint
 
-    root = tmp_path_factory.mktemp("toy-next")
     tok = toy_tokenizers.llama2_tokenizer()
-    cfg = tiny_hf_config("llava_next", vocab=len(tok), image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         kv_heads=2)
+    cfg = tiny_hf_config(kind, vocab=len(tok), image_token_index=tok.convert_tokens_to_ids("<image>"), kv_heads=2)
     write_random_checkpoint(str(root / "src"), cfg, scale=0.2)
     toy_tokenizers.save(tok, str(root / "src"))
     return convert(str(root / "src"), str(root / "model"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory):
+    """A tiny random LLaVA-NeXT (GQA) with the Vicuna-style toy tokenizer, converted: for sweeps."""
+    return convert_toy(tmp_path_factory.mktemp("toy-next"), "llava_next")

@@ -275,17 +275,9 @@ def test_related_cells_follow_the_downsampled_mask(twin):
 
 @pytest.fixture(scope="module")
 def ov_model_dir(tmp_path_factory):
-    import toy_tokenizers
+    from conftest import convert_toy
 
-    from jaxflow.testing import tiny_hf_config, write_random_checkpoint
-
-    root = tmp_path_factory.mktemp("toy-ov")
-    tok = toy_tokenizers.llama2_tokenizer()
-    cfg = tiny_hf_config("llava_onevision", vocab=len(tok), image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         kv_heads=2)
-    write_random_checkpoint(str(root / "src"), cfg, scale=0.2)
-    toy_tokenizers.save(tok, str(root / "src"))
-    return convert(str(root / "src"), str(root / "model"), progress=False)
+    return convert_toy(tmp_path_factory.mktemp("toy-ov"), "llava_onevision")
 
 
 def test_sweep_incremental_equals_full(ov_model_dir, tmp_path):

@@ -14,6 +14,7 @@ import tiny
 import torch
 import toy_tokenizers
 import transformers
+from test_parity import hf_forward
 from transformers import SiglipVisionConfig
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -53,16 +54,6 @@ def _siglip_llava(strategy="full", feature_layer=-1, kind="llava", **vision):
     if kind == "llava_next":
         return transformers.LlavaNextConfig(image_grid_pinpoints=[[384, 768], [768, 384]], **common).to_dict()
     return transformers.LlavaConfig(**common).to_dict()
-
-
-def _hf_forward(hf, ids, pv, sizes, mask=None, **kw):
-    args = {"input_ids": torch.tensor(ids), "pixel_values": torch.tensor(pv)}
-    if sizes is not None:
-        args["image_sizes"] = torch.tensor(sizes)
-    if mask is not None:
-        args["attention_mask"] = torch.tensor(mask)
-    with torch.no_grad():
-        return hf(**args, **kw)
 
 
 def _inputs(model, kind, **kw):
@@ -126,7 +117,7 @@ def test_logits_match_transformers(twins, case):
     assert model.config.vision.kind == "siglip"
     ids, pv, isz, mask = _inputs(model, kind)
     ours = np.asarray(model.logits(ids, pv, isz, attention_mask=mask))
-    ref = _hf_forward(hf, ids, pv, isz, mask).logits.numpy()
+    ref = hf_forward(hf, ids, pv, isz, mask).logits.numpy()
     err = np.abs(ours - ref).max()
     print(f"siglip {name}: max |logits diff| = {err:.2e} (logit scale {np.abs(ref).max():.2f})")
     assert ours.shape == ref.shape
@@ -238,7 +229,7 @@ def test_384_px_crops_end_to_end(twins, kind):
         ids = np.concatenate([[1], np.full(len(lay), tiny.IMAGE_TOKEN), rng.integers(2, 120, 5)])[None]
         sizes = np.asarray([size]) if cfg.is_next else None
         ours = np.asarray(model.logits(ids, pv, sizes))
-        ref = _hf_forward(hf, ids, pv, sizes).logits.numpy()
+        ref = hf_forward(hf, ids, pv, sizes).logits.numpy()
         err = np.abs(ours - ref).max()
         print(f"siglip {kind} 384 px {h}x{w}: {len(lay)} image features, max |logits diff| = {err:.2e}")
         assert len(lay) >= 729 and err < TOL
@@ -246,7 +237,7 @@ def test_384_px_crops_end_to_end(twins, kind):
     edge[..., 378:, :] += 5.0  # the pixels past 27 * 14 change nothing, in transformers too
     edge[..., :, 378:] -= 5.0
     assert np.array_equal(np.asarray(model.logits(ids, edge, sizes)), ours)
-    assert np.abs(_hf_forward(hf, ids, edge, sizes).logits.numpy() - ref).max() < 1e-6
+    assert np.abs(hf_forward(hf, ids, edge, sizes).logits.numpy() - ref).max() < 1e-6
 
 
 # ---------------------------------------------------------------- conversion
