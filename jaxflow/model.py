@@ -112,7 +112,7 @@ def prepare_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, image_sizes=N
                        jnp.asarray(feature_index, jnp.int32), jnp.asarray(mask), jnp.asarray(pos, jnp.int32), *blend)
 
 
-@functools.partial(nnx.jit, static_argnames=("collect_hidden", "collect_attn"))
+@functools.partial(nnx.jit, graph=False, static_argnames=("collect_hidden", "collect_attn"))
 def _forward(module: Llava, inputs: ModelInputs, knock: KnockoutMasks | None,
              collect_hidden: bool = False, collect_attn: bool = False):
     x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index, inputs.taps, inputs.tap_weights)
@@ -135,11 +135,11 @@ class Prefill:
     logits: jax.Array  # [B, V] at each row's last position
     probs: jax.Array  # [B, V] float32 softmax of `logits`
     hidden: jax.Array | None  # [L + 1, B, T, D] residual stream (input of layer l at index l), or None
-    k: jax.Array  # [L, B, T, K, hd]
-    v: jax.Array  # [L, B, T, K, hd]
+    k: jax.Array  # [L, B, K, T, hd]
+    v: jax.Array  # [L, B, K, T, hd]
 
 
-@functools.partial(nnx.jit, static_argnames=("collect_hidden",))
+@functools.partial(nnx.jit, graph=False, static_argnames=("collect_hidden",))
 def prefill_forward(module: Llava, inputs: ModelInputs, last: jax.Array, collect_hidden: bool = False) -> Prefill:
     """Runs the prompt once; `last` [B] is each row's last position."""
     x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index, inputs.taps, inputs.tap_weights)
@@ -152,22 +152,23 @@ def prefill_forward(module: Llava, inputs: ModelInputs, last: jax.Array, collect
 
 @functools.partial(jax.jit, static_argnames=("new",))
 def _caches(k: jax.Array, v: jax.Array, new: int):
-    """The prompt's k, v [L, B, T, K, hd] -> decoding caches [L, B, T + new, K, hd] (prompt at [0, T))."""
-    pad = ((0, 0), (0, 0), (0, new), (0, 0), (0, 0))
+    """The prompt's k, v [L, B, K, T, hd] -> decoding caches [L, B, K, T + new, hd] (prompt at [0, T))."""
+    pad = ((0, 0), (0, 0), (0, 0), (0, new), (0, 0))
     return jnp.pad(k, pad), jnp.pad(v, pad)
 
 
-@nnx.jit
+@nnx.jit(graph=False)
 def _decode_step(module: Llava, token: jax.Array, pos: jax.Array, k_cache: jax.Array, v_cache: jax.Array):
     """One greedy step for tokens [B] at positions pos [B]; slots before pos hold the sequence so far."""
     lm = module.language_model
-    b, s = k_cache.shape[1:3]
+    b, s = k_cache.shape[1], k_cache.shape[3]
     slots = jnp.broadcast_to(jnp.arange(s), (b, s))
     prefix = KVCache(k_cache, v_cache, pos=slots, valid=slots < pos[:, None])
     out = lm(lm.embed_tokens(token[:, None]), pos[:, None], jnp.ones((b, 1), bool), prefix=prefix, collect_kv=True)
-    k, v = out.kv  # [L, B, 1, K, hd]
-    rows = jnp.arange(b)
-    k_cache, v_cache = k_cache.at[:, rows, pos].set(k[:, :, 0]), v_cache.at[:, rows, pos].set(v[:, :, 0])
+    k, v = out.kv  # [L, B, K, 1, hd]
+    rows = jnp.arange(b)  # indexing rows and pos puts their axis first: the update is [B, L, K, hd]
+    k_cache = k_cache.at[:, rows, :, pos].set(k[:, :, :, 0].transpose(1, 0, 2, 3))
+    v_cache = v_cache.at[:, rows, :, pos].set(v[:, :, :, 0].transpose(1, 0, 2, 3))
     return lm.unembed(out.hidden[:, 0]), k_cache, v_cache
 
 
@@ -258,7 +259,7 @@ class Model:
         b, t = inputs.attention_mask.shape
         if prefill is None:
             prefill = self.prefill(inputs)
-        elif prefill.k.shape[1:3] != (b, t):
+        elif (prefill.k.shape[1], prefill.k.shape[3]) != (b, t):
             raise ValueError(f"prefill: keys of shape {prefill.k.shape} are not of a [{b}, {t}] prompt batch")
         k_cache, v_cache = _caches(prefill.k, prefill.v, max_new_tokens)
         logits = prefill.logits

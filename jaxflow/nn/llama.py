@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ def apply_rope(x, cos, sin):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer at positions `pos`: k, v [L, B, S, K, hd]; pos, valid [B, S].
+    """Keys and values of every layer at positions `pos`: k, v [L, B, K, S, hd] (heads-major); pos, valid [B, S].
     Each valid slot must be earlier than every query that attends to it (no causal mask applies)."""
 
     k: jax.Array
@@ -64,33 +65,84 @@ class LlamaAttention(nnx.Module):
         """x [B, Tq, D]; mask [B, 1|H, Tq, Tq] True = may attend, over this call's own keys.
 
         prefix: optional (k, v, mask) of earlier positions (a KV cache, or an uncut run's keys): k, v
-        [B, Sp, K, hd] and mask [B, 1|H, Tq, Sp]. One softmax spans the prefix keys, then the own keys
+        [B, K, Sp, hd] and mask [B, 1|H, Tq, Sp]. One softmax spans the prefix keys, then the own keys
         (S = Sp + Tq), computed block by block so that neither scores nor keys are concatenated.
-        Returns out [B, Tq, D], weights [B, H, Tq, S] and this call's own (k, v) [B, Tq, K, hd].
+        Returns out [B, Tq, D], weights [B, H, Tq, S] and this call's own (k, v) [B, K, Tq, hd].
         """
         b, t, _ = x.shape
         h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        g = h // kvh
         q = apply_rope(self.q_proj(x).reshape(b, t, h, hd), cos, sin)  # [B, Tq, H, hd]
-        k = apply_rope(self.k_proj(x).reshape(b, t, kvh, hd), cos, sin)  # [B, Tq, K, hd]
-        v = self.v_proj(x).reshape(b, t, kvh, hd)  # [B, Tq, K, hd]
-        # heads-major layouts: XLA's batched matmuls want the batch axes (B, K) leading
-        q = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, Tq, hd]; query head = k * G + g
+        k = apply_rope(self.k_proj(x).reshape(b, t, kvh, hd), cos, sin).transpose(0, 2, 1, 3)  # [B, K, Tq, hd]
+        v = self.v_proj(x).reshape(b, t, kvh, hd).transpose(0, 2, 1, 3)  # [B, K, Tq, hd]
         blocks = [(k, v, mask)] if prefix is None else [prefix, (k, v, mask)]
-        scores = []
-        for kb, _, mb in blocks:
-            s = jnp.einsum("BKGTd,BKSd->BKGTS", q, kb.astype(q.dtype).transpose(0, 2, 1, 3),
-                           preferred_element_type=jnp.float32) * hd**-0.5  # [B, K, G, Tq, Sb]
-            mb = mb[:, :, None] if mb.shape[1] == 1 else mb.reshape(b, kvh, g, t, -1)  # [B, K|1, G|1, Tq, Sb]
-            scores.append(jnp.where(mb, s, NEG))
-        top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])  # [B, K, G, Tq, 1]
-        exps = [jnp.exp(s - top) for s in scores]
-        total = sum(e.sum(-1, keepdims=True) for e in exps)
-        weights = [(e / total).astype(x.dtype) for e in exps]  # softmax over all S keys, per block
-        out = sum(jnp.einsum("BKGTS,BKSd->BKGTd", w, vb.astype(x.dtype).transpose(0, 2, 1, 3))
-                  for w, (_, vb, _) in zip(weights, blocks, strict=True))  # [B, K, G, Tq, hd]
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
-        return self.o_proj(out), jnp.concatenate(weights, axis=-1).reshape(b, h, t, -1), (k, v)
+        out, weights = attention(q, blocks)  # [B, Tq, H, hd], [B, H, Tq, S]
+        return self.o_proj(out.reshape(b, t, h * hd).astype(x.dtype)), weights.astype(x.dtype), (k, v)
+
+
+def score_tile() -> int | None:
+    """Score elements per attention tile: on CPU about 1M (a tile of f32 scores stays in cache); on an
+    accelerator None (one tile: its memory bandwidth prefers large batched matmuls)."""
+    return 1 << 20 if jax.default_backend() == "cpu" else None
+
+
+def _tiles(n: int, size: int):
+    """[start, stop) ranges of about `size` covering range(n) in equal parts."""
+    parts = -(-n // max(1, size))
+    step = -(-n // parts)
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def attention(q, blocks, tile: int | None = None):
+    """Exact softmax attention of q [B, Tq, H, hd] over key blocks [(k, v, mask)]: k, v [B, K, Sb, hd], mask
+    [B, 1|H, Tq, Sb] True = may attend. The last block holds the queries' own keys and its mask is causal
+    (own key j is masked for query i < j), so tiles above its diagonal are skipped.
+
+    The scores are computed in tiles of at most `tile` elements (default `score_tile()`) with an online
+    softmax (running max and sum per query), so no [B, H, Tq, S] score buffer is materialised for the
+    output. Returns out [B, Tq, H, hd] in q's dtype and the weights [B, H, Tq, S] (f32), recomputed tile by
+    tile from the final max and sum: XLA drops them when the caller does not use them."""
+    b, t, h, hd = q.shape
+    kvh = blocks[0][0].shape[1]
+    g = h // kvh
+    tile = score_tile() if tile is None else tile
+    # heads-major, the G query heads of a key head folded into the rows: XLA's batched matmuls want (B, K)
+    # leading and 2-D operands
+    q = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, Tq, hd]; query head = k * G + g
+    kv = [(kb.astype(q.dtype), vb.astype(q.dtype), mb) for kb, vb, mb in blocks]
+    keys = sum(kb.shape[2] for kb, _, _ in kv)
+    q_size = t if tile is None else max(1, math.isqrt(tile // (b * h)))  # square tiles when Tq is long
+    outs, weights = [], []
+    for i0, i1 in _tiles(t, q_size):
+        tq = i1 - i0
+        k_size = keys if tile is None else max(1, tile // (b * h * tq))
+        qi = q[:, :, :, i0:i1].reshape(b, kvh, g * tq, hd)
+        scores = []  # (block, j0, j1, masked scores [B, K, G * tq, tk] f32)
+        for n, (kb, _, mb) in enumerate(kv):
+            own = n == len(kv) - 1
+            for j0, j1 in _tiles(i1 if own else kb.shape[2], k_size):
+                s = jnp.einsum("BKQd,BKSd->BKQS", qi, kb[:, :, j0:j1], preferred_element_type=jnp.float32) * hd**-0.5
+                m = mb[:, :, i0:i1, j0:j1]  # [B, 1|H, tq, tk]
+                m = (jnp.broadcast_to(m[:, :, None], (b, 1, g, tq, j1 - j0)) if m.shape[1] == 1
+                     else m.reshape(b, kvh, g, tq, j1 - j0))
+                scores.append((n, j0, j1, jnp.where(m.reshape(b, -1, g * tq, j1 - j0), s, NEG)))
+        top = total = acc = None
+        for n, j0, j1, s in scores:  # online softmax: rescale the running sum and output by exp(old - new max)
+            new_top = s.max(-1, keepdims=True) if top is None else jnp.maximum(top, s.max(-1, keepdims=True))
+            p = jnp.exp(s - new_top)
+            pv = jnp.einsum("BKQS,BKSd->BKQd", p.astype(q.dtype), kv[n][1][:, :, j0:j1],
+                            preferred_element_type=jnp.float32)
+            if top is None:
+                total, acc = p.sum(-1, keepdims=True), pv
+            else:
+                scale = jnp.exp(top - new_top)
+                total, acc = total * scale + p.sum(-1, keepdims=True), acc * scale + pv
+            top = new_top
+        outs.append((acc / total).reshape(b, kvh, g, tq, hd))
+        row = [jnp.exp(s - top) / total for _, _, _, s in scores]
+        row.append(jnp.zeros((b, kvh, g * tq, t - i1), jnp.float32))  # own keys past the tile: causal zeros
+        weights.append(jnp.concatenate(row, axis=-1).reshape(b, kvh, g, tq, keys))
+    out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
+    return out, jnp.concatenate(weights, axis=3).reshape(b, h, t, keys)
 
 
 class LlamaLayer(nnx.Module):
@@ -115,7 +167,7 @@ class DecoderOutput:
     hidden: jax.Array  # [B, Tq, D] after the final norm
     hidden_states: jax.Array | None = None  # [L + 1, B, Tq, D] residual stream, no final norm
     attentions: jax.Array | None = None  # [L, B, H, Tq, S]
-    kv: tuple[jax.Array, jax.Array] | None = None  # this call's keys and values [L, B, Tq, K, hd]
+    kv: tuple[jax.Array, jax.Array] | None = None  # this call's keys and values [L, B, K, Tq, hd]
 
 
 class LlamaModel(nnx.Module):
@@ -133,11 +185,13 @@ class LlamaModel(nnx.Module):
         return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
     def masks(self, q_pos, valid, prefix: KVCache | None = None):
-        """RoPE tables for q_pos [B, Tq]; the causal & valid mask [B, 1, Tq, Tq] over the queries' own keys;
+        """RoPE tables for q_pos [B, Tq]; the causal & valid mask [B, 1, Tq, Tq] over the queries' own keys
+        (causal in call order, like transformers' cache positions: query i sees own key j only if j <= i);
         and over the prefix keys (if any) the mask [B, 1, Tq, Sp]: validity only, as every prefix key is
         earlier than every query. With a sliding window both also keep only keys with q - k < window."""
         window = self.cfg.sliding_window
-        back = q_pos[:, :, None] - q_pos[:, None, :]  # [B, Tq, Tq] how far back each own key lies
+        idx = jnp.arange(q_pos.shape[1])
+        back = (idx[:, None] - idx[None, :])[None]  # [1, Tq, Tq] how far back each own key lies (call order)
         own = (back >= 0) & valid[:, None, :]
         if window is not None:
             own = own & (back < window)

@@ -70,7 +70,7 @@ def base_run(module: Llava, inputs: ModelInputs, last) -> BaseRun:
     return prefill_forward(module, inputs, jnp.asarray(last), collect_hidden=True)
 
 
-@nnx.jit
+@nnx.jit(graph=False)
 def knockout_full(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token):
     """knock with a leading axis K -> (p [K, B], top1 [K, B]) by full recomputation."""
     lm = module.language_model
@@ -83,7 +83,7 @@ def knockout_full(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last
     return jax.vmap(one)(knock)
 
 
-@functools.partial(nnx.jit, static_argnames=("starts",))
+@functools.partial(nnx.jit, graph=False, static_argnames=("starts",))
 def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMasks, q_pos, q_valid, last_in_suffix,
                          token, starts: tuple[int, ...]):
     """Exact partial recomputation (see the module docstring).
@@ -118,7 +118,7 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
     return _answer_prob(lm, lm.norm(h), token)
 
 
-@nnx.jit
+@nnx.jit(graph=False)
 def logit_lens(module: Llava, hidden, last, tokens):
     """hidden [L + 1, B, T, D], tokens [B, N] -> probabilities [2, L + 1, B, N]: raw (no final
     norm, as the study did) and with the final norm."""
