@@ -85,9 +85,12 @@ def score_tile() -> int | None:
     return 1 << 20 if jax.default_backend() == "cpu" else None
 
 
+MAX_TILES = 8  # per axis and key block: bounds the unrolled tiles (and compile time) of long sequences
+
+
 def _tiles(n: int, size: int):
-    """[start, stop) ranges of about `size` covering range(n) in equal parts."""
-    parts = -(-n // max(1, size))
+    """[start, stop) ranges of about `size` (at most MAX_TILES of them) covering range(n) in equal parts."""
+    parts = min(MAX_TILES, -(-n // max(1, size)))
     step = -(-n // parts)
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
