@@ -9,7 +9,6 @@ so one code path serves the full forward, KV-cache decoding and partial recomput
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
