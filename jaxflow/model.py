@@ -261,7 +261,7 @@ class Model:
             prefill = self.prefill(inputs)
         elif (prefill.k.shape[1], prefill.k.shape[3]) != (b, t):
             raise ValueError(f"prefill: keys of shape {prefill.k.shape} are not of a [{b}, {t}] prompt batch")
-        k_cache, v_cache = _caches(prefill.k, prefill.v, max_new_tokens)
+        k_cache = v_cache = None  # made at the first decoding step: an answer of one token needs none
         logits = prefill.logits
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
@@ -277,6 +277,8 @@ class Model:
             if done.all() or step == max_new_tokens - 1:
                 break
             token = sharding.replicate(jnp.asarray(token, jnp.int32), self.mesh)
+            if k_cache is None:
+                k_cache, v_cache = _caches(prefill.k, prefill.v, max_new_tokens)
             logits, k_cache, v_cache = _decode_step(self.module, token, pos + step, k_cache, v_cache)
         return GenerateOutput(np.stack(tokens, axis=1), np.asarray(prefill.probs), done)
 
