@@ -212,15 +212,15 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
     k = np.asarray(knock.layers).shape[0]
     last, token = sharding.replicate((jnp.asarray(last), jnp.asarray(token)), mesh)
     data = 1 if mesh is None else mesh.shape["data"]
-    ps, tops = np.zeros((k, len(token)), np.float32), np.zeros((k, len(token)), np.int64)
+    pending = []  # (rows, p, top) of each dispatched call, read back once all are queued: no host sync between
     b, t = inputs.input_ids.shape
     if method == "full":
         chunk = _round_up(chunk or auto_chunk(module, b, t, None, k, budget), data)
         for idx, n in _chunks(k, chunk):
             sub = sharding.shard_leading(jax.tree.map(lambda a, idx=idx: np.asarray(a)[idx], knock), mesh)
             p, top = knockout_full(module, inputs, sub, last, token)
-            ps[idx[:n]], tops[idx[:n]] = np.asarray(p)[:n], np.asarray(top)[:n]
-        return ps, tops
+            pending.append((idx[:n], p, top))
+        return _gather(pending, k, len(token))
     if method != "incremental":
         raise ValueError(f"method: {method!r} is not 'full' or 'incremental'")
     if base is None:
@@ -240,5 +240,13 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
             plan = sharding.shard_leading((sub, *suffix_plan(t0[sel], lengths, int(size), t)), mesh)
             p, top = knockout_incremental(module, base, inputs.attention_mask, *plan, token,
                                           tuple(int(i) for i in starts[sel]))
-            ps[sel[:n]], tops[sel[:n]] = np.asarray(p)[:n], np.asarray(top)[:n]
+            pending.append((sel[:n], p, top))
+    return _gather(pending, k, len(token))
+
+
+def _gather(pending, k: int, b: int):
+    """The results of dispatched calls [(rows, p, top)] -> (p [K, B], top1 [K, B]) numpy."""
+    ps, tops = np.zeros((k, b), np.float32), np.zeros((k, b), np.int64)
+    for rows, p, top in pending:
+        ps[rows], tops[rows] = np.asarray(p)[: len(rows)], np.asarray(top)[: len(rows)]
     return ps, tops
