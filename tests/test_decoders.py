@@ -9,10 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import tiny
-import torch
 from test_generate import EOS
 from test_knockout import cut_tensor, specs
-from test_parity import hf_forward
+from test_parity import hf_forward, hf_greedy
 
 import jaxflow
 from convert import ConversionError, convert
@@ -128,16 +127,8 @@ def test_greedy_generation_matches_transformers(twins, member):
     steps = 8
     out = model.generate(ids, pv, isz, attention_mask=mask, max_new_tokens=steps, eos_token_id=EOS)
     for row in range(len(ids)):
-        n = int(mask[row].sum())
-        args = {"input_ids": torch.tensor(ids[row: row + 1, :n]), "pixel_values": torch.tensor(pv[row: row + 1])}
-        if isz is not None:
-            args["image_sizes"] = torch.tensor(isz[row: row + 1])
-        with torch.no_grad():
-            ref = hf.generate(**args, max_new_tokens=steps, do_sample=False, eos_token_id=EOS,
-                              pad_token_id=tiny.PAD_TOKEN, output_scores=True, return_dict_in_generate=True)
-        ref_tokens = ref.sequences[0, n:].numpy()
+        ref_tokens, ref_probs = hf_greedy(hf, ids, pv, isz, mask, row, steps, EOS)
         np.testing.assert_array_equal(out.tokens[row, : len(ref_tokens)], ref_tokens)
-        ref_probs = torch.softmax(ref.scores[0][0].float(), -1).numpy()
         assert np.abs(out.first_token_probs[row] - ref_probs).max() < 1e-5
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import tiny
-import torch
+from test_parity import hf_greedy
 
 EOS = 2
 
@@ -17,21 +17,12 @@ def test_greedy_generation_matches_transformers(twins, kind, kv):
     out = model.generate(ids, pv, isz, attention_mask=mask, max_new_tokens=steps, eos_token_id=EOS)
     assert out.tokens.shape[0] == len(ids) and out.tokens.shape[1] <= steps
     for row in range(len(ids)):
-        n = int(mask[row].sum())
-        args = {"input_ids": torch.tensor(ids[row: row + 1, :n]),
-                "pixel_values": torch.tensor(pv[row: row + 1])}
-        if isz is not None:
-            args["image_sizes"] = torch.tensor(isz[row: row + 1])
-        with torch.no_grad():
-            ref = hf.generate(**args, max_new_tokens=steps, do_sample=False, eos_token_id=EOS,
-                              pad_token_id=tiny.PAD_TOKEN, output_scores=True, return_dict_in_generate=True)
-        ref_tokens = ref.sequences[0, n:].numpy()
+        ref_tokens, ref_probs = hf_greedy(hf, ids, pv, isz, mask, row, steps, EOS)
         ours = out.tokens[row, : len(ref_tokens)]
         np.testing.assert_array_equal(ours, ref_tokens)
         assert out.finished[row] == (EOS in ref_tokens)
         if len(ref_tokens) < out.tokens.shape[1]:  # finished rows are filled with eos
             assert (out.tokens[row, len(ref_tokens):] == EOS).all()
-        ref_probs = torch.softmax(ref.scores[0][0].float(), -1).numpy()
         assert np.abs(out.first_token_probs[row] - ref_probs).max() < 1e-5
 
 

@@ -16,6 +16,7 @@ import pytest
 import tiny
 import torch
 from PIL import Image
+from test_parity import hf_forward
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -63,14 +64,6 @@ def twin(tmp_path_factory):
     root = tmp_path_factory.mktemp("onevision")
     hf.save_pretrained(root / "src")
     return hf, jaxflow.load(convert(str(root / "src"), str(root / "out"), progress=False))
-
-
-def hf_forward(hf, ids, pv, sizes, mask=None, **kw):
-    args = {"input_ids": torch.tensor(ids), "pixel_values": torch.tensor(pv), "image_sizes": torch.tensor(sizes)}
-    if mask is not None:
-        args["attention_mask"] = torch.tensor(mask)
-    with torch.no_grad():
-        return hf(**args, **kw)
 
 
 # ---- geometry -----------------------------------------------------------------------------------------------------

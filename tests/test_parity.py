@@ -37,6 +37,19 @@ def hf_forward(hf, ids, pv, sizes, mask=None, **kw):
         return hf(**args, **kw)
 
 
+def hf_greedy(hf, ids, pv, sizes, mask, row: int, steps: int, eos: int):
+    """transformers' greedy generation of one row of a right-padded batch: (its new tokens, the probabilities
+    of the first one)."""
+    n = int(mask[row].sum())
+    args = {"input_ids": torch.tensor(ids[row: row + 1, :n]), "pixel_values": torch.tensor(pv[row: row + 1])}
+    if sizes is not None:
+        args["image_sizes"] = torch.tensor(sizes[row: row + 1])
+    with torch.no_grad():
+        ref = hf.generate(**args, max_new_tokens=steps, do_sample=False, eos_token_id=eos,
+                          pad_token_id=tiny.PAD_TOKEN, output_scores=True, return_dict_in_generate=True)
+    return ref.sequences[0, n:].numpy(), torch.softmax(ref.scores[0][0].float(), -1).numpy()
+
+
 def jf_ids(model, ids):
     """Original-layout checkpoints use LLaVA's placeholder id for image tokens."""
     return np.where(ids == tiny.IMAGE_TOKEN, model.config.image_token_id, ids)

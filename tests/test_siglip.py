@@ -14,7 +14,7 @@ import tiny
 import torch
 import toy_tokenizers
 import transformers
-from test_parity import hf_forward
+from test_parity import hf_forward, hf_greedy
 from transformers import SiglipVisionConfig
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -188,16 +188,8 @@ def test_greedy_generation_matches_transformers(twins, kind):
     steps = 6
     out = model.generate(ids, pv, isz, attention_mask=mask, max_new_tokens=steps, eos_token_id=2)
     for row in range(len(ids)):
-        n = int(mask[row].sum())
-        args = {"input_ids": torch.tensor(ids[row: row + 1, :n]), "pixel_values": torch.tensor(pv[row: row + 1])}
-        if isz is not None:
-            args["image_sizes"] = torch.tensor(isz[row: row + 1])
-        with torch.no_grad():
-            ref = hf.generate(**args, max_new_tokens=steps, do_sample=False, eos_token_id=2,
-                              pad_token_id=tiny.PAD_TOKEN, output_scores=True, return_dict_in_generate=True)
-        ref_tokens = ref.sequences[0, n:].numpy()
+        ref_tokens, ref_probs = hf_greedy(hf, ids, pv, isz, mask, row, steps, 2)
         np.testing.assert_array_equal(out.tokens[row, : len(ref_tokens)], ref_tokens)
-        ref_probs = torch.softmax(ref.scores[0][0].float(), -1).numpy()
         assert np.abs(out.first_token_probs[row] - ref_probs).max() < 1e-5
 
 
