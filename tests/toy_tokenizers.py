@@ -36,7 +36,14 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import PreTrainedTokenizerFast
 
-from jaxflow.world.tokenizer import _SCRIPT_SPLIT, BYTE_TOKENS, SPECIALS, bpe_trainer_tokenizer, llama_layout
+from jaxflow.world.tokenizer import (
+    _SCRIPT_SPLIT,
+    BYTE_TOKENS,
+    SPECIALS,
+    bpe_trainer_tokenizer,
+    llama_layout,
+    sentencepiece_bpe,
+)
 
 SYSTEM_VICUNA = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -224,12 +231,7 @@ def _mistral_backend(prepend_scheme: str) -> Tokenizer:
     trainer_tk.train_from_iterator([line.replace("\n", " ") for line in family_corpus("[INST] ", " [/INST]")],
                                    BpeTrainer(vocab_size=800, special_tokens=SPECIALS, show_progress=False))
     vocab, merges = _pieces(trainer_tk, SPECIALS, keep_newline=False, size=MISTRAL_VOCAB)
-    tk = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=True)
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                      special_tokens=[("<s>", vocab["<s>"])])
+    tk = sentencepiece_bpe(vocab, merges, prepend_scheme)
     _added(tk, SPECIALS + ["<image>", "<pad>"])
     return tk
 

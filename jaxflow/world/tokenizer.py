@@ -37,6 +37,17 @@ def bpe_trainer_tokenizer() -> Tokenizer:
     return tk
 
 
+def sentencepiece_bpe(vocab: dict, merges: list, prepend_scheme: str) -> Tokenizer:
+    """A byte-fallback BPE over `vocab`/`merges` that splits, decodes and adds `<s>` as SentencePiece does."""
+    tk = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=True)
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", vocab["<s>"])])
+    return tk
+
+
 def llama_layout(trained: Tokenizer, prepend_scheme: str = "first") -> Tokenizer:
     """The trained BPE laid out as Llama-2's SentencePiece model and llava-hf's additions: ids `<unk>` `<s>` `</s>`,
     the 256 byte-fallback tokens, the learned pieces (none holding a newline: it falls back to <0x0A>), then
@@ -48,12 +59,7 @@ def llama_layout(trained: Tokenizer, prepend_scheme: str = "first") -> Tokenizer
             vocab.setdefault(tok, len(vocab))
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
     merges = [m for m in merges if "\n" not in m[0] + m[1]]
-    tk = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=True)
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                      special_tokens=[("<s>", vocab["<s>"])])
+    tk = sentencepiece_bpe(vocab, merges, prepend_scheme)
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     # llava-hf appends these two after the SentencePiece vocabulary (32000 and 32001 in llava-1.5-7b-hf)
     tk.add_special_tokens([AddedToken("<image>", special=True, normalized=False),
