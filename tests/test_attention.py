@@ -37,8 +37,8 @@ def inputs(seed, b=2, t=13, h=4, kvh=2, hd=8, prefix=0, per_head=False):
     return jnp.asarray(q), [tuple(jnp.asarray(a) for a in blk) for blk in blocks]
 
 
-def dots(tile, q, blocks, groups=1):
-    jaxpr = jax.make_jaxpr(lambda q, blocks: llama.attention(q, blocks, tile, groups))(q, blocks)
+def dots(tile, q, blocks):
+    jaxpr = jax.make_jaxpr(lambda q, blocks: llama.attention(q, blocks, tile))(q, blocks)
     return sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)
 
 
@@ -62,38 +62,6 @@ def test_tiles_skip_the_causal_upper_triangle():
     assert dots(2 * 4 * 16, q, blocks) == 2 * (1 + 2 + 3 + 4)
     out, w = llama.attention(q, blocks, 2 * 4 * 16)
     assert (np.asarray(w)[..., np.triu_indices(16, 1)[0], np.triu_indices(16, 1)[1]] == 0).all()
-
-
-@pytest.mark.parametrize("per_head", [False, True])
-@pytest.mark.parametrize("kvh", [4, 1])
-def test_groups_equal_one_dense_softmax_per_group(per_head, kvh):
-    """Query groups (the sweep's knockout configurations): each of n groups of S positions attends to the shared
-    prefix and to its own S keys only, as a dense softmax of that group alone; for one tile, tiles of whole
-    groups (S short) and tiles of positions across all groups (S long)."""
-    n, b, s, h, hd, prefix = 5, 2, 6, 4, 8, 7
-    r = np.random.RandomState(kvh + per_head)
-    heads = h if per_head else 1
-    q = r.randn(b, n * s, h, hd).astype(np.float32)
-    kp, vp = r.randn(2, b, kvh, prefix, hd).astype(np.float32)
-    ko, vo = r.randn(2, b, kvh, n * s, hd).astype(np.float32)
-    pre = r.rand(b, heads, n * s, prefix) > 0.4
-    own = np.tril(np.ones((s, s), bool)) & (r.rand(b, heads, n, s, s) > 0.3)
-    own[..., np.arange(s), np.arange(s)] = True
-    own = own.reshape(b, heads, n * s, s)
-    ref_out, ref_w = [], []
-    for c in range(n):  # group c alone: its queries, the prefix and its own keys
-        rows = slice(c * s, (c + 1) * s)
-        out, w = dense(q[:, rows], [(kp, vp, pre[:, :, rows]), (ko[:, :, rows], vo[:, :, rows], own[:, :, rows])])
-        ref_out.append(out)
-        ref_w.append(w)
-    ref_out, ref_w = np.concatenate(ref_out, axis=1), np.concatenate(ref_w, axis=2)
-    blocks = [tuple(map(jnp.asarray, blk)) for blk in [(kp, vp, pre), (ko, vo, own)]]
-    for tile in (None, b * h * 12 * 12, b * h * 4):  # one tile; tiles of 12 rows: 2 groups; of 2 rows: positions
-        out, w = llama.attention(jnp.asarray(q), blocks, tile, groups=n)
-        np.testing.assert_allclose(np.asarray(out), ref_out, atol=2e-6)
-        np.testing.assert_allclose(np.asarray(w), ref_w, atol=2e-6)
-        assert (np.asarray(w)[..., prefix:] * ~np.broadcast_to(own, w[..., prefix:].shape) == 0).all()
-    assert dots(b * h * 12 * 12, jnp.asarray(q), blocks, n) > dots(None, jnp.asarray(q), blocks, n)
 
 
 def test_tiled_model_equals_untiled_and_transformers_with_knockouts(twins, monkeypatch):

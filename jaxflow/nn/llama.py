@@ -60,14 +60,12 @@ class LlamaAttention(nnx.Module):
         self.o_proj = Linear(h * hd, d, bias=False, dtype=dtype, rngs=rngs, axes=("heads", "embed"))
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
 
-    def __call__(self, x, cos, sin, mask, prefix=None, groups: int = 1):
-        """x [B, Tq, D]; mask [B, 1|H, Tq, Tq / groups] True = may attend, over this call's own keys: the
-        queries form `groups` groups of positions that see only their own group's keys (see `attention`).
+    def __call__(self, x, cos, sin, mask, prefix=None):
+        """x [B, Tq, D]; mask [B, 1|H, Tq, Tq] True = may attend, over this call's own keys.
 
-        prefix: optional (k, v, mask) of earlier positions (a KV cache, or an uncut run's keys), shared by
-        every group: k, v [B, K, Sp, hd] and mask [B, 1|H, Tq, Sp]. One softmax spans the prefix keys, then
-        the own keys (S = Sp + Tq / groups), computed block by block so that neither scores nor keys are
-        concatenated.
+        prefix: optional (k, v, mask) of earlier positions (a KV cache, or an uncut run's keys): k, v
+        [B, K, Sp, hd] and mask [B, 1|H, Tq, Sp]. One softmax spans the prefix keys, then the own keys
+        (S = Sp + Tq), computed block by block so that neither scores nor keys are concatenated.
         Returns out [B, Tq, D], weights [B, H, Tq, S] and this call's own (k, v) [B, K, Tq, hd].
         """
         b, t, _ = x.shape
@@ -76,7 +74,7 @@ class LlamaAttention(nnx.Module):
         k = apply_rope(self.k_proj(x).reshape(b, t, kvh, hd), cos, sin).transpose(0, 2, 1, 3)  # [B, K, Tq, hd]
         v = self.v_proj(x).reshape(b, t, kvh, hd).transpose(0, 2, 1, 3)  # [B, K, Tq, hd]
         blocks = [(k, v, mask)] if prefix is None else [prefix, (k, v, mask)]
-        out, weights = attention(q, blocks, groups=groups)  # [B, Tq, H, hd], [B, H, Tq, S]
+        out, weights = attention(q, blocks)  # [B, Tq, H, hd], [B, H, Tq, S]
         return self.o_proj(out.reshape(b, t, h * hd).astype(x.dtype)), weights.astype(x.dtype), (k, v)
 
 
@@ -96,93 +94,57 @@ def _tiles(n: int, size: int):
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _group_dot(spec: str, x, y):
-    """A per-group matmul "BKc..,BKc..->BKc.." of [B, K, c, ...] operands -> [B, K, c * rows, cols] f32, as one
-    4-D matmul for a single group and with (B, K, c) merged into one batch axis otherwise: XLA's CPU matmuls
-    run these layouts fastest."""
-    b, kvh, nc = x.shape[:3]
-    if nc == 1:
-        out = jnp.einsum(spec.replace("c", ""), x[:, :, 0], y[:, :, 0], preferred_element_type=jnp.float32)
-    else:
-        out = jnp.einsum(spec.replace("BKc", "N"), x.reshape(-1, *x.shape[3:]), y.reshape(-1, *y.shape[3:]),
-                         preferred_element_type=jnp.float32)
-    return out.reshape(b, kvh, -1, out.shape[-1])
-
-
-def attention(q, blocks, tile: int | None = None, groups: int = 1):
-    """Exact softmax attention of q [B, Tq, H, hd] over key blocks [(k, v, mask)]. The queries form `groups`
-    independent groups of S = Tq / groups positions (e.g. knockout configurations, group-major). Every block
-    but the last is shared by all groups: k, v [B, K, Sb, hd], mask [B, 1|H, Tq, Sb] True = may attend. The
-    last block holds each group's own keys: k, v [B, K, Tq, hd], mask [B, 1|H, Tq, S], seen only by its own
-    group; its mask is causal (own key j is masked for query i < j), so tiles above its diagonal are skipped.
+def attention(q, blocks, tile: int | None = None):
+    """Exact softmax attention of q [B, Tq, H, hd] over key blocks [(k, v, mask)]: k, v [B, K, Sb, hd], mask
+    [B, 1|H, Tq, Sb] True = may attend. The last block holds the queries' own keys and its mask is causal
+    (own key j is masked for query i < j), so tiles above its diagonal are skipped.
 
     The scores are computed in tiles of at most `tile` elements (default `score_tile()`) with an online
     softmax (running max and sum per query), so no [B, H, Tq, S] score buffer is materialised for the
-    output. Returns out [B, Tq, H, hd] in q's dtype and the weights [B, H, Tq, Sp + S] (f32), recomputed tile
-    by tile from the final max and sum: XLA drops them when the caller does not use them."""
+    output. Returns out [B, Tq, H, hd] in q's dtype and the weights [B, H, Tq, S] (f32), recomputed tile by
+    tile from the final max and sum: XLA drops them when the caller does not use them."""
     b, t, h, hd = q.shape
-    n, s = groups, t // groups
     kvh = blocks[0][0].shape[1]
     g = h // kvh
     tile = score_tile() if tile is None else tile
-    # heads-major, the groups and the G query heads of a key head folded into the rows (group, head, position):
-    # XLA's batched matmuls want (B, K) leading and 2-D operands, and the score layout stays the matmuls' own
-    q = q.reshape(b, n, s, kvh, g, hd).transpose(0, 3, 1, 4, 2, 5)  # [B, K, n, G, S, hd]; head = k * G + g
+    # heads-major, the G query heads of a key head folded into the rows: XLA's batched matmuls want (B, K)
+    # leading and 2-D operands
+    q = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, Tq, hd]; query head = k * G + g
     kv = [(kb.astype(q.dtype), vb.astype(q.dtype), mb) for kb, vb, mb in blocks]
-    own_k, own_v, own_m = kv[-1]
-    own_k, own_v = own_k.reshape(b, kvh, n, s, hd), own_v.reshape(b, kvh, n, s, hd)
-    keys = sum(kb.shape[2] for kb, _, _ in kv[:-1]) + s
-    rows = t if tile is None else max(1, math.isqrt(tile // (b * h)))  # square tiles when S is long
-    # query tiles: spans of positions (of every group) when S is long, else spans of whole groups
-    long = s >= rows
-    tiles = ([(0, n, i0, i1) for i0, i1 in _tiles(s, rows)] if long else
-             [(c0, c1, 0, s) for c0, c1 in _tiles(n, rows // s)])
-
-    def rows_of(m, c0, c1, i0, i1, j0, j1):  # mask [B, 1|H, Tq, Sb] -> its tile [B, 1|K, nc * G * tq, tk]
-        m = m.reshape(b, m.shape[1], n, s, m.shape[-1])[:, :, c0:c1, i0:i1, j0:j1]
-        if m.shape[1] == 1:
-            return m.reshape(b, 1, -1, j1 - j0) if g == 1 else jnp.broadcast_to(
-                m[:, :, :, None], (b, 1, c1 - c0, g, i1 - i0, j1 - j0)).reshape(b, 1, -1, j1 - j0)
-        return m.reshape(b, kvh, g, c1 - c0, i1 - i0, j1 - j0).transpose(0, 1, 3, 2, 4, 5).reshape(b, kvh, -1, j1 - j0)
-
+    keys = sum(kb.shape[2] for kb, _, _ in kv)
+    q_size = t if tile is None else max(1, math.isqrt(tile // (b * h)))  # square tiles when Tq is long
     outs, weights = [], []
-    for c0, c1, i0, i1 in tiles:
-        nc, tq = c1 - c0, i1 - i0
-        k_size = keys if tile is None else max(1, tile // (b * h * nc * tq))
-        qi = q[:, :, c0:c1, :, i0:i1]  # [B, K, nc, G, tq, hd]
-        scores = []  # (block, j0, j1, masked scores [B, K, nc * G * tq, tk] f32)
-        for blk, (kb, _, mb) in enumerate(kv[:-1]):  # shared keys: one matmul for every group of the tile
-            for j0, j1 in _tiles(kb.shape[2], k_size):
-                sc = jnp.einsum("BKQd,BKSd->BKQS", qi.reshape(b, kvh, -1, hd), kb[:, :, j0:j1],
-                                preferred_element_type=jnp.float32)
-                scores.append((blk, j0, j1, jnp.where(rows_of(mb, c0, c1, i0, i1, j0, j1), sc * hd**-0.5, NEG)))
-        for j0, j1 in _tiles(i1, k_size):  # own keys, up to the tile's diagonal: batched over the groups
-            sc = _group_dot("BKcQd,BKcSd->BKcQS", qi.reshape(b, kvh, nc, g * tq, hd), own_k[:, :, c0:c1, j0:j1])
-            scores.append((len(kv) - 1, j0, j1, jnp.where(rows_of(own_m, c0, c1, i0, i1, j0, j1), sc * hd**-0.5, NEG)))
+    for i0, i1 in _tiles(t, q_size):
+        tq = i1 - i0
+        k_size = keys if tile is None else max(1, tile // (b * h * tq))
+        qi = q[:, :, :, i0:i1].reshape(b, kvh, g * tq, hd)
+        scores = []  # (block, j0, j1, masked scores [B, K, G * tq, tk] f32)
+        for n, (kb, _, mb) in enumerate(kv):
+            own = n == len(kv) - 1
+            for j0, j1 in _tiles(i1 if own else kb.shape[2], k_size):
+                s = jnp.einsum("BKQd,BKSd->BKQS", qi, kb[:, :, j0:j1], preferred_element_type=jnp.float32) * hd**-0.5
+                m = mb[:, :, i0:i1, j0:j1]  # [B, 1|H, tq, tk]
+                m = (jnp.broadcast_to(m[:, :, None], (b, 1, g, tq, j1 - j0)) if m.shape[1] == 1
+                     else m.reshape(b, kvh, g, tq, j1 - j0))
+                scores.append((n, j0, j1, jnp.where(m.reshape(b, -1, g * tq, j1 - j0), s, NEG)))
         top = total = acc = None
-        for blk, j0, j1, sc in scores:  # online softmax: rescale the running sum and output by exp(old - new max)
-            new_top = sc.max(-1, keepdims=True) if top is None else jnp.maximum(top, sc.max(-1, keepdims=True))
-            p = jnp.exp(sc - new_top)
-            if blk < len(kv) - 1:
-                pv = jnp.einsum("BKQS,BKSd->BKQd", p.astype(q.dtype), kv[blk][1][:, :, j0:j1],
-                                preferred_element_type=jnp.float32)
-            else:
-                pv = _group_dot("BKcQS,BKcSd->BKcQd", p.astype(q.dtype).reshape(b, kvh, nc, g * tq, j1 - j0),
-                                own_v[:, :, c0:c1, j0:j1])
+        for n, j0, j1, s in scores:  # online softmax: rescale the running sum and output by exp(old - new max)
+            new_top = s.max(-1, keepdims=True) if top is None else jnp.maximum(top, s.max(-1, keepdims=True))
+            p = jnp.exp(s - new_top)
+            pv = jnp.einsum("BKQS,BKSd->BKQd", p.astype(q.dtype), kv[n][1][:, :, j0:j1],
+                            preferred_element_type=jnp.float32)
             if top is None:
                 total, acc = p.sum(-1, keepdims=True), pv
             else:
                 scale = jnp.exp(top - new_top)
                 total, acc = total * scale + p.sum(-1, keepdims=True), acc * scale + pv
             top = new_top
-        outs.append((acc / total).reshape(b, kvh, nc, g, tq, hd))
-        row = [jnp.exp(sc - top) / total for _, _, _, sc in scores]
-        row.append(jnp.zeros((b, kvh, nc * g * tq, s - i1), jnp.float32))  # own keys past the tile: causal zeros
-        weights.append(jnp.concatenate(row, axis=-1).reshape(b, kvh, nc, g, tq, keys))
-    axis = 4 if long else 2  # tiles of positions, or of groups
-    out = jnp.concatenate(outs, axis=axis).transpose(0, 2, 4, 1, 3, 5).reshape(b, t, h, hd).astype(q.dtype)
-    weights = jnp.concatenate(weights, axis=axis).transpose(0, 1, 3, 2, 4, 5)  # [B, K, G, n, S, keys]
-    return out, weights.reshape(b, h, t, keys)
+        outs.append((acc / total).reshape(b, kvh, g, tq, hd))
+        row = [jnp.exp(s - top) / total for _, _, _, s in scores]
+        row.append(jnp.zeros((b, kvh, g * tq, t - i1), jnp.float32))  # own keys past the tile: causal zeros
+        weights.append(jnp.concatenate(row, axis=-1).reshape(b, kvh, g, tq, keys))
+    out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
+    return out, jnp.concatenate(weights, axis=3).reshape(b, h, t, keys)
 
 
 class LlamaLayer(nnx.Module):
@@ -195,8 +157,8 @@ class LlamaLayer(nnx.Module):
         self.up_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "mlp"))
         self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs, axes=("mlp", "embed"))
 
-    def __call__(self, x, cos, sin, mask, prefix=None, groups: int = 1):
-        attn, weights, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix, groups)
+    def __call__(self, x, cos, sin, mask, prefix=None):
+        attn, weights, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix)
         x = x + attn
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h)), weights, kv

@@ -11,9 +11,6 @@ knockout configuration:
   positions they recompute (a flow into the last position recomputes one; see `suffix_bucket`),
   and each group is sorted by l0: layer l runs only for the configurations already started (a
   static prefix of the sorted list), so no compute is spent below a window or past a suffix.
-  The started configurations run as query groups of one layer call (`llama.attention`'s `groups`):
-  their suffixes share the uncut keys in one matmul, and the scores keep the matmuls' layout (no
-  vmap over configurations, whose batching would transpose every score tensor).
 """
 
 from __future__ import annotations
@@ -96,36 +93,28 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
     last_in_suffix [K, B]: index of the last position within the suffix; valid [B, T].
     """
     lm = module.language_model
-    b, t = valid.shape
-    size = q_pos.shape[-1]
+    t = valid.shape[1]
     slots = jnp.broadcast_to(jnp.arange(t), valid.shape)  # [B, T]
-
-    def masks(qk, qvk, kk, layer_idx):  # one configuration: RoPE tables and masks, minus its cut edges
-        (cos, sin), own, pre = lm.masks(qk, qvk, KVCache(None, None, slots, valid & (slots < qk[:, :1])))
-        own = own & ~kk.cut(layer_idx, qk, qk)  # [B, H, S, S]: causal within the suffix
-        pre = pre & ~kk.cut(layer_idx, qk, slots)  # [B, H, S, T]: the uncut run's keys before t0
-        return cos, sin, own, pre
-
-    def rows(a):  # [n, B, ..., S, X] per configuration -> [B, ..., n * S, X]: configurations are query groups
-        a = jnp.moveaxis(a, 0, -3)
-        return a.reshape(*a.shape[:-3], -1, a.shape[-1])
-
-    x = None  # [B, n, S, D]: the suffixes of the n configurations started so far
+    x = None
     for layer_idx, layer in enumerate(lm.layers):
         n = sum(s <= layer_idx for s in starts)
         if n == 0:
             continue
-        done = 0 if x is None else x.shape[1]
+        done = 0 if x is None else x.shape[0]
         if n > done:  # configurations whose window starts here take the uncut input of this layer
             h_in = base.hidden[layer_idx]  # [B, T, D]
             fresh = jnp.take_along_axis(h_in[None], q_pos[done:n, ..., None], axis=2)  # [n - done, B, S, D]
-            fresh = fresh.transpose(1, 0, 2, 3)
-            x = fresh if x is None else jnp.concatenate([x, fresh], axis=1)
+            x = fresh if x is None else jnp.concatenate([x, fresh])
+
+        def one(xk, qk, qvk, kk, layer_idx=layer_idx, layer=layer):
+            (cos, sin), own, pre = lm.masks(qk, qvk, KVCache(None, None, slots, valid & (slots < qk[:, :1])))
+            own = own & ~kk.cut(layer_idx, qk, qk)  # [B, H, S, S]: causal within the suffix
+            pre = pre & ~kk.cut(layer_idx, qk, slots)  # [B, H, S, T]: the uncut run's keys before t0
+            return layer(xk, cos, sin, own, (base.k[layer_idx], base.v[layer_idx], pre))[0]
+
         sub = jax.tree.map(lambda a, n=n: a[:n], knock)
-        cos, sin, own, pre = jax.vmap(functools.partial(masks, layer_idx=layer_idx))(q_pos[:n], q_valid[:n], sub)
-        x = layer(x.reshape(b, n * size, -1), rows(cos), rows(sin), rows(own),
-                  (base.k[layer_idx], base.v[layer_idx], rows(pre)), groups=n)[0].reshape(x.shape)
-    h = jnp.take_along_axis(x, last_in_suffix.T[:, :, None, None], axis=2)[:, :, 0].transpose(1, 0, 2)  # [K, B, D]
+        x = jax.vmap(one)(x, q_pos[:n], q_valid[:n], sub)
+    h = jnp.take_along_axis(x, last_in_suffix[..., None, None], axis=2)[:, :, 0]  # [K, B, D]
     return _answer_prob(lm, lm.norm(h), token)
 
 
