@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxflow import checkpoint, host, sharding
+from jaxflow import checkpoint, sharding
 from jaxflow.config import LlavaConfig
 from jaxflow.geometry import image_layout
 from jaxflow.inputs.images import ProcessorSettings
@@ -175,14 +175,12 @@ def _decode_step(module: Llava, token: jax.Array, pos: jax.Array, k_cache: jax.A
 class Model:
     """A loaded LLaVA model: `.config`, `.tokenizer`, `.module` (the Flax NNX module), `.path` and
     `.metadata` (jaxflow.json: source layout, dtype) of the converted directory; `.no_anyres`: a LLaVA-NeXT
-    checkpoint run with LLaVA-1.5 image handling (see `load`). On the CPU backend the first Model tunes the
-    process's malloc to keep freed buffers (`jaxflow.host.keep_freed_buffers`)."""
+    checkpoint run with LLaVA-1.5 image handling (see `load`)."""
 
     def __init__(self, module: Llava, config: LlavaConfig, tokenizer=None, path: str | None = None,
                  metadata: dict | None = None, mesh: jax.sharding.Mesh | None = None, no_anyres: bool = False):
         self.module, self.config, self.tokenizer = module, config, tokenizer
         self.path, self.metadata, self.mesh, self.no_anyres = path, metadata or {}, mesh, no_anyres
-        host.keep_freed_buffers()  # on CPU: no page faults for every call's buffers
 
     @functools.cached_property
     def processor(self) -> ProcessorSettings:
