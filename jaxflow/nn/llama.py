@@ -60,21 +60,26 @@ class LlamaAttention(nnx.Module):
         self.o_proj = Linear(h * hd, d, bias=False, dtype=dtype, rngs=rngs, axes=("heads", "embed"))
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
 
-    def __call__(self, x, cos, sin, mask, prefix=None):
+    def keys(self, x, cos, sin):
+        """x [B, T, D] (normed), RoPE tables [B, T, hd] -> k, v [B, K, T, hd]."""
+        b, t, _ = x.shape
+        kvh, hd = self.num_kv_heads, self.head_dim
+        k = apply_rope(self.k_proj(x).reshape(b, t, kvh, hd), cos, sin).transpose(0, 2, 1, 3)
+        return k, self.v_proj(x).reshape(b, t, kvh, hd).transpose(0, 2, 1, 3)
+
+    def __call__(self, x, cos, sin, mask, prefix=()):
         """x [B, Tq, D]; mask [B, 1|H, Tq, Tq] True = may attend, over this call's own keys.
 
-        prefix: optional (k, v, mask) of earlier positions (a KV cache, or an uncut run's keys): k, v
+        prefix: blocks (k, v, mask) of earlier positions (a KV cache, an uncut run's keys): k, v
         [B, K, Sp, hd] and mask [B, 1|H, Tq, Sp]. One softmax spans the prefix keys, then the own keys
-        (S = Sp + Tq), computed block by block so that neither scores nor keys are concatenated.
+        (S = sum Sp + Tq), computed block by block so that neither scores nor keys are concatenated.
         Returns out [B, Tq, D], weights [B, H, Tq, S] and this call's own (k, v) [B, K, Tq, hd].
         """
         b, t, _ = x.shape
-        h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        h, hd = self.num_heads, self.head_dim
         q = apply_rope(self.q_proj(x).reshape(b, t, h, hd), cos, sin)  # [B, Tq, H, hd]
-        k = apply_rope(self.k_proj(x).reshape(b, t, kvh, hd), cos, sin).transpose(0, 2, 1, 3)  # [B, K, Tq, hd]
-        v = self.v_proj(x).reshape(b, t, kvh, hd).transpose(0, 2, 1, 3)  # [B, K, Tq, hd]
-        blocks = [(k, v, mask)] if prefix is None else [prefix, (k, v, mask)]
-        out, weights = attention(q, blocks)  # [B, Tq, H, hd], [B, H, Tq, S]
+        k, v = self.keys(x, cos, sin)  # [B, K, Tq, hd]
+        out, weights = attention(q, [*prefix, (k, v, mask)])  # [B, Tq, H, hd], [B, H, Tq, S]
         return self.o_proj(out.reshape(b, t, h * hd).astype(x.dtype)), weights.astype(x.dtype), (k, v)
 
 
@@ -157,7 +162,7 @@ class LlamaLayer(nnx.Module):
         self.up_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "mlp"))
         self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs, axes=("mlp", "embed"))
 
-    def __call__(self, x, cos, sin, mask, prefix=None):
+    def __call__(self, x, cos, sin, mask, prefix=()):
         attn, weights, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix)
         x = x + attn
         h = self.post_attention_layernorm(x)
@@ -216,10 +221,10 @@ class LlamaModel(nnx.Module):
         states, attns, ks, vs = [x], [], [], []
         for i, layer in enumerate(self.layers):
             mask = own if knock is None else own & ~knock.cut(i, q_pos, q_pos)
-            block = None
+            blocks = ()
             if prefix is not None:
-                block = (prefix.k[i], prefix.v[i], pre if knock is None else pre & ~knock.cut(i, q_pos, prefix.pos))
-            x, weights, (k, v) = layer(x, cos, sin, mask, block)
+                blocks = [(prefix.k[i], prefix.v[i], pre if knock is None else pre & ~knock.cut(i, q_pos, prefix.pos))]
+            x, weights, (k, v) = layer(x, cos, sin, mask, blocks)
             states.append(x)
             if collect_attn:
                 attns.append(weights)

@@ -10,7 +10,8 @@ knockout configuration:
   the uncut run's keys/values for positions before t0. Configurations are grouped by how many
   positions they recompute (a flow into the last position recomputes one; see `suffix_bucket`),
   and each group is sorted by l0: layer l runs only for the configurations already started (a
-  static prefix of the sorted list), so no compute is spent below a window or past a suffix.
+  static prefix of the sorted list), so no compute is spent below a window or past a suffix. The
+  last layer runs only the last position's query (the answer's), over the suffix's keys.
 """
 
 from __future__ import annotations
@@ -106,14 +107,26 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
             fresh = jnp.take_along_axis(h_in[None], q_pos[done:n, ..., None], axis=2)  # [n - done, B, S, D]
             x = fresh if x is None else jnp.concatenate([x, fresh])
 
-        def one(xk, qk, qvk, kk, layer_idx=layer_idx, layer=layer):
+        def one(xk, qk, qvk, kk, lk, layer_idx=layer_idx, layer=layer):
             (cos, sin), own, pre = lm.masks(qk, qvk, KVCache(None, None, slots, valid & (slots < qk[:, :1])))
             own = own & ~kk.cut(layer_idx, qk, qk)  # [B, H, S, S]: causal within the suffix
             pre = pre & ~kk.cut(layer_idx, qk, slots)  # [B, H, S, T]: the uncut run's keys before t0
-            return layer(xk, cos, sin, own, (base.k[layer_idx], base.v[layer_idx], pre))[0]
+            prefix = (base.k[layer_idx], base.v[layer_idx], pre)
+            if layer_idx < len(lm.layers) - 1 or xk.shape[1] == 1:
+                return layer(xk, cos, sin, own, [prefix])[0]
+            # the last layer matters only at the last position: its query alone, the suffix's keys before it
+            # as a second prefix block (the rows after the last are padding, masked by `own`)
+            at = lambda a: jnp.take_along_axis(a, lk[:, None, None], axis=1)  # [B, S, X] -> [B, 1, X]  # noqa: E731
+            k, v = layer.self_attn.keys(layer.input_layernorm(xk), cos, sin)  # [B, K, S, hd]
+            row = lambda m: jnp.take_along_axis(m, lk[:, None, None, None], axis=2)  # noqa: E731
+            before = row(own) & (jnp.arange(xk.shape[1]) < lk[:, None])[:, None, None]  # [B, H, 1, S]
+            last_own = jnp.ones((xk.shape[0], 1, 1, 1), bool) & ~kk.cut(layer_idx, at(qk[..., None])[..., 0],
+                                                                       at(qk[..., None])[..., 0])
+            out = layer(at(xk), at(cos), at(sin), last_own, [(prefix[0], prefix[1], row(pre)), (k, v, before)])[0]
+            return jnp.broadcast_to(out, xk.shape)
 
         sub = jax.tree.map(lambda a, n=n: a[:n], knock)
-        x = jax.vmap(one)(x, q_pos[:n], q_valid[:n], sub)
+        x = jax.vmap(one)(x, q_pos[:n], q_valid[:n], sub, last_in_suffix[:n])
     h = jnp.take_along_axis(x, last_in_suffix[..., None, None], axis=2)[:, :, 0]  # [K, B, D]
     return _answer_prob(lm, lm.norm(h), token)
 
