@@ -10,6 +10,10 @@
     images): the large run end to end from cold (compiled code dropped first, so compile is included), then
     the marginal cost per sample between a small and a large run, both warm (compile excluded).
 
+A shared VM's speed drifts by up to 2x within minutes, so after the cold run (a), (b) and the warm (c) runs
+are repeated in turn (`--rounds`); each round's ratios come from its own minutes, and the ratios reported
+are their medians.
+
 Data: toy-world ChooseAttr questions (`jaxflow.world`), the vicuna_v1 prompt, the study's six flows at every
 layer, window 9. A random model answers wrongly, so every sample is kept (`filter_correct=False`). The three
 methods must give the same knocked-out probabilities. FLOPs are counted from the shapes (decoder matmuls and
@@ -55,6 +59,7 @@ class Preset:
     small: int  # (c): the marginal rate is taken between a `small`- and a `large`-sample run
     large: int
     batch: int  # jaxflow's samples per batch
+    rounds: int  # (a), (b) and the warm (c) runs, repeated in turn: each round's ratios come from minutes apart
 
     @property
     def init(self) -> float:
@@ -65,14 +70,14 @@ class Preset:
 PRESETS = {
     "cpu": Preset(hidden=256, intermediate=688, layers=16, heads=8, vocab=32064, vision_hidden=64, vision_layers=2,
                   vision_heads=4, image_size=336, dtype="float32", study_samples=2, batched_samples=2, small=6,
-                  large=30, batch=4),
+                  large=30, batch=4, rounds=3),
     # LLaVA-1.5-7B: Vicuna-7B decoder, CLIP ViT-L/14 at 336 px
     "gpu": Preset(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32064, vision_hidden=1024,
                   vision_layers=24, vision_heads=16, image_size=336, dtype="bfloat16", study_samples=4,
-                  batched_samples=4, small=4, large=8, batch=4),
+                  batched_samples=4, small=4, large=8, batch=4, rounds=1),
     "tiny": Preset(hidden=64, intermediate=128, layers=4, heads=4, vocab=1024, vision_hidden=32, vision_layers=2,
                    vision_heads=4, image_size=56, dtype="float32", study_samples=1, batched_samples=1, small=1,
-                   large=2, batch=1),
+                   large=2, batch=1, rounds=2),
 }
 # Max (abs, relative) difference of p between methods. A random model's p is small (~1/vocab), so the relative
 # difference is the sharp test; bfloat16 rounds differently in torch and XLA, so there it is a coarse one.
@@ -419,6 +424,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--small", type=int, help="samples of the small jaxflow run (c)")
     parser.add_argument("--large", type=int, help="samples of the large jaxflow run (c)")
     parser.add_argument("--batch", type=int, help="jaxflow sweep batch size")
+    parser.add_argument("--rounds", type=int, help="rounds of (a), (b) and the warm (c) runs, in turn; the ratios "
+                        "reported are the medians of each round's own ratios (default: the preset's)")
     parser.add_argument("--torch-batch", type=int, default=16, help="configurations per forward in (b)")
     parser.add_argument("--window", type=int, default=9)
     parser.add_argument("--max-new-tokens", type=int, default=1,
@@ -437,10 +444,12 @@ def main(argv=None) -> dict:
 
     preset = PRESETS[args.preset]
     preset = dataclasses.replace(preset, **{f: getattr(args, f) for f in ("dtype", "study_samples", "batched_samples",
-                                                                          "small", "large", "batch")
+                                                                          "small", "large", "batch", "rounds")
                                             if getattr(args, f) is not None})
     if not 0 < preset.small < preset.large:
         raise SystemExit(f"--small {preset.small} / --large {preset.large}: need 0 < small < large")
+    if preset.rounds < 1:
+        raise SystemExit(f"--rounds {preset.rounds}: need at least one round")
     abs_tol, rel_tol = TOLERANCE[preset.dtype]
     abs_tol = abs_tol if args.abs_tol is None else args.abs_tol
     rel_tol = rel_tol if args.rel_tol is None else args.rel_tol
@@ -465,20 +474,6 @@ def main(argv=None) -> dict:
             hf(input_ids=torch.as_tensor(samples[0].input_ids[None], device=device),
                pixel_values=torch.as_tensor(samples[0].pixel_values, device=device, dtype=hf.dtype), logits_to_keep=1)
         memory_peak = {}
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        base_a, p_a, s_a = run_study(hf, samples[:preset.study_samples], k, device)
-        log(f"(a) study's procedure: {preset.study_samples} samples in {s_a:.1f} s")
-        if cuda:
-            memory_peak["a"] = torch.cuda.max_memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        base_b, p_b, s_b = run_batched(hf, samples[:preset.batched_samples], k, args.torch_batch, device)
-        log(f"(b) batched PyTorch: {preset.batched_samples} samples in {s_b:.1f} s")
-        if cuda:
-            memory_peak["b"] = torch.cuda.max_memory_allocated()
-        del hf  # the accelerator's memory goes to jaxflow
-        if cuda:
-            torch.cuda.empty_cache()
 
         def sweep(n: int, name: str, cold: bool = False):
             out = run_jaxflow(model, data, images, n, os.path.join(root, "runs", name), k, preset.batch,
@@ -487,7 +482,23 @@ def main(argv=None) -> dict:
             return out
 
         cold = sweep(preset.large, f"cold-{preset.large}", cold=True)
-        runs = {n: sweep(n, f"warm-{n}") for n in (preset.small, preset.large)}
+        rounds = []  # per round: seconds of (a), (b), the small and the large warm (c) runs
+        for i in range(preset.rounds):  # the VM's speed drifts: each round measures all three methods in turn
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            base_a, p_a, s_a = run_study(hf, samples[:preset.study_samples], k, device)
+            log(f"round {i + 1}: (a) study's procedure: {preset.study_samples} samples in {s_a:.1f} s")
+            if cuda:
+                memory_peak["a"] = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            base_b, p_b, s_b = run_batched(hf, samples[:preset.batched_samples], k, args.torch_batch, device)
+            log(f"round {i + 1}: (b) batched PyTorch: {preset.batched_samples} samples in {s_b:.1f} s")
+            if cuda:
+                memory_peak["b"] = torch.cuda.max_memory_allocated()
+                torch.cuda.empty_cache()  # the accelerator's cached blocks go back to jaxflow
+            runs = {n: sweep(n, f"warm-{n}-{i + 1}") for n in (preset.small, preset.large)}
+            rounds.append({"a": s_a, "b": s_b, "c_warm_small": runs[preset.small][2],
+                           "c_warm_large": runs[preset.large][2]})
         stats = jax.devices()[0].memory_stats() or {}
         xla = xla_decoder_flops(model, len(samples[0].input_ids))
 
@@ -505,16 +516,23 @@ def main(argv=None) -> dict:
     # rates and FLOPs
     flops = [flops_per_sample(cfg, s, k) for s in samples]
     mean = {key: float(np.mean([f[key] for f in flops])) for key in ("study", "batched", "jaxflow_bound", "forward")}
-    (_, _, s_small, _), (_, _, s_large, _), (_, _, s_cold, sum_cold) = runs[preset.small], runs[preset.large], cold
-    rate = {"a_study": na / s_a, "b_batched": nb / s_b,
-            "c_jaxflow_marginal": (preset.large - preset.small) / (s_large - s_small),
-            "c_jaxflow_end_to_end": preset.large / s_cold}
+    (_, _, s_cold, sum_cold) = cold
+    for r_ in rounds:  # each round's rates and ratios, from its own minutes
+        r_["samples_per_s"] = {"a_study": na / r_["a"], "b_batched": nb / r_["b"],
+                               "c_jaxflow_marginal": (preset.large - preset.small)
+                               / (r_["c_warm_large"] - r_["c_warm_small"])}
+        c_ = r_["samples_per_s"]["c_jaxflow_marginal"]
+        r_["ratio_c_over_a"] = c_ / r_["samples_per_s"]["a_study"]
+        r_["ratio_c_over_b"] = c_ / r_["samples_per_s"]["b_batched"]
+    median = lambda key: float(np.median([r_[key] for r_ in rounds]))  # noqa: E731
+    rate = {key: float(np.median([r_["samples_per_s"][key] for r_ in rounds]))
+            for key in ("a_study", "b_batched", "c_jaxflow_marginal")}
+    rate["c_jaxflow_end_to_end"] = preset.large / s_cold
     method_flops = {"a_study": mean["study"], "b_batched": mean["batched"], "c_jaxflow_marginal": mean["jaxflow_bound"],
                     "c_jaxflow_end_to_end": mean["jaxflow_bound"]}
     achieved = {m_: rate[m_] * method_flops[m_] for m_ in rate}
     bound_ratio = mean["study"] / mean["jaxflow_bound"]
-    c_over_a = rate["c_jaxflow_marginal"] / rate["a_study"]
-    c_over_b = rate["c_jaxflow_marginal"] / rate["b_batched"]
+    c_over_a, c_over_b = median("ratio_c_over_a"), median("ratio_c_over_b")
     decoder_analytic = decoder_flops(cfg.text, len(samples[0].input_ids))
     info = machine(device)
     peak = device_peak(info.get("gpu", "")) if preset.dtype == "bfloat16" else None
@@ -523,9 +541,9 @@ def main(argv=None) -> dict:
         "preset": args.preset, "shape": dataclasses.asdict(preset), "machine": info, "window": k,
         "configurations_per_sample": flops[0]["configurations"], "T_mean": float(np.mean([f["T"] for f in flops])),
         "samples": {"a": na, "b": nb, "c_small": preset.small, "c_large": preset.large},
-        "seconds": {"setup": setup, "a": s_a, "b": s_b, "c_cold_large": s_cold, "c_warm_small": s_small,
-                    "c_warm_large": s_large},
-        "samples_per_s": rate, "ratio_c_over_a": c_over_a, "ratio_c_over_b": c_over_b,
+        "seconds": {"setup": setup, "c_cold_large": s_cold,
+                    **{key: median(key) for key in ("a", "b", "c_warm_small", "c_warm_large")}},
+        "rounds": rounds, "samples_per_s": rate, "ratio_c_over_a": c_over_a, "ratio_c_over_b": c_over_b,
         "ratio_c_end_to_end_over_a": rate["c_jaxflow_end_to_end"] / rate["a_study"],
         "flops_per_sample": mean, "flop_bound_ratio": bound_ratio, "fraction_of_bound": c_over_a / bound_ratio,
         "achieved_flop_per_s": achieved, "device_peak_flop_per_s": peak,
@@ -574,10 +592,14 @@ def report(r: dict) -> None:
             (f"(c) jaxflow sweep end to end, {r['samples']['c_large']} (cold)", "c_jaxflow_end_to_end",
              r["samples"]["c_large"], "jaxflow_bound")]
     a, b = r["samples_per_s"]["a_study"], r["samples_per_s"]["b_batched"]
-    print(f"\n| method | samples | samples/s | x (a) | x (b) | FLOP/sample | FLOP/s |\n|{' --- |' * 7}")
+    print(f"\nsamples/s: medians over {len(r['rounds'])} rounds (the cold run: once); x (a), x (b) of the marginal "
+          f"rate: medians of each round's own ratio\n")
+    print(f"| method | samples | samples/s | x (a) | x (b) | FLOP/sample | FLOP/s |\n|{' --- |' * 7}")
     for label, key, n, fkey in rows:
         rate = r["samples_per_s"][key]
-        print(f"| {label} | {n} | {rate:.4g} | {rate / a:.1f} | {rate / b:.1f} | {_si(r['flops_per_sample'][fkey])} "
+        over_a, over_b = ((r["ratio_c_over_a"], r["ratio_c_over_b"]) if key == "c_jaxflow_marginal"
+                          else (rate / a, rate / b))
+        print(f"| {label} | {n} | {rate:.4g} | {over_a:.1f} | {over_b:.1f} | {_si(r['flops_per_sample'][fkey])} "
               f"| {_si(r['achieved_flop_per_s'][key])} |")
     print(f"\njaxflow FLOP/sample is the exact bound (one prefill + each configuration's suffix from its window "
           f"start); jaxflow computes at least that, so its FLOP/s is a lower bound.\nFLOP-bound ratio (study / bound): "
@@ -595,8 +617,13 @@ def report(r: dict) -> None:
     print("agreement (max abs / max rel difference of p): " +
           ", ".join(f"{k} {v['max_abs']:.1e} / {v['max_rel']:.1e}" for k, v in r["agreement"].items()) +
           f"; largest knockout effect |p_block / p_base - 1| = {r['largest_knockout_effect']:.3g}")
+    for i, r_ in enumerate(r["rounds"]):
+        rate = r_["samples_per_s"]
+        print(f"round {i + 1}: samples/s (a) {rate['a_study']:.4g}, (b) {rate['b_batched']:.4g}, (c) "
+              f"{rate['c_jaxflow_marginal']:.4g}: {r_['ratio_c_over_a']:.1f}x (a), {r_['ratio_c_over_b']:.1f}x (b)")
     sec = r["seconds"]
-    print(f"seconds: setup {sec['setup']:.0f}, (a) {sec['a']:.1f}, (b) {sec['b']:.1f}, "
+    print(f"seconds (medians of {len(r['rounds'])} rounds but the cold run): setup {sec['setup']:.0f}, "
+          f"(a) {sec['a']:.1f}, (b) {sec['b']:.1f}, "
           f"(c) cold {sec['c_cold_large']:.1f}, warm {sec['c_warm_small']:.1f} / {sec['c_warm_large']:.1f}"
           f"; jaxflow batch shapes (batch, T): {r['compiled_shapes']}")
     for key, (target, ok) in r["targets"].items():

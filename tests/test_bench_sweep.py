@@ -98,3 +98,15 @@ def _model(work):
 
 def _samples(bench, model, work):
     return bench.load_samples(model, str(work / "data" / "ChooseAttr.csv"), str(work / "data" / "images"), 1)
+
+
+def test_ratios_are_medians_of_each_rounds_own_ratio(run):
+    """(a), (b) and the warm (c) runs repeat in rounds; each round's ratio is taken within it."""
+    result = run[0]
+    assert len(result["rounds"]) == 2  # the tiny preset's rounds
+    for r in result["rounds"]:
+        rate = r["samples_per_s"]
+        assert r["ratio_c_over_a"] == pytest.approx(rate["c_jaxflow_marginal"] / rate["a_study"])
+        assert r["ratio_c_over_b"] == pytest.approx(rate["c_jaxflow_marginal"] / rate["b_batched"])
+    for key in ("ratio_c_over_a", "ratio_c_over_b"):
+        assert result[key] == pytest.approx(np.median([r[key] for r in result["rounds"]]))
