@@ -117,13 +117,13 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
             # the last layer matters only at the last position: its query alone, the suffix's keys before it
             # as a second prefix block (the rows after the last are padding, masked by `own`)
             at = lambda a: jnp.take_along_axis(a, lk[:, None, None], axis=1)  # [B, S, X] -> [B, 1, X]  # noqa: E731
+            row = lambda m: jnp.take_along_axis(m, lk[:, None, None, None], axis=2)  # [B, H, S, X] -> [B, H, 1, X]  # noqa: E731
             k, v = layer.self_attn.keys(layer.input_layernorm(xk), cos, sin)  # [B, K, S, hd]
-            row = lambda m: jnp.take_along_axis(m, lk[:, None, None, None], axis=2)  # noqa: E731
             before = row(own) & (jnp.arange(xk.shape[1]) < lk[:, None])[:, None, None]  # [B, H, 1, S]
-            last_own = jnp.ones((xk.shape[0], 1, 1, 1), bool) & ~kk.cut(layer_idx, at(qk[..., None])[..., 0],
-                                                                       at(qk[..., None])[..., 0])
-            out = layer(at(xk), at(cos), at(sin), last_own, [(prefix[0], prefix[1], row(pre)), (k, v, before)])[0]
-            return jnp.broadcast_to(out, xk.shape)
+            q_last = jnp.take_along_axis(qk, lk[:, None], axis=1)  # [B, 1]
+            self_edge = ~kk.cut(layer_idx, q_last, q_last)  # [B, H, 1, 1]: the last position's own key
+            out = layer(at(xk), at(cos), at(sin), self_edge, [(prefix[0], prefix[1], row(pre)), (k, v, before)])[0]
+            return jnp.broadcast_to(out, xk.shape)  # [B, S, D]: only the last row is read
 
         sub = jax.tree.map(lambda a, n=n: a[:n], knock)
         x = jax.vmap(one)(x, q_pos[:n], q_valid[:n], sub, last_in_suffix[:n])
