@@ -111,9 +111,9 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
             (cos, sin), own, pre = lm.masks(qk, qvk, KVCache(None, None, slots, valid & (slots < qk[:, :1])))
             own = own & ~kk.cut(layer_idx, qk, qk)  # [B, H, S, S]: causal within the suffix
             pre = pre & ~kk.cut(layer_idx, qk, slots)  # [B, H, S, T]: the uncut run's keys before t0
-            prefix = (base.k[layer_idx], base.v[layer_idx], pre)
+            k_base, v_base = base.k[layer_idx], base.v[layer_idx]
             if layer_idx < len(lm.layers) - 1 or xk.shape[1] == 1:
-                return layer(xk, cos, sin, own, [prefix])[0]
+                return layer(xk, cos, sin, own, [(k_base, v_base, pre)])[0]
             # the last layer matters only at the last position: its query alone, the suffix's keys before it
             # as a second prefix block (the rows after the last are padding, masked by `own`)
             at = lambda a: jnp.take_along_axis(a, lk[:, None, None], axis=1)  # [B, S, X] -> [B, 1, X]  # noqa: E731
@@ -122,7 +122,7 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
             before = row(own) & (jnp.arange(xk.shape[1]) < lk[:, None])[:, None, None]  # [B, H, 1, S]
             q_last = jnp.take_along_axis(qk, lk[:, None], axis=1)  # [B, 1]
             self_edge = ~kk.cut(layer_idx, q_last, q_last)  # [B, H, 1, 1]: the last position's own key
-            out = layer(at(xk), at(cos), at(sin), self_edge, [(prefix[0], prefix[1], row(pre)), (k, v, before)])[0]
+            out = layer(at(xk), at(cos), at(sin), self_edge, [(k_base, v_base, row(pre)), (k, v, before)])[0]
             return jnp.broadcast_to(out, xk.shape)  # [B, S, D]: only the last row is read
 
         sub = jax.tree.map(lambda a, n=n: a[:n], knock)
