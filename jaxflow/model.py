@@ -121,7 +121,8 @@ def _forward(module: Llava, inputs: ModelInputs, knock: KnockoutMasks | None,
     def run(k):
         out = lm(x, inputs.position_ids, inputs.attention_mask, knock=k,
                  collect_hidden=collect_hidden, collect_attn=collect_attn)
-        return lm.unembed(out.hidden), out.hidden_states, out.attentions
+        stack = lambda a: None if a is None else jnp.stack(a)  # noqa: E731
+        return lm.unembed(out.hidden), stack(out.hidden_states), stack(out.attentions)
 
     return run(None) if knock is None else jax.vmap(run)(knock)
 
@@ -134,9 +135,9 @@ class Prefill:
 
     logits: jax.Array  # [B, V] at each row's last position
     probs: jax.Array  # [B, V] float32 softmax of `logits`
-    hidden: jax.Array | None  # [L + 1, B, T, D] residual stream (input of layer l at index l), or None
-    k: jax.Array  # [L, B, K, T, hd]
-    v: jax.Array  # [L, B, K, T, hd]
+    hidden: tuple[jax.Array, ...] | None  # L + 1 x [B, T, D] residual stream (input of layer l at index l), or None
+    k: tuple[jax.Array, ...]  # L x [B, K, T, hd]: one array per layer, as the layers wrote them (no stacked copy)
+    v: tuple[jax.Array, ...]  # L x [B, K, T, hd]
 
 
 @functools.partial(nnx.jit, graph=False, static_argnames=("collect_hidden",))
@@ -152,9 +153,9 @@ def prefill_forward(module: Llava, inputs: ModelInputs, last: jax.Array, collect
 
 @functools.partial(jax.jit, static_argnames=("new",))
 def _caches(k: jax.Array, v: jax.Array, new: int):
-    """The prompt's k, v [L, B, K, T, hd] -> decoding caches [L, B, K, T + new, hd] (prompt at [0, T))."""
+    """The prompt's k, v (L x [B, K, T, hd]) -> decoding caches [L, B, K, T + new, hd] (prompt at [0, T))."""
     pad = ((0, 0), (0, 0), (0, 0), (0, new), (0, 0))
-    return jnp.pad(k, pad), jnp.pad(v, pad)
+    return jnp.pad(jnp.stack(k), pad), jnp.pad(jnp.stack(v), pad)
 
 
 @nnx.jit(graph=False)
@@ -165,7 +166,7 @@ def _decode_step(module: Llava, token: jax.Array, pos: jax.Array, k_cache: jax.A
     slots = jnp.broadcast_to(jnp.arange(s), (b, s))
     prefix = KVCache(k_cache, v_cache, pos=slots, valid=slots < pos[:, None])
     out = lm(lm.embed_tokens(token[:, None]), pos[:, None], jnp.ones((b, 1), bool), prefix=prefix, collect_kv=True)
-    k, v = out.kv  # [L, B, K, 1, hd]
+    k, v = (jnp.stack(a) for a in out.kv)  # [L, B, K, 1, hd]
     rows = jnp.arange(b)  # indexing rows and pos puts their axis first: the update is [B, L, K, hd]
     k_cache = k_cache.at[:, rows, :, pos].set(k[:, :, :, 0].transpose(1, 0, 2, 3))
     v_cache = v_cache.at[:, rows, :, pos].set(v[:, :, :, 0].transpose(1, 0, 2, 3))
@@ -259,8 +260,8 @@ class Model:
         b, t = inputs.attention_mask.shape
         if prefill is None:
             prefill = self.prefill(inputs)
-        elif (prefill.k.shape[1], prefill.k.shape[3]) != (b, t):
-            raise ValueError(f"prefill: keys of shape {prefill.k.shape} are not of a [{b}, {t}] prompt batch")
+        elif (prefill.k[0].shape[0], prefill.k[0].shape[2]) != (b, t):
+            raise ValueError(f"prefill: keys of shape {prefill.k[0].shape} are not of a [{b}, {t}] prompt batch")
         k_cache = v_cache = None  # made at the first decoding step: an answer of one token needs none
         logits = prefill.logits
         if eos_token_id is None and self.tokenizer is not None:

@@ -68,8 +68,8 @@ def test_generate_continues_a_shared_prefill(twins):
     np.testing.assert_allclose(np.asarray(base.hidden), np.asarray(plain.hidden_states), atol=1e-5)
     last = np.asarray(plain.logits)[np.arange(len(ids)), mask.sum(1) - 1]
     np.testing.assert_allclose(np.asarray(base.logits), last, atol=1e-5)
-    assert base.k.shape == base.v.shape == (model.config.text.num_layers, ids.shape[0], 2, ids.shape[1],
-                                            model.config.text.head_dim)
+    assert len(base.k) == len(base.v) == model.config.text.num_layers  # one array per layer
+    assert {a.shape for a in base.k + base.v} == {(ids.shape[0], 2, ids.shape[1], model.config.text.head_dim)}
     no_hidden = model.prefill(inputs)
     assert no_hidden.hidden is None
     np.testing.assert_allclose(np.asarray(no_hidden.k), np.asarray(base.k), atol=1e-6)

@@ -171,10 +171,13 @@ class LlamaLayer(nnx.Module):
 
 @dataclasses.dataclass
 class DecoderOutput:
+    """Per-layer results come as tuples (like transformers'), one array per layer: no stacked copy is made
+    unless a caller stacks them."""
+
     hidden: jax.Array  # [B, Tq, D] after the final norm
-    hidden_states: jax.Array | None = None  # [L + 1, B, Tq, D] residual stream, no final norm
-    attentions: jax.Array | None = None  # [L, B, H, Tq, S]
-    kv: tuple[jax.Array, jax.Array] | None = None  # this call's keys and values [L, B, K, Tq, hd]
+    hidden_states: tuple[jax.Array, ...] | None = None  # L + 1 x [B, Tq, D] residual stream, no final norm
+    attentions: tuple[jax.Array, ...] | None = None  # L x [B, H, Tq, S]
+    kv: tuple[tuple[jax.Array, ...], ...] | None = None  # this call's (keys, values): L x [B, K, Tq, hd]
 
 
 class LlamaModel(nnx.Module):
@@ -233,7 +236,7 @@ class LlamaModel(nnx.Module):
                 vs.append(v)
         return DecoderOutput(
             hidden=self.norm(x),
-            hidden_states=jnp.stack(states) if collect_hidden else None,
-            attentions=jnp.stack(attns) if collect_attn else None,
-            kv=(jnp.stack(ks), jnp.stack(vs)) if collect_kv else None,
+            hidden_states=tuple(states) if collect_hidden else None,
+            attentions=tuple(attns) if collect_attn else None,
+            kv=(tuple(ks), tuple(vs)) if collect_kv else None,
         )

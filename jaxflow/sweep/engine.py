@@ -133,10 +133,10 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
 
 @nnx.jit(graph=False)
 def logit_lens(module: Llava, hidden, last, tokens):
-    """hidden [L + 1, B, T, D], tokens [B, N] -> probabilities [2, L + 1, B, N]: raw (no final
-    norm, as the study did) and with the final norm."""
+    """hidden (L + 1 x [B, T, D], `Prefill.hidden`), tokens [B, N] -> probabilities [2, L + 1, B, N]: raw
+    (no final norm, as the study did) and with the final norm."""
     lm = module.language_model
-    h = _at_last(hidden, last)  # [L + 1, B, D]
+    h = jnp.stack([_at_last(x, last) for x in hidden])  # [L + 1, B, D]
 
     def probs(x):
         p = jax.nn.softmax(lm.unembed(x).astype(jnp.float32), axis=-1)  # [L + 1, B, V]

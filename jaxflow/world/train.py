@@ -285,7 +285,7 @@ def answer_logits(module: Llava, states, input_ids, seq_lengths, positions, star
     valid = pos < seq_lengths[:, None]
     if start:
         head = lm(x[:1, :start], pos[:1, :start], valid[:1, :start], collect_kv=True)
-        k, v = (jnp.broadcast_to(a, (a.shape[0], b) + a.shape[2:]) for a in head.kv)  # [L, B, K, P, hd]
+        k, v = (jnp.broadcast_to(a, (a.shape[0], b) + a.shape[2:]) for a in map(jnp.stack, head.kv))  # [L, B, K, P, hd]
         out = lm(x[:, start:], pos[:, start:], valid[:, start:], prefix=KVCache(k, v, pos[:, :start], valid[:, :start]))
         positions = positions - start
     else:
