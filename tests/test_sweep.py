@@ -113,6 +113,38 @@ def test_suffixes_are_sized_per_configuration():
     assert last_in.tolist() == [[14, 9]]
 
 
+def test_configurations_share_rows_until_their_cuts_differ():
+    """Two flows (one target, two sources) at every layer of 6 with window 3, and a copy of one configuration:
+    the windows 0-1 and 0-2 of a flow are one row through layers 0-1 and fork at layer 2, the copy runs in
+    its original's row, and no two configurations that differ anywhere end in the same row."""
+    from jaxflow.sweep.flows import window
+
+    num_layers, b, t = 6, 2, 10
+    layers = np.zeros((13, num_layers), bool)
+    for flow in range(2):
+        for layer in range(num_layers):
+            layers[6 * flow + layer, window(layer, 3, num_layers)] = True
+    layers[12] = layers[3]
+    source = np.zeros((13, b, t), bool)
+    source[:6, :, 1:4] = source[12, :, 1:4] = True
+    source[6:12, :, 4:6] = True
+    target = np.zeros((13, b, t), bool)
+    target[:, :, 7:9] = True
+    knock = jaxflow.KnockoutMasks(source, target, layers, np.ones((13, 4), bool))
+    starts = engine.window_starts(knock)
+    t0, _ = engine.suffix_starts(knock, np.array([10, 10]))
+    plan = engine.share_rows(knock, starts, t0)
+    assert [len(r) for r in plan.rows] == [2, 4, 8, 10, 12, 12]  # unshared: 2, 4, 7, 9, 11, 13 (+ the copy)
+    assert plan.parents[2] == (0, 1, 2, 3, 0, 1, -1, -1)  # rows go on, the windows 0-2 fork, two new rows
+    assert plan.out[0] != plan.out[1] and plan.out[3] == plan.out[12] and len(set(plan.out)) == 12
+    for layer, (rows, parents) in enumerate(zip(plan.rows, plan.parents, strict=True)):
+        for rep, parent in zip(rows, parents, strict=True):
+            assert parent >= 0 or starts[rep] == layer  # a new row starts at its configuration's window
+    for c, r in enumerate(plan.out):  # each configuration's row ran its cut: its representative cuts alike
+        rep = plan.rows[-1][r]
+        assert (layers[rep] == layers[c]).all() and (source[rep] == source[c]).all()
+
+
 def test_a_task_file_compiles_the_knockouts_a_handful_of_times(world, tmp_path):
     """The flows target the question (one suffix bucket per batch) or the last position (a suffix of one), so
     each batch compiles the incremental call at most twice: at most 6 for the 6 samples in batches of 2, and

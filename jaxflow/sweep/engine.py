@@ -8,16 +8,19 @@ knockout configuration:
   layer window starting at l0 cannot change positions before t0 (causality) nor anything below
   layer l0. So each configuration reruns only the suffix [t0, T) from layer l0 up, attending to
   the uncut run's keys/values for positions before t0. Configurations are grouped by how many
-  positions they recompute (a flow into the last position recomputes one; see `suffix_bucket`),
-  and each group is sorted by l0: layer l runs only for the configurations already started (a
-  static prefix of the sorted list), so no compute is spent below a window or past a suffix. The
-  last layer runs only the last position's query (the answer's), over the suffix's keys.
+  positions they recompute (a flow into the last position recomputes one; see `suffix_bucket`).
+  Within a group, configurations that start at the same layer and position and cut the same edges
+  in every layer so far are one row of recomputation until they differ (`share_rows`: the windows
+  0-4, 0-5, ... of one flow run as one row through layers 0-4), so no compute is spent below a
+  window, past a suffix, or twice on the same states. The last layer runs only the last
+  position's query (the answer's), over the suffix's keys.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 
 import jax
@@ -84,28 +87,86 @@ def knockout_full(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last
     return jax.vmap(one)(knock)
 
 
-@functools.partial(nnx.jit, graph=False, static_argnames=("starts",))
+@dataclasses.dataclass(frozen=True)
+class RowPlan:
+    """Host side, static: the rows of recomputation of K configurations. At layer l, rows[l] names each
+    row's representative configuration (whose cut and suffix the row runs) and parents[l] the row of
+    layer l - 1 it continues (-1: it starts here, from the uncut run). Rows that continue come first, in
+    their order, then forks, then fresh starts. out[c]: configuration c's row after the last layer."""
+
+    rows: tuple[tuple[int, ...], ...]
+    parents: tuple[tuple[int, ...], ...]
+    out: tuple[int, ...]
+
+
+def share_rows(knock: KnockoutMasks, starts: np.ndarray, t0: np.ndarray) -> RowPlan:
+    """Host side: configurations (window starts `starts` [K], suffix starts t0 [K, B]) share a row while
+    they started at the same layer and position and cut the same edges (source, target, heads) in every
+    layer so far; a row forks where its configurations' cuts first differ."""
+    layers = np.asarray(knock.layers)
+    arrays = [np.asarray(a) for a in (knock.source, knock.target, knock.heads)]
+    ids, origins = {}, {}  # equal ids: the same edges where they cut; the same start layer and positions
+    cut = [ids.setdefault(tuple(a[c].tobytes() for a in arrays), len(ids)) for c in range(len(starts))]
+    origin = [origins.setdefault((int(starts[c]), t0[c].tobytes()), len(origins)) for c in range(len(starts))]
+    members: list[list[int]] = []  # the configurations of each row
+    rows, parents = [], []
+    for layer in range(layers.shape[1]):
+
+        def edges(c, layer=layer):
+            return cut[c] if layers[c, layer] else -1
+
+        kept, forks = [], []
+        for i, group in enumerate(members):
+            classes = {}
+            for c in group:
+                classes.setdefault(edges(c), []).append(c)
+            first, *rest = classes.values()
+            kept.append((i, first))
+            forks += [(i, g) for g in rest]
+        fresh = {}
+        for c in np.flatnonzero(starts == layer):
+            fresh.setdefault((origin[c], edges(c)), []).append(int(c))
+        step = kept + forks + [(-1, g) for g in fresh.values()]
+        members = [g for _, g in step]
+        rows.append(tuple(g[0] for g in members))
+        parents.append(tuple(i for i, _ in step))
+    out = {c: r for r, g in enumerate(members) for c in g}
+    return RowPlan(tuple(rows), tuple(parents), tuple(out[c] for c in range(len(starts))))
+
+
+def _take(a, idx: np.ndarray):
+    """a[idx] along the leading axis for static indices: a slice when they are a contiguous range."""
+    if len(idx) and (idx == np.arange(idx[0], idx[0] + len(idx))).all():
+        return a[int(idx[0]):int(idx[0]) + len(idx)]
+    return a[idx]
+
+
+@functools.partial(nnx.jit, graph=False, static_argnames=("plan",))
 def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMasks, q_pos, q_valid, last_in_suffix,
-                         token, starts: tuple[int, ...]):
+                         token, plan: RowPlan):
     """Exact partial recomputation (see the module docstring).
 
-    knock: K configurations sorted by window start `starts` (ascending, static); q_pos, q_valid
-    [K, B, S]: the suffix positions each configuration recomputes (q_pos[..., 0] = t0);
-    last_in_suffix [K, B]: index of the last position within the suffix; valid [B, T].
+    knock: K configurations run in the rows of `plan` (`share_rows`); q_pos, q_valid [K, B, S]: the
+    suffix positions each configuration recomputes (q_pos[..., 0] = t0); last_in_suffix [K, B]: index of
+    the last position within the suffix; valid [B, T].
     """
     lm = module.language_model
     t = valid.shape[1]
     slots = jnp.broadcast_to(jnp.arange(t), valid.shape)  # [B, T]
-    x = None
+    x = None  # [rows, B, S, D]
     for layer_idx, layer in enumerate(lm.layers):
-        n = sum(s <= layer_idx for s in starts)
-        if n == 0:
+        reps, parents = np.asarray(plan.rows[layer_idx], int), np.asarray(plan.parents[layer_idx], int)
+        if not len(reps):
             continue
-        done = 0 if x is None else x.shape[0]
-        if n > done:  # configurations whose window starts here take the uncut input of this layer
-            h_in = base.hidden[layer_idx]  # [B, T, D]
-            fresh = jnp.take_along_axis(h_in[None], q_pos[done:n, ..., None], axis=2)  # [n - done, B, S, D]
-            x = fresh if x is None else jnp.concatenate([x, fresh])
+        parts = [] if x is None else [x]  # the rows that continue, in order
+        forks = parents[sum(len(p) for p in parts):]
+        forks = forks[forks >= 0]  # then the parents of forks (then -1 for new rows)
+        if len(forks):  # rows that fork here copy their parent's state
+            parts.append(_take(x, forks))
+        new = reps[parents < 0]
+        if len(new):  # rows that start here take the uncut input of this layer
+            parts.append(jnp.take_along_axis(base.hidden[layer_idx][None], _take(q_pos, new)[..., None], axis=2))
+        x = parts[0] if len(parts) == 1 else jnp.concatenate(parts)  # [rows, B, S, D]
 
         def one(xk, qk, qvk, kk, lk, layer_idx=layer_idx, layer=layer):
             (cos, sin), own, pre = lm.masks(qk, qvk, KVCache(None, None, slots, valid & (slots < qk[:, :1])))
@@ -125,8 +186,9 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
             out = layer(at(xk), at(cos), at(sin), self_edge, [(k_base, v_base, row(pre)), (k, v, before)])[0]
             return jnp.broadcast_to(out, xk.shape)  # [B, S, D]: only the last row is read
 
-        sub = jax.tree.map(lambda a, n=n: a[:n], knock)
-        x = jax.vmap(one)(x, q_pos[:n], q_valid[:n], sub, last_in_suffix[:n])
+        sub, qk, qvk, lk = jax.tree.map(lambda a, reps=reps: _take(a, reps), (knock, q_pos, q_valid, last_in_suffix))
+        x = jax.vmap(one)(x, qk, qvk, sub, lk)
+    x = _take(x, np.asarray(plan.out, int))  # [K, B, S, D]
     h = jnp.take_along_axis(x, last_in_suffix[..., None, None], axis=2)[:, :, 0]  # [K, B, D]
     return _answer_prob(lm, lm.norm(h), token)
 
@@ -251,8 +313,8 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
             sel = group[idx]
             sub = jax.tree.map(lambda a, sel=sel: np.asarray(a)[sel], knock)
             plan = sharding.shard_leading((sub, *suffix_plan(t0[sel], lengths, int(size), t)), mesh)
-            p, top = knockout_incremental(module, base, inputs.attention_mask, *plan, token,
-                                          tuple(int(i) for i in starts[sel]))
+            rows = share_rows(sub, starts[sel], t0[sel])
+            p, top = knockout_incremental(module, base, inputs.attention_mask, *plan, token, rows)
             pending.append((sel[:n], p, top))
     return _gather(pending, k, len(token))
 
