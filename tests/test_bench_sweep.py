@@ -66,18 +66,33 @@ def test_bound_counts_each_suffix_from_its_window_start(bench, run):
     sample = _samples(bench, model, work)[0]
     text = model.config.text
     t, num_layers = len(sample.input_ids), text.num_layers
-    q0 = int(min(sample.regions["question"]))
-    # window 1: configuration (flow, l) starts at layer l; three flows target the question, three the last position
+    n = t - int(min(sample.regions["question"]))  # positions a flow into the question recomputes
+    kv = 2 * text.hidden_size * 2 * text.num_kv_heads * text.head_dim
+    unembed = 6 * num_layers * bench.unembed_flops(text)
+
+    def last_layer(m):  # keys and values of m positions, the rest at the answer's position only
+        return bench.decoder_layer_flops(text, 1, t) + (m - 1) * kv
+
+    # window 1: configuration (flow, l) starts at layer l and cuts only there, so none shares; three flows
+    # target the question, three the last position
     f = bench.flops_per_sample(model.config, sample, 1)
-    suffix = sum((num_layers - layer) * (3 * bench.decoder_layer_flops(text, t - q0, t)
-                                         + 3 * bench.decoder_layer_flops(text, 1, t)) for layer in range(num_layers))
-    assert f["jaxflow_bound"] == f["forward"] + suffix + 6 * num_layers * bench.unembed_flops(text)
+    assert f["per_configuration_bound"] == f["forward"] + unembed + sum(
+        (num_layers - layer) * (3 * bench.decoder_layer_flops(text, n, t) + 3 * bench.decoder_layer_flops(text, 1, t))
+        for layer in range(num_layers))
+    assert f["jaxflow_bound"] == f["per_configuration_bound"] - 3 * num_layers * (
+        bench.decoder_layer_flops(text, n, t) - last_layer(n))
+    # window 9 spans all 4 layers: a flow's configurations are one computation
+    g = bench.flops_per_sample(model.config, sample, 9)
+    assert g["jaxflow_bound"] == g["forward"] + unembed + 3 * (
+        (num_layers - 1) * (bench.decoder_layer_flops(text, n, t) + bench.decoder_layer_flops(text, 1, t))
+        + last_layer(n) + last_layer(1))
+    assert g["per_configuration_bound"] - g["forward"] - unembed == 3 * num_layers ** 2 * (
+        bench.decoder_layer_flops(text, n, t) + bench.decoder_layer_flops(text, 1, t))
     # a question that starts at the last position costs what a last-position target costs
     moved = dataclasses.replace(sample, regions={**sample.regions, "question": np.array([t - 1])})
-    g = bench.flops_per_sample(model.config, moved, 1)
-    assert g["jaxflow_bound"] - g["forward"] == 6 * sum(
-        (num_layers - layer) * bench.decoder_layer_flops(text, 1, t) + bench.unembed_flops(text)
-        for layer in range(num_layers))
+    h = bench.flops_per_sample(model.config, moved, 1)
+    assert h["per_configuration_bound"] - h["forward"] - unembed == 6 * sum(
+        (num_layers - layer) * bench.decoder_layer_flops(text, 1, t) for layer in range(num_layers))
 
 
 def test_analytic_decoder_flops_match_xla(bench, run):
