@@ -159,9 +159,9 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
         if not len(reps):
             continue
         parts = [] if x is None else [x]  # the rows that continue, in order
-        forks = parents[sum(len(p) for p in parts):]
-        forks = forks[forks >= 0]  # then the parents of forks (then -1 for new rows)
-        if len(forks):  # rows that fork here copy their parent's state
+        forks = parents[0 if x is None else x.shape[0]:]
+        forks = forks[forks >= 0]  # then the rows that fork here: copies of their parents' states
+        if len(forks):
             parts.append(_take(x, forks))
         new = reps[parents < 0]
         if len(new):  # rows that start here take the uncut input of this layer
@@ -305,7 +305,7 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
     starts = np.minimum(window_starts(knock), num_layers - 1)
     t0, spans = suffix_starts(knock, lengths)
     sizes = np.array([suffix_bucket(int(span), t) for span in spans])
-    for size in np.unique(sizes):  # one group per suffix bucket, sorted by window start within
+    for size in np.unique(sizes):  # one group per suffix bucket, sorted by window start within (rows: mostly slices)
         group = np.flatnonzero(sizes == size)
         group = group[np.argsort(starts[group], kind="stable")]
         n_chunk = _round_up(chunk or auto_chunk(module, b, t, int(size), len(group), budget), data)
