@@ -89,14 +89,20 @@ def knockout_full(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last
 
 @dataclasses.dataclass(frozen=True)
 class RowPlan:
-    """Host side, static: the rows of recomputation of K configurations. At layer l, rows[l] names each
-    row's representative configuration (whose cut and suffix the row runs) and parents[l] the row of
-    layer l - 1 it continues (-1: it starts here, from the uncut run). Rows that continue come first, in
-    their order, then forks, then fresh starts. out[c]: configuration c's row after the last layer."""
+    """Host side, static: the rows of recomputation of K configurations. reps[r] is row r's representative
+    configuration (whose cut and suffix the row runs: a row keeps its index and representative from the
+    layer it starts at). parents[l] gives, for each row at layer l, the row of layer l - 1 it continues (-1:
+    it starts here, from the uncut run): rows that continue come first, in their order, then forks, then
+    fresh starts. out[c]: configuration c's row after the last layer."""
 
-    rows: tuple[tuple[int, ...], ...]
+    reps: tuple[int, ...]
     parents: tuple[tuple[int, ...], ...]
     out: tuple[int, ...]
+
+    @property
+    def rows(self) -> tuple[tuple[int, ...], ...]:
+        """Per layer, the representatives of its rows."""
+        return tuple(self.reps[:len(p)] for p in self.parents)
 
 
 def share_rows(knock: KnockoutMasks, starts: np.ndarray, t0: np.ndarray) -> RowPlan:
@@ -108,8 +114,8 @@ def share_rows(knock: KnockoutMasks, starts: np.ndarray, t0: np.ndarray) -> RowP
     ids, origins = {}, {}  # equal ids: the same edges where they cut; the same start layer and positions
     cut = [ids.setdefault(tuple(a[c].tobytes() for a in arrays), len(ids)) for c in range(len(starts))]
     origin = [origins.setdefault((int(starts[c]), t0[c].tobytes()), len(origins)) for c in range(len(starts))]
-    members: list[list[int]] = []  # the configurations of each row
-    rows, parents = [], []
+    members: list[list[int]] = []  # the configurations of each row; members[r][0] is its representative
+    parents = []
     for layer in range(layers.shape[1]):
 
         def edges(c, layer=layer):
@@ -126,12 +132,11 @@ def share_rows(knock: KnockoutMasks, starts: np.ndarray, t0: np.ndarray) -> RowP
         fresh = {}
         for c in np.flatnonzero(starts == layer):
             fresh.setdefault((origin[c], edges(c)), []).append(int(c))
-        step = kept + forks + [(-1, g) for g in fresh.values()]
+        step = kept + forks + [(-1, g) for g in fresh.values()]  # a kept class holds its row's representative
         members = [g for _, g in step]
-        rows.append(tuple(g[0] for g in members))
         parents.append(tuple(i for i, _ in step))
     out = {c: r for r, g in enumerate(members) for c in g}
-    return RowPlan(tuple(rows), tuple(parents), tuple(out[c] for c in range(len(starts))))
+    return RowPlan(tuple(g[0] for g in members), tuple(parents), tuple(out[c] for c in range(len(starts))))
 
 
 def _take(a, idx: np.ndarray):
@@ -155,7 +160,8 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
     slots = jnp.broadcast_to(jnp.arange(t), valid.shape)  # [B, T]
     x = None  # [rows, B, S, D]
     for layer_idx, layer in enumerate(lm.layers):
-        reps, parents = np.asarray(plan.rows[layer_idx], int), np.asarray(plan.parents[layer_idx], int)
+        parents = np.asarray(plan.parents[layer_idx], int)
+        reps = np.asarray(plan.reps[:len(parents)], int)
         if not len(reps):
             continue
         parts = [] if x is None else [x]  # the rows that continue, in order
@@ -312,9 +318,9 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
         for idx, n in _chunks(len(group), n_chunk):
             sel = group[idx]
             sub = jax.tree.map(lambda a, sel=sel: np.asarray(a)[sel], knock)
-            plan = sharding.shard_leading((sub, *suffix_plan(t0[sel], lengths, int(size), t)), mesh)
+            suffix = sharding.shard_leading((sub, *suffix_plan(t0[sel], lengths, int(size), t)), mesh)
             rows = share_rows(sub, starts[sel], t0[sel])
-            p, top = knockout_incremental(module, base, inputs.attention_mask, *plan, token, rows)
+            p, top = knockout_incremental(module, base, inputs.attention_mask, *suffix, token, rows)
             pending.append((sel[:n], p, top))
     return _gather(pending, k, len(token))
 
