@@ -216,13 +216,13 @@ def quiet_closed_event_loop() -> None:
 
 
 def _storage_task_report(record: logging.LogRecord) -> bool:
-    """False for asyncio's "Task exception was never retrieved" about an orbax / tensorstore read task (the same
-    tail of an already reported error, logged when the task is collected); True for every other record."""
+    """False for asyncio's "Task (or Future) exception was never retrieved" about an orbax / tensorstore read (the
+    same tail of an already reported error, logged when the task is collected); True for every other record."""
     exc = record.exc_info[1] if record.exc_info else None
-    if exc is None or not str(record.msg).startswith("Task exception was never retrieved"):
+    if exc is None or "exception was never retrieved" not in str(record.msg).split("\n", 1)[0]:
         return True
     files = [frame.filename for frame in traceback.extract_tb(exc.__traceback__)]
-    storage = any("orbax" in f or "tensorstore" in f for f in files)
+    storage = any("orbax" in f or "tensorstore" in f for f in files) or "[tensorstore_spec=" in str(exc)
     closed = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
     return not (storage or closed)
 

@@ -202,6 +202,35 @@ def test_closed_event_loop_tail_dropped(monkeypatch):
     assert seen == [other]
 
 
+def test_unretrieved_storage_reads_not_logged():
+    """asyncio logs the other failed reads of a group when they are collected, as a Task (traceback in asyncio
+    only) or a bare Future (no traceback); both are dropped, an unrelated unretrieved error is not."""
+    import asyncio
+    import logging
+
+    storage = ValueError("DATA_LOSS: Error opening \"zarr\" driver: ... [tensorstore_spec='{}']")
+    other = ValueError("something else")
+
+    def report(kind, exc):  # what asyncio's default exception handler logs
+        record = logging.LogRecord("asyncio", logging.ERROR, "", 0, f"{kind} exception was never retrieved\n"
+                                   f"future: <{kind} finished>", None, (type(exc), exc, exc.__traceback__))
+        return cli._storage_task_report(record)
+
+    async def fail(exc):
+        raise exc
+
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(fail(storage))
+    loop.run_until_complete(asyncio.wait([task]))
+    loop.close()
+    assert task.exception().__traceback__ is not None  # a traceback through asyncio's frames, none of orbax's
+    assert not report("Task", task.exception()) and not report("Future", storage)
+    assert report("Task", other) and report("Future", other)
+    unrelated = logging.LogRecord("asyncio", logging.ERROR, "", 0, "Exception in callback", None,
+                                  (ValueError, storage, None))
+    assert cli._storage_task_report(unrelated)  # only the "never retrieved" reports are filtered
+
+
 def test_process_exit_status_and_stderr(tmp_path):
     cmd = [sys.executable, "-m", "jaxflow.cli", "plot", str(tmp_path / "nope"), "--out", str(tmp_path / "fig")]
     quiet = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
