@@ -201,7 +201,9 @@ def test_sweep_incremental_equals_full(tmp_path, kw):
                                for r in csv.DictReader(f)}
     inc, full = results["incremental"], results["full"]
     assert inc.keys() == full.keys() and len(inc) == 3 * len(flows) * model.config.text.num_layers
-    assert max(abs(inc[k] - full[k]) for k in inc) < 1e-5
+    err = max(abs(inc[k] - full[k]) for k in inc)
+    print(f"incremental vs full: max |p diff| = {err:.2e} over {len(inc)} rows")
+    assert err < 1e-6
     assert max(abs(v - next(iter(inc.values()))) for v in inc.values()) > 1e-4  # knockouts did something
 
 
