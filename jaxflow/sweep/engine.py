@@ -291,19 +291,38 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
     if knock.dense is not None:
         raise ValueError("knockouts: sweeps take compact knockouts only (no DenseKnockout)")
     k = np.asarray(knock.layers).shape[0]
+    if method == "incremental":
+        calls = incremental_calls(module, inputs, knock, last, token, chunk=chunk, budget=budget, base=base, mesh=mesh)
+    elif method == "full":
+        calls = full_calls(module, inputs, knock, last, token, chunk=chunk, budget=budget, mesh=mesh)
+    else:
+        raise ValueError(f"method: {method!r} is not 'full' or 'incremental'")
+    call = knockout_incremental if method == "incremental" else knockout_full
+    pending = [(sel, *call(*args)) for sel, args in calls]  # all queued before any is read: no host sync between
+    return _gather(pending, k, len(token))
+
+
+def full_calls(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token, *, chunk: int | None = None,
+               budget: int | None = None, mesh: jax.sharding.Mesh | None = None):
+    """The `knockout_full` calls of `knockout_probs(method="full")`, as `incremental_calls` gives them."""
+    k = np.asarray(knock.layers).shape[0]
     last, token = sharding.replicate((jnp.asarray(last), jnp.asarray(token)), mesh)
     data = 1 if mesh is None else mesh.shape["data"]
-    pending = []  # (rows, p, top) of each dispatched call, read back once all are queued: no host sync between
     b, t = inputs.input_ids.shape
-    if method == "full":
-        chunk = _round_up(chunk or auto_chunk(module, b, t, None, k, budget), data)
-        for idx, n in _chunks(k, chunk):
-            sub = sharding.shard_leading(jax.tree.map(lambda a, idx=idx: np.asarray(a)[idx], knock), mesh)
-            p, top = knockout_full(module, inputs, sub, last, token)
-            pending.append((idx[:n], p, top))
-        return _gather(pending, k, len(token))
-    if method != "incremental":
-        raise ValueError(f"method: {method!r} is not 'full' or 'incremental'")
+    chunk = _round_up(chunk or auto_chunk(module, b, t, None, k, budget), data)
+    for idx, n in _chunks(k, chunk):
+        sub = sharding.shard_leading(jax.tree.map(lambda a, idx=idx: np.asarray(a)[idx], knock), mesh)
+        yield idx[:n], (module, inputs, sub, last, token)
+
+
+def incremental_calls(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token, *,
+                      chunk: int | None = None, budget: int | None = None, base: BaseRun | None = None,
+                      mesh: jax.sharding.Mesh | None = None):
+    """The `knockout_incremental` calls of `knockout_probs(method="incremental")`, in order: yields
+    (configurations [n] the call answers for, its arguments). Its first n result rows are theirs."""
+    last, token = sharding.replicate((jnp.asarray(last), jnp.asarray(token)), mesh)
+    data = 1 if mesh is None else mesh.shape["data"]
+    b, t = inputs.input_ids.shape
     if base is None:
         base = base_run(module, inputs, last)
     lengths = np.asarray(last) + 1
@@ -320,9 +339,7 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
             sub = jax.tree.map(lambda a, sel=sel: np.asarray(a)[sel], knock)
             suffix = sharding.shard_leading((sub, *suffix_plan(t0[sel], lengths, int(size), t)), mesh)
             rows = share_rows(sub, starts[sel], t0[sel])
-            p, top = knockout_incremental(module, base, inputs.attention_mask, *suffix, token, rows)
-            pending.append((sel[:n], p, top))
-    return _gather(pending, k, len(token))
+            yield sel[:n], (module, base, inputs.attention_mask, *suffix, token, rows)
 
 
 def _gather(pending, k: int, b: int):
