@@ -96,6 +96,35 @@ def test_engine_chunking_and_order_do_not_change_results(world):
     assert np.abs(p_full - p_inc).max() < 1e-6
 
 
+def test_compiled_calls_fit_the_chunk_budget(world):
+    """What XLA allocates for a knockout call's temporaries stays within what `auto_chunk` budgets for its
+    configurations, and grows with them (so the bound is not met by an empty call)."""
+    model, *_ = world
+    cfg = model.config
+    rng = np.random.default_rng(2)
+    t, b, k = 40, 2, 8
+    lengths = np.array([40, 31])
+    inputs = model.prepare(rng.integers(3, 900, (b, t)), attention_mask=np.arange(t)[None] < lengths[:, None])
+    knock = jaxflow.KnockoutMasks(rng.random((k, b, t)) < 0.3, rng.random((k, b, t)) < 0.2,
+                                  rng.random((k, cfg.text.num_layers)) < 0.5, np.ones((k, cfg.text.num_heads), bool))
+    token = np.array([5, 9])
+    temps, real = {}, {}  # (chunk, suffix) -> the largest call's temporaries, its configurations but padding
+    for chunk in (1, k):
+        calls = [(engine.knockout_incremental, sel, args, args[4].shape[-1]) for sel, args in
+                 engine.incremental_calls(model.module, inputs, knock, lengths - 1, token, chunk=chunk)]
+        calls += [(engine.knockout_full, sel, args, None) for sel, args in
+                  engine.full_calls(model.module, inputs, knock, lengths - 1, token, chunk=chunk)][:1]
+        for call, sel, args, suffix in calls:
+            n = len(args[3 if suffix else 2].layers)  # configurations in the call (a padded last chunk included)
+            temp = call.lower(*args).compile().memory_analysis().temp_size_in_bytes
+            assert 0 < temp <= n * engine.configuration_bytes(model.module, b, t, suffix), (suffix, n, temp)
+            if temp > temps.get((chunk, suffix), 0):
+                temps[chunk, suffix], real[chunk, suffix] = temp, len(sel)
+    grown = [s for c, s in temps if c == k and real[c, s] >= 4]  # calls of 4 or more distinct configurations
+    assert None in grown and len(grown) >= 2, real
+    assert all(temps[k, s] > 2 * temps[1, s] for s in grown), temps
+
+
 def test_suffixes_are_sized_per_configuration():
     """A configuration recomputes from its first target on (the latest row decides), padded to its bucket."""
     b, t = 2, 20

@@ -253,18 +253,22 @@ def memory_budget() -> int:
     return int(0.5 * psutil.virtual_memory().available)
 
 
-def auto_chunk(module: Llava, batch: int, t: int, suffix: int | None, k: int, budget: int | None = None) -> int:
-    """Configurations per call that fit `budget` bytes: per configuration, the activations of one
-    layer over the recomputed queries (all T, or the suffix) and its attention scores."""
+def configuration_bytes(module: Llava, batch: int, t: int, suffix: int | None) -> int:
+    """Memory one configuration of a knockout call may need, as `auto_chunk` budgets it: the activations of one
+    layer over the recomputed queries (all T, or the suffix) and its attention scores, twice over."""
     cfg = module.cfg.text
     itemsize = module.language_model.embed_tokens.embedding.dtype.itemsize
     q = t if suffix is None else suffix
     keys = t if suffix is None else t + suffix
     per = batch * q * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize
     per += batch * cfg.num_heads * q * keys * (4 + 4 + itemsize)  # f32 scores, masked scores, weights
-    per = 2 * per  # headroom for XLA's temporaries
+    return 2 * per  # headroom for XLA's temporaries
+
+
+def auto_chunk(module: Llava, batch: int, t: int, suffix: int | None, k: int, budget: int | None = None) -> int:
+    """Configurations per call (at most k) that fit `budget` bytes (default `memory_budget()`)."""
     budget = memory_budget() if budget is None else budget
-    return int(max(1, min(k, budget // per)))
+    return int(max(1, min(k, budget // configuration_bytes(module, batch, t, suffix))))
 
 
 def _round_up(n: int, multiple: int) -> int:
