@@ -401,6 +401,44 @@ def xla_decoder_flops(model, t: int) -> float:
     return float(cost["flops"])
 
 
+def compiled_memory(model, data: str, images: str, batch: int, k: int) -> list[dict]:
+    """What XLA allocates (its buffer assignment: temporaries, arguments, outputs; device memory on an
+    accelerator) for each call of the sweep's batch of the task file's first `batch` rows: the prefill, then each
+    knockout call as `knockout_probs` makes it. A knockout call's temporaries per configuration are set beside
+    what `auto_chunk` budgets for one."""
+    import jax.numpy as jnp
+
+    from jaxflow.inputs import gqa
+    from jaxflow.model import prefill_forward
+    from jaxflow.sweep import engine
+    from jaxflow.sweep.batching import batches, prepare, stack_inputs
+    from jaxflow.sweep.flows import STUDY_FLOWS, knockout_masks, parse_flow
+
+    rows, _ = gqa.load_tasks(data, images)
+    (group, t), = batches(list(prepare(model, rows[:batch], None)), batch)
+    inputs, lengths = stack_inputs(model, group, batch, t)
+    text = model.config.text
+    knock = knockout_masks([parse_flow(f) for f in STUDY_FLOWS], group, t, text.num_layers, text.num_heads, k)
+    last = lengths - 1
+    base = engine.base_run(model.module, inputs, last)
+    token = np.asarray(base.probs).argmax(-1)
+    calls = [("prefill", None, prefill_forward.lower(model.module, inputs, jnp.asarray(last), collect_hidden=True))]
+    for _, args in engine.incremental_calls(model.module, inputs, knock, last, token, base=base):
+        calls.append((f"knockouts, suffix {args[4].shape[-1]}", args, engine.knockout_incremental.lower(*args)))
+    out = []
+    for name, args, lowered in calls:
+        m = lowered.compile().memory_analysis()
+        entry = {"call": name, "batch": batch, "T": t, "temp_bytes": m.temp_size_in_bytes,
+                 "argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes}
+        if args is not None:
+            n, suffix = len(args[3].layers), args[4].shape[-1]
+            entry.update(configurations=n, row_layers=sum(len(r) for r in args[-1].rows),
+                         temp_per_configuration=m.temp_size_in_bytes / n,
+                         budget_per_configuration=engine.configuration_bytes(model.module, batch, t, suffix))
+        out.append(entry)
+    return out
+
+
 # ---- the report ---------------------------------------------------------------------------------------------------
 
 
@@ -519,6 +557,7 @@ def main(argv=None) -> dict:
                            "c_warm_large": runs[preset.large][2]})
         stats = jax.devices()[0].memory_stats() or {}
         xla = xla_decoder_flops(model, len(samples[0].input_ids))
+        memory = compiled_memory(model, data, images, preset.batch, k)
 
     # agreement on the samples each pair shares
     keys = [(f, layer) for f, layer, *_ in configurations(samples[0].regions, cfg.text.num_layers, k)]
@@ -570,7 +609,7 @@ def main(argv=None) -> dict:
         "decoder_flops_analytic_vs_xla": [decoder_analytic, xla],
         "agreement": agree, "largest_knockout_effect": effect, "tolerance": {"abs": abs_tol, "rel": rel_tol},
         "compiled_shapes": sum_cold["compiled_shapes"],
-        "peak_memory_bytes": {**memory_peak, "c": stats.get("peak_bytes_in_use")},
+        "peak_memory_bytes": {**memory_peak, "c": stats.get("peak_bytes_in_use")}, "compiled_memory": memory,
         "targets": {"c_over_a": [STUDY_TARGET, c_over_a >= STUDY_TARGET],
                     "c_over_b": [BATCHED_TARGET, c_over_b >= BATCHED_TARGET]},
     }
@@ -633,6 +672,12 @@ def report(r: dict) -> None:
     mem = r["peak_memory_bytes"]
     if any(v is not None for v in mem.values()):
         print("peak device memory: " + ", ".join(f"{k} {_si(v, 'B')}" for k, v in mem.items()))
+    print("XLA's allocation per call of one sweep batch: " + "; ".join(
+        f"{c['call']}: temp {_si(c['temp_bytes'], 'B')}, arguments {_si(c['argument_bytes'], 'B')}"
+        + (f", {c['configurations']} configurations in {c['row_layers']} row-layers: temp "
+           f"{_si(c['temp_per_configuration'], 'B')} per configuration (budget "
+           f"{_si(c['budget_per_configuration'], 'B')})" if "configurations" in c else "")
+        for c in r["compiled_memory"]))
     d_an, d_xla = r["decoder_flops_analytic_vs_xla"]
     print(f"decoder FLOPs of one T={r['T_mean']:.0f} forward: analytic {_si(d_an)}, XLA cost_analysis {_si(d_xla)}")
     print("agreement (max abs / max rel difference of p): " +

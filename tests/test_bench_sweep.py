@@ -125,3 +125,17 @@ def test_ratios_are_medians_of_each_rounds_own_ratio(run):
         assert r["ratio_c_over_b"] == pytest.approx(rate["c_jaxflow_marginal"] / rate["b_batched"])
     for key in ("ratio_c_over_a", "ratio_c_over_b"):
         assert result[key] == pytest.approx(np.median([r[key] for r in result["rounds"]]))
+
+
+def test_compiled_memory_covers_every_call_of_a_batch(run):
+    """The prefill and each knockout call of one batch, as the sweep makes them: the six flows at four layers
+    split into the `last` group (suffix 1) and the question group; each within auto_chunk's budget."""
+    calls = run[0]["compiled_memory"]
+    assert calls[0]["call"] == "prefill" and calls[0]["temp_bytes"] > 0
+    knockouts = calls[1:]
+    assert sum(c["configurations"] for c in knockouts) == 6 * 4
+    assert [c["call"] for c in knockouts][0] == "knockouts, suffix 1" and len(knockouts) == 2
+    for c in knockouts:
+        assert c["temp_per_configuration"] == c["temp_bytes"] / c["configurations"]
+        assert 0 < c["temp_per_configuration"] <= c["budget_per_configuration"], c
+        assert 0 < c["row_layers"] <= c["configurations"] * 4
