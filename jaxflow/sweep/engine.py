@@ -255,13 +255,15 @@ def memory_budget() -> int:
 
 def configuration_bytes(module: Llava, batch: int, t: int, suffix: int | None) -> int:
     """Memory one configuration of a knockout call may need, as `auto_chunk` budgets it: the activations of one
-    layer over the recomputed queries (all T, or the suffix) and its attention scores, twice over."""
+    layer over the recomputed queries (all T, or the suffix), its attention scores and the answer's logits, twice
+    over."""
     cfg = module.cfg.text
     itemsize = module.language_model.embed_tokens.embedding.dtype.itemsize
     q = t if suffix is None else suffix
     keys = t if suffix is None else t + suffix
     per = batch * q * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize
     per += batch * cfg.num_heads * q * keys * (4 + 4 + itemsize)  # f32 scores, masked scores, weights
+    per += batch * cfg.vocab_size * (itemsize + 4)  # the last position's logits and their f32 softmax
     return 2 * per  # headroom for XLA's temporaries
 
 
