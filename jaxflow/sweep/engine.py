@@ -298,12 +298,13 @@ def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, las
         raise ValueError("knockouts: sweeps take compact knockouts only (no DenseKnockout)")
     k = np.asarray(knock.layers).shape[0]
     if method == "incremental":
+        call = knockout_incremental
         calls = incremental_calls(module, inputs, knock, last, token, chunk=chunk, budget=budget, base=base, mesh=mesh)
     elif method == "full":
+        call = knockout_full
         calls = full_calls(module, inputs, knock, last, token, chunk=chunk, budget=budget, mesh=mesh)
     else:
         raise ValueError(f"method: {method!r} is not 'full' or 'incremental'")
-    call = knockout_incremental if method == "incremental" else knockout_full
     pending = [(sel, *call(*args)) for sel, args in calls]  # all queued before any is read: no host sync between
     return _gather(pending, k, len(token))
 
