@@ -151,26 +151,54 @@ def prefill_forward(module: Llava, inputs: ModelInputs, last: jax.Array, collect
     return Prefill(logits, jax.nn.softmax(logits.astype(jnp.float32), axis=-1), out.hidden_states, *out.kv)
 
 
-@functools.partial(jax.jit, static_argnames=("new",))
-def _caches(k: jax.Array, v: jax.Array, new: int):
-    """The prompt's k, v (L x [B, K, T, hd]) -> decoding caches [L, B, K, T + new, hd] (prompt at [0, T))."""
-    pad = ((0, 0), (0, 0), (0, 0), (0, new), (0, 0))
-    return jnp.pad(jnp.stack(k), pad), jnp.pad(jnp.stack(v), pad)
+def decode_phases(slots: int) -> tuple[int, ...]:
+    """The cache lengths of greedy decoding's phases for `slots` generated-token slots: 16, 64, 256, ...,
+    then `slots`. A step attends only to its phase's slots, so it reads at most 4x the slots that can be
+    valid (and at least 16); a phase compiles only when a batch reaches it."""
+    ends, n = [], 16
+    while n < slots:
+        ends.append(n)
+        n *= 4
+    return (*ends, slots) if slots else ()
 
 
-@nnx.jit(graph=False)
-def _decode_step(module: Llava, token: jax.Array, pos: jax.Array, k_cache: jax.Array, v_cache: jax.Array):
-    """One greedy step for tokens [B] at positions pos [B]; slots before pos hold the sequence so far."""
+@functools.partial(nnx.jit, graph=False, static_argnames=("size",), donate_argnames=("tokens",))
+def decode_phase(module: Llava, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], lengths: jax.Array,
+                 eos: jax.Array, step: jax.Array, tokens: jax.Array, done: jax.Array,
+                 k_new: tuple[jax.Array, ...], v_new: tuple[jax.Array, ...], size: int):
+    """Greedy decoding on the device, from step `step` until every row is done or `size` tokens have been fed.
+
+    k, v: the prompt's keys and values L x [B, K, T, hd] (read, never copied); lengths [B]; eos [E] int32
+    (-1: none); tokens [B, N] (token s is fed at step s to position lengths + s; token s + 1 is written);
+    done [B]. k_new, v_new: the generated tokens' keys and values so far, L x [B, K, S, hd] (S <= size), grown
+    to `size` slots (one copy per phase) and updated in place in the loop. Returns step, tokens, done,
+    k_new, v_new."""
     lm = module.language_model
-    b, s = k_cache.shape[1], k_cache.shape[3]
-    slots = jnp.broadcast_to(jnp.arange(s), (b, s))
-    prefix = KVCache(k_cache, v_cache, pos=slots, valid=slots < pos[:, None])
-    out = lm(lm.embed_tokens(token[:, None]), pos[:, None], jnp.ones((b, 1), bool), prefix=prefix, collect_kv=True)
-    k, v = (jnp.stack(a) for a in out.kv)  # [L, B, K, 1, hd]
-    rows = jnp.arange(b)  # indexing rows and pos puts their axis first: the update is [B, L, K, hd]
-    k_cache = k_cache.at[:, rows, :, pos].set(k[:, :, :, 0].transpose(1, 0, 2, 3))
-    v_cache = v_cache.at[:, rows, :, pos].set(v[:, :, :, 0].transpose(1, 0, 2, 3))
-    return lm.unembed(out.hidden[:, 0]), k_cache, v_cache
+    b, t = tokens.shape[0], k[0].shape[2]
+    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+    prompt = KVCache(k, v, slots, slots < lengths[:, None])
+    grow = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, size - c.shape[2]), (0, 0)))  # noqa: E731
+    k_new, v_new = tuple(map(grow, k_new)), tuple(map(grow, v_new))
+    slot = jnp.arange(size)
+
+    def body(state):
+        s, tokens, done, k_new, v_new = state
+        token = jax.lax.dynamic_index_in_dim(tokens, s, axis=1, keepdims=False)  # [B]
+        pos = lengths + s  # [B]
+        cache = KVCache(k_new, v_new, lengths[:, None] + slot, jnp.broadcast_to(slot <= s, (b, size)))
+        out = lm(lm.embed_tokens(token[:, None]), pos[:, None], jnp.ones((b, 1), bool), prefix=[prompt, cache],
+                 write_at=s, collect_kv=True)  # each layer writes slot s, then attends
+        token, done = greedy_pick(lm.unembed(out.hidden[:, 0]), done, eos)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], s + 1, axis=1)
+        return s + 1, tokens, done, *out.kv
+
+    return jax.lax.while_loop(lambda st: (st[0] < size) & ~st[2].all(), body, (step, tokens, done, k_new, v_new))
+
+
+def greedy_pick(logits: jax.Array, done: jax.Array, eos: jax.Array):
+    """logits [B, V], done [B], eos [E] -> the next tokens [B] (eos[0] for a finished row) and done [B]."""
+    token = jnp.where(done, eos[0], jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    return token, done | (token[:, None] == eos[None]).any(-1)
 
 
 class Model:
@@ -251,8 +279,9 @@ class Model:
         """Greedy decoding with a KV cache, until every row emitted an eos token (any of `eos_token_id`,
         default the tokenizer's) or `max_new_tokens`. Prompts in a batch must be right-padded. `input_ids`
         may also be ready ModelInputs (from `prepare`); `prefill`: this prompt's `Model.prefill`, which
-        decoding then continues from instead of running the prompt again. The caches hold
-        T + max_new_tokens slots, so one batch shape and one limit compile once."""
+        decoding then continues from instead of running the prompt again. The loop runs on the device in
+        a few phases of growing cache length (`decode_phase`); each compiles once per batch shape and eos
+        count, and only when a batch reaches it."""
         inputs = self._prompt(input_ids, pixel_values, image_sizes, attention_mask)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
@@ -262,26 +291,22 @@ class Model:
             prefill = self.prefill(inputs)
         elif (prefill.k[0].shape[0], prefill.k[0].shape[2]) != (b, t):
             raise ValueError(f"prefill: keys of shape {prefill.k[0].shape} are not of a [{b}, {t}] prompt batch")
-        k_cache = v_cache = None  # made at the first decoding step: an answer of one token needs none
-        logits = prefill.logits
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
         eos = [] if eos_token_id is None else [eos_token_id] if np.isscalar(eos_token_id) else list(eos_token_id)
-        tokens, done = [], np.zeros(b, bool)
-        pos = sharding.replicate(jnp.asarray(lengths), self.mesh)
-        for step in range(max_new_tokens):
-            token = np.asarray(jnp.argmax(logits, axis=-1))
-            if eos:
-                token = np.where(done, eos[0], token)
-                done |= np.isin(token, eos)
-            tokens.append(token)
-            if done.all() or step == max_new_tokens - 1:
+        eos = sharding.replicate(jnp.asarray(eos or [-1], jnp.int32), self.mesh)
+        lengths = sharding.replicate(jnp.asarray(lengths, jnp.int32), self.mesh)
+        first, done = greedy_pick(prefill.logits, jnp.zeros(b, bool), eos)
+        tokens = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)  # [B, N]
+        b, kvh, _, hd = prefill.k[0].shape
+        k_new = v_new = (jnp.zeros((b, kvh, 0, hd), prefill.k[0].dtype),) * len(prefill.k)  # no slots yet
+        step = jnp.int32(0)
+        for size in decode_phases(max_new_tokens - 1):
+            if bool(done.all()):
                 break
-            token = sharding.replicate(jnp.asarray(token, jnp.int32), self.mesh)
-            if k_cache is None:
-                k_cache, v_cache = _caches(prefill.k, prefill.v, max_new_tokens)
-            logits, k_cache, v_cache = _decode_step(self.module, token, pos + step, k_cache, v_cache)
-        return GenerateOutput(np.stack(tokens, axis=1), np.asarray(prefill.probs), done)
+            step, tokens, done, k_new, v_new = decode_phase(self.module, prefill.k, prefill.v, lengths, eos, step,
+                                                            tokens, done, k_new, v_new, size)
+        return GenerateOutput(np.asarray(tokens)[:, :int(step) + 1], np.asarray(prefill.probs), np.asarray(done))
 
 
 def abstract_module(cfg: LlavaConfig, dtype) -> Llava:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,9 @@ def apply_rope(x, cos, sin):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer at positions `pos`: k, v [L, B, K, S, hd] (heads-major); pos, valid [B, S].
-    Each valid slot must be earlier than every query that attends to it (no causal mask applies)."""
+    """Keys and values of every layer at positions `pos`: k, v indexable by layer (an [L, B, K, S, hd] array or
+    L x [B, K, S, hd]; heads-major); pos, valid [B, S]. Each valid slot must be earlier than every query that
+    attends to it (no causal mask applies)."""
 
     k: jax.Array
     v: jax.Array
@@ -67,19 +69,28 @@ class LlamaAttention(nnx.Module):
         k = apply_rope(self.k_proj(x).reshape(b, t, kvh, hd), cos, sin).transpose(0, 2, 1, 3)
         return k, self.v_proj(x).reshape(b, t, kvh, hd).transpose(0, 2, 1, 3)
 
-    def __call__(self, x, cos, sin, mask, prefix=()):
+    def __call__(self, x, cos, sin, mask, prefix=(), write_at=None):
         """x [B, Tq, D]; mask [B, 1|H, Tq, Tq] True = may attend, over this call's own keys.
 
         prefix: blocks (k, v, mask) of earlier positions (a KV cache, an uncut run's keys): k, v
         [B, K, Sp, hd] and mask [B, 1|H, Tq, Sp]. One softmax spans the prefix keys, then the own keys
         (S = sum Sp + Tq), computed block by block so that neither scores nor keys are concatenated.
-        Returns out [B, Tq, D], weights [B, H, Tq, S] and this call's own (k, v) [B, K, Tq, hd].
+        write_at: the one query's (Tq = 1) key and value are first written into the last prefix block (a KV
+        cache) at that slot, which its mask must allow; no own block is added then.
+        Returns out [B, Tq, D], weights [B, H, Tq, S] and this call's own (k, v) [B, K, Tq, hd] (with
+        write_at, the updated last block's (k, v)).
         """
         b, t, _ = x.shape
         h, hd = self.num_heads, self.head_dim
         q = apply_rope(self.q_proj(x).reshape(b, t, h, hd), cos, sin)  # [B, Tq, H, hd]
         k, v = self.keys(x, cos, sin)  # [B, K, Tq, hd]
-        out, weights = attention(q, [*prefix, (k, v, mask)])  # [B, Tq, H, hd], [B, H, Tq, S]
+        if write_at is None:
+            out, weights = attention(q, [*prefix, (k, v, mask)])  # [B, Tq, H, hd], [B, H, Tq, S]
+        else:  # written before it is read: XLA then updates a loop-carried cache in place
+            *earlier, (kc, vc, mc) = prefix
+            k, v = (jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), write_at, axis=2)
+                    for c, n in ((kc, k), (vc, v)))
+            out, weights = attention(q, [*earlier, (k, v, mc)], own=False)
         return self.o_proj(out.reshape(b, t, h * hd).astype(x.dtype)), weights.astype(x.dtype), (k, v)
 
 
@@ -99,10 +110,10 @@ def _tiles(n: int, size: int):
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def attention(q, blocks, tile: int | None = None):
+def attention(q, blocks, tile: int | None = None, own: bool = True):
     """Exact softmax attention of q [B, Tq, H, hd] over key blocks [(k, v, mask)]: k, v [B, K, Sb, hd], mask
-    [B, 1|H, Tq, Sb] True = may attend. The last block holds the queries' own keys and its mask is causal
-    (own key j is masked for query i < j), so tiles above its diagonal are skipped.
+    [B, 1|H, Tq, Sb] True = may attend. With `own`, the last block holds the queries' own keys and its mask
+    is causal (own key j is masked for query i < j), so tiles above its diagonal are skipped.
 
     The scores are computed in tiles of at most `tile` elements (default `score_tile()`) with an online
     softmax (running max and sum per query), so no [B, H, Tq, S] score buffer is materialised for the
@@ -125,8 +136,8 @@ def attention(q, blocks, tile: int | None = None):
         qi = q[:, :, :, i0:i1].reshape(b, kvh, g * tq, hd)
         scores = []  # (block, j0, j1, masked scores [B, K, G * tq, tk] f32)
         for n, (kb, _, mb) in enumerate(kv):
-            own = n == len(kv) - 1
-            for j0, j1 in _tiles(i1 if own else kb.shape[2], k_size):
+            causal = own and n == len(kv) - 1
+            for j0, j1 in _tiles(i1 if causal else kb.shape[2], k_size):
                 s = jnp.einsum("BKQd,BKSd->BKQS", qi, kb[:, :, j0:j1], preferred_element_type=jnp.float32) * hd**-0.5
                 m = mb[:, :, i0:i1, j0:j1]  # [B, 1|H, tq, tk]
                 m = (jnp.broadcast_to(m[:, :, None], (b, 1, g, tq, j1 - j0)) if m.shape[1] == 1
@@ -146,7 +157,8 @@ def attention(q, blocks, tile: int | None = None):
             top = new_top
         outs.append((acc / total).reshape(b, kvh, g, tq, hd))
         row = [jnp.exp(s - top) / total for _, _, _, s in scores]
-        row.append(jnp.zeros((b, kvh, g * tq, t - i1), jnp.float32))  # own keys past the tile: causal zeros
+        if own:
+            row.append(jnp.zeros((b, kvh, g * tq, t - i1), jnp.float32))  # own keys past the tile: causal zeros
         weights.append(jnp.concatenate(row, axis=-1).reshape(b, kvh, g, tq, keys))
     out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
     return out, jnp.concatenate(weights, axis=3).reshape(b, h, t, keys)
@@ -162,8 +174,8 @@ class LlamaLayer(nnx.Module):
         self.up_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "mlp"))
         self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs, axes=("mlp", "embed"))
 
-    def __call__(self, x, cos, sin, mask, prefix=()):
-        attn, weights, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix)
+    def __call__(self, x, cos, sin, mask, prefix=(), write_at=None):
+        attn, weights, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix, write_at)
         x = x + attn
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h)), weights, kv
@@ -177,7 +189,8 @@ class DecoderOutput:
     hidden: jax.Array  # [B, Tq, D] after the final norm
     hidden_states: tuple[jax.Array, ...] | None = None  # L + 1 x [B, Tq, D] residual stream, no final norm
     attentions: tuple[jax.Array, ...] | None = None  # L x [B, H, Tq, S]
-    kv: tuple[tuple[jax.Array, ...], ...] | None = None  # this call's (keys, values): L x [B, K, Tq, hd]
+    kv: tuple[tuple[jax.Array, ...], ...] | None = None  # this call's (keys, values): L x [B, K, Tq, hd] (write_at:
+    # the updated cache blocks, L x [B, K, S, hd])
 
 
 class LlamaModel(nnx.Module):
@@ -194,40 +207,43 @@ class LlamaModel(nnx.Module):
         """[..., D] -> logits [..., V] (no norm: callers pick normed or raw states)."""
         return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
-    def masks(self, q_pos, valid, prefix: KVCache | None = None):
+    def masks(self, q_pos, valid, prefix: Sequence[KVCache] = ()):
         """RoPE tables for q_pos [B, Tq]; the causal & valid mask [B, 1, Tq, Tq] over the queries' own keys
         (causal in call order, like transformers' cache positions: query i sees own key j only if j <= i);
-        and over the prefix keys (if any) the mask [B, 1, Tq, Sp]: validity only, as every prefix key is
-        earlier than every query. With a sliding window both also keep only keys with q - k < window."""
+        and one mask [B, 1, Tq, Sp] per prefix block: validity only, as every prefix key is earlier than every
+        query. With a sliding window all of them also keep only keys with q - k < window."""
         window = self.cfg.sliding_window
         idx = jnp.arange(q_pos.shape[1])
         back = (idx[:, None] - idx[None, :])[None]  # [1, Tq, Tq] how far back each own key lies (call order)
         own = (back >= 0) & valid[:, None, :]
         if window is not None:
             own = own & (back < window)
-        pre = None
-        if prefix is not None:
-            pre = jnp.broadcast_to(prefix.valid[:, None, :], (q_pos.shape[0], q_pos.shape[1], prefix.valid.shape[1]))
+        pre = []
+        for block in prefix:
+            m = jnp.broadcast_to(block.valid[:, None, :], (q_pos.shape[0], q_pos.shape[1], block.valid.shape[1]))
             if window is not None:
-                pre = pre & (q_pos[:, :, None] - prefix.pos[:, None, :] < window)
-            pre = pre[:, None]
+                m = m & (q_pos[:, :, None] - block.pos[:, None, :] < window)
+            pre.append(m[:, None])
         return rope_tables(q_pos, self.cfg.head_dim, self.cfg.rope_theta), own[:, None], pre
 
-    def __call__(self, x, q_pos, valid, *, prefix: KVCache | None = None, knock: KnockoutMasks | None = None,
-                 collect_hidden=False, collect_attn=False, collect_kv=False) -> DecoderOutput:
+    def __call__(self, x, q_pos, valid, *, prefix: Sequence[KVCache] = (), knock: KnockoutMasks | None = None,
+                 write_at=None, collect_hidden=False, collect_attn=False, collect_kv=False) -> DecoderOutput:
         """x [B, Tq, D] input embeddings at positions q_pos [B, Tq]; valid [B, Tq] False for padding.
 
-        Queries attend to `prefix` (keys of earlier positions, e.g. a KV cache) and to their own keys,
-        under causality and validity; a knockout additionally cuts edges per layer.
+        Queries attend to the `prefix` blocks (keys of earlier positions: a prompt's keys, a KV cache) and to
+        their own keys, under causality and validity; a knockout additionally cuts edges per layer.
+        write_at (KV-cache decoding, Tq = 1): each layer first writes the query's key and value into the last
+        prefix block at that slot (its `valid` must include it), then attends; `kv` returns the updated blocks.
         """
+        if write_at is not None and x.shape[1] != 1:
+            raise ValueError(f"write_at: one query position per call, got {x.shape[1]}")
         (cos, sin), own, pre = self.masks(q_pos, valid, prefix)
         states, attns, ks, vs = [x], [], [], []
         for i, layer in enumerate(self.layers):
             mask = own if knock is None else own & ~knock.cut(i, q_pos, q_pos)
-            blocks = ()
-            if prefix is not None:
-                blocks = [(prefix.k[i], prefix.v[i], pre if knock is None else pre & ~knock.cut(i, q_pos, prefix.pos))]
-            x, weights, (k, v) = layer(x, cos, sin, mask, blocks)
+            blocks = [(c.k[i], c.v[i], m if knock is None else m & ~knock.cut(i, q_pos, c.pos))
+                      for c, m in zip(prefix, pre, strict=True)]
+            x, weights, (k, v) = layer(x, cos, sin, mask, blocks, write_at)
             states.append(x)
             if collect_attn:
                 attns.append(weights)

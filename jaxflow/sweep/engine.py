@@ -175,7 +175,7 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
         x = parts[0] if len(parts) == 1 else jnp.concatenate(parts)  # [rows, B, S, D]
 
         def one(xk, qk, qvk, kk, lk, layer_idx=layer_idx, layer=layer):
-            (cos, sin), own, pre = lm.masks(qk, qvk, KVCache(None, None, slots, valid & (slots < qk[:, :1])))
+            (cos, sin), own, (pre,) = lm.masks(qk, qvk, [KVCache(None, None, slots, valid & (slots < qk[:, :1]))])
             own = own & ~kk.cut(layer_idx, qk, qk)  # [B, H, S, S]: causal within the suffix
             pre = pre & ~kk.cut(layer_idx, qk, slots)  # [B, H, S, T]: the uncut run's keys before t0
             k_base, v_base = base.k[layer_idx], base.v[layer_idx]

@@ -286,7 +286,8 @@ def answer_logits(module: Llava, states, input_ids, seq_lengths, positions, star
     if start:
         head = lm(x[:1, :start], pos[:1, :start], valid[:1, :start], collect_kv=True)
         k, v = (jnp.broadcast_to(a, (a.shape[0], b) + a.shape[2:]) for a in map(jnp.stack, head.kv))  # [L, B, K, P, hd]
-        out = lm(x[:, start:], pos[:, start:], valid[:, start:], prefix=KVCache(k, v, pos[:, :start], valid[:, :start]))
+        cache = KVCache(k, v, pos[:, :start], valid[:, :start])
+        out = lm(x[:, start:], pos[:, start:], valid[:, start:], prefix=[cache])
         positions = positions - start
     else:
         out = lm(x, pos, valid)
