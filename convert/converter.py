@@ -1,9 +1,11 @@
 """`jaxflow convert SRC OUT`: stream a LLaVA checkpoint into a jaxflow model directory.
 
 Every check (layout, config, tokenizer, missing / unexpected / mis-shaped tensors) runs before any
-parameter is written. Tensors are then read, cast and transformed one at a time and written one
-parameter group (a layer) at a time, with the digests of what each holds (`checkpoint.GroupWriter`),
-into a temporary directory `.OUT.tmp-<host>-<pid>-*` that is renamed to OUT only when complete. A
+parameter is written. Each parameter group (a layer) is then written as one orbax checkpoint, with the
+digests of what it holds (`checkpoint.GroupWriter`), into a temporary directory `.OUT.tmp-<host>-<pid>-*`
+that is renamed to OUT only when complete. A group's tensors are written one at a time: each is read, cast
+and transformed only when the writer comes to it, into a memory map of its own (`sources.mapped_empty`),
+and released once written, so peak memory follows the largest tensor, not the group or the checkpoint. A
 killed conversion leaves only its temporary directory; the next conversion into OUT on the same host
 removes those whose process is gone.
 
@@ -49,7 +51,7 @@ import numpy as np
 from tqdm import tqdm
 
 from convert import mapping
-from convert.sources import CheckpointError, PickleSource, Source, open_source
+from convert.sources import CheckpointError, PickleSource, Source, mapped_empty, open_source
 from jaxflow import checkpoint
 from jaxflow.config import LLAVA_MODEL_TYPES, LlavaConfig
 
@@ -303,13 +305,8 @@ def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32",
         writer = checkpoint.GroupWriter(tmp)
         np_dtype = DTYPES[dtype]
         for group, params in tqdm(groups.items(), desc="convert", unit="group", disable=not progress):
-            tensors = {}
-            for param in params:
-                source, name, transform = plan[param]
-                # no name keeps the source array alive: only its transformed copy lives on into the write
-                tensors[param] = mapping.TRANSFORMS[transform](source.get(name).astype(np_dtype, copy=False))
-            writer.write(group, tensors)
-            del tensors
+            # each tensor is read when the writer comes to it and released once written: never a whole group
+            writer.write(group, {param: _lazy(*plan[param], np_dtype) for param in params})
         writer.finish(dtype=dtype, layout=layout, source=os.path.abspath(src),
                       source_format="pickle" if isinstance(main, PickleSource) else "safetensors",
                       image_aspect_ratio=raw.get("image_aspect_ratio"), **tower, **files)
@@ -325,6 +322,15 @@ def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32",
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _lazy(source: Source, name: str, transform: str, np_dtype) -> checkpoint.LazyArray:
+    """The jaxflow parameter from `name`: read, cast and transformed when loaded."""
+    def load() -> np.ndarray:
+        # no name keeps the source array alive: only its transformed copy lives on into the write
+        return mapping.apply(transform, source.get(name), np_dtype, empty=mapped_empty)
+
+    return checkpoint.LazyArray(_transformed_shape(source.shape(name), transform), np_dtype, load)
 
 
 def _temp_prefix(name: str) -> str:
@@ -405,14 +411,22 @@ def _first_difference(main: Source, stored: dict[str, str], clip_source: Source,
     for canon in needed:
         if canon not in clip_names:
             continue
-        s = main.get(stored[canon]).astype(np.float32)
-        c = clip_source.get(clip_names[canon]).astype(np.float32)
+        s, c = main.get(stored[canon]), clip_source.get(clip_names[canon])
         if s.shape != c.shape:
             return f"{stored[canon]} has shape {s.shape}, --clip {clip_names[canon]} {c.shape}"
-        err = np.abs(s - c)
-        if not np.all(err <= 2.0**-8 * np.abs(c) + 2.0**-24):
-            return f"{stored[canon]}: max |diff| {err.max():.3g}"
+        s, c = s.reshape(-1), c.reshape(-1)
+        differs, largest = False, []
+        for i in range(0, s.size, _COMPARE_CHUNK):  # float32 temporaries of a chunk, not of the tensor
+            si, ci = s[i:i + _COMPARE_CHUNK].astype(np.float32), c[i:i + _COMPARE_CHUNK].astype(np.float32)
+            err = np.abs(si - ci)
+            differs = differs or not np.all(err <= 2.0**-8 * np.abs(ci) + 2.0**-24)
+            largest.append(err.max())
+        if differs:
+            return f"{stored[canon]}: max |diff| {np.max(largest):.3g}"
     return None
+
+
+_COMPARE_CHUNK = 1 << 18  # elements
 
 
 def _copy_side_files(src_dir: str, clip_dir: str | None, tmp: str) -> dict:

@@ -26,7 +26,26 @@ def linear(x: np.ndarray) -> np.ndarray:
 
 def conv_patch(x: np.ndarray) -> np.ndarray:
     """Conv2d weight [D, C, p, p] -> matmul kernel [C*p*p, D] over flattened (C, p, p) patches."""
-    return np.ascontiguousarray(x.reshape(x.shape[0], -1).T)
+    return np.ascontiguousarray(_conv_patch_view(x))
+
+
+def _conv_patch_view(x: np.ndarray) -> np.ndarray:
+    return x.reshape(x.shape[0], -1).T
+
+
+# each transform as a view of its input (no copy); `apply` writes it into an array of its own
+VIEWS = {"identity": identity, "linear": np.transpose, "conv_patch": _conv_patch_view}
+
+
+def apply(transform: str, x: np.ndarray, dtype, empty=np.empty) -> np.ndarray:
+    """x transformed and cast to dtype in one pass, into `empty(shape, dtype)`; x itself when that changes
+    nothing. Equal to TRANSFORMS[transform](x.astype(dtype))."""
+    view = VIEWS[transform](x)
+    if view is x and x.dtype == np.dtype(dtype):
+        return x
+    out = empty(view.shape, dtype)
+    np.copyto(out, view, casting="unsafe")
+    return out
 
 
 TRANSFORMS = {"identity": identity, "linear": linear, "conv_patch": conv_patch}

@@ -9,8 +9,8 @@ A converted model directory holds:
   params/<group>/      one orbax checkpoint per group (a decoder/vision layer, or one tensor)
   tokenizer files, preprocessor_config.json
 
-Groups keep peak memory at about one layer while converting and let a restore target any
-sharding, parameter by parameter.
+Groups let a restore target any sharding, parameter by parameter; `GroupWriter` writes a group's parameters
+one at a time (`LazyArray`s are read only then), so converting holds about one tensor, not a layer.
 
 Integrity: jaxflow.json's `integrity.groups[<group>]` holds `sha256`, a digest of what the group's arrays hold
 (`group_digest`: per parameter, in name order, its name, dtype, shape and the SHA-256 of its raw bytes), and
@@ -24,6 +24,7 @@ re-hashes every array and, where a group fails, names the files that changed.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import hashlib
 import json
@@ -92,29 +93,79 @@ def _release_freed_memory() -> None:
         pass
 
 
+class LazyArray:
+    """A parameter that `GroupWriter.write` reads only when its turn to be written comes: its shape and dtype,
+    and `load()`, which returns it as that numpy array."""
+
+    def __init__(self, shape, dtype, load):
+        self.shape, self.dtype, self._load = tuple(shape), np.dtype(dtype), load
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def load(self) -> np.ndarray:
+        array = np.asarray(self._load())
+        if array.shape != self.shape or array.dtype != self.dtype:
+            raise ValueError(f"loaded {array.dtype}{list(array.shape)}, expected {self.dtype}{list(self.shape)}")
+        return array
+
+
+class _Leaf:
+    """One parameter of the group being written: a numpy array or a LazyArray, and its digest once written."""
+
+    def __init__(self, value):
+        self.value, self.digest = value, None
+        self.shape, self.dtype = tuple(np.shape(value)), np.dtype(value.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+class _OneAtATime(ocp.type_handlers.NumpyHandler):
+    """Writes a group's parameters one after the other, each loaded just before its write, hashed while it is
+    written and released after. (orbax's NumpyHandler starts every write of a tree at once, so a group's arrays
+    and their encoded chunks are in memory together.) Stored as orbax stores numpy arrays ('np.ndarray'), so
+    StandardCheckpointer restores them as its own."""
+
+    async def serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        loop = asyncio.get_running_loop()
+        for leaf, info, arg in zip(values, infos, args, strict=True):
+            array = leaf.value.load() if isinstance(leaf.value, LazyArray) else np.asarray(leaf.value)
+            digest = loop.run_in_executor(None, _array_digest, array)  # hashlib releases the GIL
+            await self._background_serialize([array], [info], [arg])
+            leaf.digest = await digest
+            del array
+            _release_freed_memory()  # the write's encoded copy, before the next tensor comes on top of it
+        return []  # every write has completed
+
+
 class GroupWriter:
-    """Writes parameter groups one at a time into `directory/params`."""
+    """Writes parameter groups one at a time into `directory/params`, one parameter at a time."""
 
     def __init__(self, directory: str):
         self.directory = directory
         self.groups: dict[str, dict[str, list[int]]] = {}  # group -> name -> shape
         self.integrity: dict[str, dict] = {}  # group -> {"sha256": content digest, "files": {path: [size, sha256]}}
-        # Synchronous, and without orbax's defensive deep copy of numpy arrays (it guards async saves
-        # against later mutation; here every save completes before its arrays are released, so the
-        # copy would only double the memory of the group being written). StandardCheckpointer
-        # restores the result like its own.
+        # Synchronous, one parameter at a time (_OneAtATime), and without orbax's defensive deep copy of numpy
+        # arrays (each write completes before its array is released). StandardCheckpointer restores the result.
+        handler = _OneAtATime(deepcopy_host_arrays=False)
         registry = ocp.type_handlers.create_type_handler_registry(
-            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-            (jax.Array, ocp.type_handlers.ArrayHandler()),
+            (_Leaf, handler), (jax.Array, ocp.type_handlers.ArrayHandler()),
         )
         self._ckpt = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
 
-    def write(self, group: str, params: Mapping[str, np.ndarray]) -> None:
-        digest = group_digest(params)
+    def write(self, group: str, params: Mapping[str, np.ndarray | LazyArray]) -> None:
+        """Writes one group. A LazyArray is loaded only when its write comes, so with LazyArrays peak memory is
+        about the largest parameter (and its encoded copy), not the group."""
+        leaves = {name: _Leaf(value) for name, value in params.items()}
         group_dir = os.path.join(self.directory, "params", group)
-        self._ckpt.save(group_dir, args=ocp.args.PyTreeSave(_nest(params)))
+        self._ckpt.save(group_dir, args=ocp.args.PyTreeSave(_nest(leaves)))
         _release_freed_memory()
-        self.groups[group] = {name: list(np.shape(v)) for name, v in sorted(params.items())}
+        self.groups[group] = {name: list(leaf.shape) for name, leaf in sorted(leaves.items())}
+        digest = _combine_digests((name, leaf.dtype, leaf.shape, leaf.digest) for name, leaf in leaves.items())
         self.integrity[group] = {HASH: digest, "files": _file_records(group_dir)}
 
     def finish(self, **metadata) -> None:
@@ -149,9 +200,14 @@ def group_digest(params: Mapping[str, object]) -> str:
     arrays = [np.asarray(params[n]) for n in names]
     with ThreadPoolExecutor(max_workers=max(1, min(len(arrays), os.cpu_count() or 1))) as pool:
         digests = list(pool.map(_array_digest, arrays))
+    return _combine_digests((n, a.dtype, a.shape, d) for n, a, d in zip(names, arrays, digests, strict=True))
+
+
+def _combine_digests(entries) -> str:
+    """group_digest from (name, dtype, shape, SHA-256 of the raw bytes) per parameter, in any order."""
     h = hashlib.sha256()
-    for name, a, digest in zip(names, arrays, digests, strict=True):
-        h.update((json.dumps([name, a.dtype.name, list(a.shape), digest]) + "\n").encode())
+    for name, dtype, shape, digest in sorted(entries, key=lambda e: e[0]):
+        h.update((json.dumps([name, np.dtype(dtype).name, list(shape), digest]) + "\n").encode())
     return h.hexdigest()
 
 
