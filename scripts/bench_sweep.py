@@ -8,7 +8,10 @@
     additive mask [configurations, 1, T, T] per layer;
 (c) jaxflow through the code path `jaxflow sweep` uses (`jaxflow.sweep.run.sweep` on the task file and its
     images): the large run end to end from cold (compiled code dropped first, so compile is included), then
-    the marginal cost per sample between a small and a large run, both warm (compile excluded).
+    the marginal cost per sample between a small and a large run, both warm (compile excluded);
+(d) `jaxflow sweep` as a user runs it: one process per run (`python -m jaxflow.cli sweep`, compile, model load
+    and decoding of `--process-new-tokens` answer tokens included), the marginal cost between a small and a large
+    run into new folders.
 
 A shared VM's speed drifts by up to 2x within minutes, so after the cold run (a), (b) and the warm (c) runs
 are repeated in turn (`--rounds`); each round's ratios come from its own minutes, and the ratios reported
@@ -83,6 +86,7 @@ PRESETS = {
 # difference is the sharp test; bfloat16 rounds differently in torch and XLA, so there it is a coarse one.
 TOLERANCE = {"float32": (1e-4, 1e-3), "bfloat16": (2e-2, 0.25)}
 STUDY_TARGET, BATCHED_TARGET = 25.0, 20.0  # issue 17: jaxflow's marginal rate over (a) and over (b)
+PROCESS_TARGET = 25.0  # issue 26: the (d) process's marginal rate over (a)
 DEVICE_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
                     "A10": 125e12}  # dense bfloat16 FLOP/s, by device-name substring
 
@@ -313,6 +317,27 @@ def run_jaxflow(model, data: str, images: str, n: int, out: str, k: int, batch: 
     return p, base, seconds, summary
 
 
+def run_process(model_dir: str, data: str, images: str, n: int, out: str, k: int, batch: int,
+                max_new_tokens: int) -> float:
+    """(d): `jaxflow sweep` as a process on the first n rows into a new folder `out` (every sample kept, answers
+    of exactly `max_new_tokens` tokens from a model that never emits EOS). Returns its wall seconds."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "jaxflow.cli", "sweep", "--model", model_dir, "--data", data, "--images", images,
+           "--out", out, "--window", str(k), "--batch", str(batch), "--limit", str(n), "--keep-incorrect",
+           "--max-new-tokens", str(max_new_tokens)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    with open(os.path.join(out, "results.csv"), newline="") as f:
+        if len({r["question_id"] for r in csv.DictReader(f)}) != n:
+            raise RuntimeError(f"{out}: the process did not record {n} samples")
+    return seconds
+
+
 # ---- FLOPs --------------------------------------------------------------------------------------------------------
 
 
@@ -486,6 +511,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--window", type=int, default=9)
     parser.add_argument("--max-new-tokens", type=int, default=1,
                         help="greedy decoding limit in (c); every sample is kept whatever it decodes")
+    parser.add_argument("--process-new-tokens", type=int, default=3,
+                        help="answer tokens each sample decodes in (d), `jaxflow sweep` as a process")
     parser.add_argument("--seed", type=int, default=0, help="toy-world data seed")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--torch-threads", type=int, help="torch CPU threads (default: torch's own)")
@@ -553,8 +580,14 @@ def main(argv=None) -> dict:
                 memory_peak["b"] = torch.cuda.max_memory_allocated()
                 torch.cuda.empty_cache()  # the accelerator's cached blocks go back to jaxflow
             runs = {n: sweep(n, f"warm-{n}-{i + 1}") for n in (preset.small, preset.large)}
+            process = {n: run_process(os.path.join(root, "model"), data, images, n,
+                                      os.path.join(root, "runs", f"process-{n}-{i + 1}"), k, preset.batch,
+                                      args.process_new_tokens) for n in (preset.small, preset.large)}
+            log(f"round {i + 1}: (d) jaxflow sweep as a process: {preset.small} / {preset.large} samples in "
+                f"{process[preset.small]:.1f} / {process[preset.large]:.1f} s")
             rounds.append({"a": s_a, "b": s_b, "c_warm_small": runs[preset.small][2],
-                           "c_warm_large": runs[preset.large][2]})
+                           "c_warm_large": runs[preset.large][2], "d_process_small": process[preset.small],
+                           "d_process_large": process[preset.large]})
         stats = jax.devices()[0].memory_stats() or {}
         xla = xla_decoder_flops(model, len(samples[0].input_ids))
         memory = compiled_memory(model, data, images, preset.batch, k)
@@ -579,18 +612,21 @@ def main(argv=None) -> dict:
         r_["samples_per_s"] = {"a_study": na / r_["a"], "b_batched": nb / r_["b"],
                                "c_jaxflow_marginal": (preset.large - preset.small)
                                / (r_["c_warm_large"] - r_["c_warm_small"])}
+        r_["samples_per_s"]["d_process_marginal"] = ((preset.large - preset.small)
+                                                     / (r_["d_process_large"] - r_["d_process_small"]))
         c_ = r_["samples_per_s"]["c_jaxflow_marginal"]
         r_["ratio_c_over_a"] = c_ / r_["samples_per_s"]["a_study"]
+        r_["ratio_d_over_a"] = r_["samples_per_s"]["d_process_marginal"] / r_["samples_per_s"]["a_study"]
         r_["ratio_c_over_b"] = c_ / r_["samples_per_s"]["b_batched"]
     median = lambda key: float(np.median([r_[key] for r_ in rounds]))  # noqa: E731
     rate = {key: float(np.median([r_["samples_per_s"][key] for r_ in rounds]))
-            for key in ("a_study", "b_batched", "c_jaxflow_marginal")}
+            for key in ("a_study", "b_batched", "c_jaxflow_marginal", "d_process_marginal")}
     rate["c_jaxflow_end_to_end"] = preset.large / s_cold
     method_flops = {"a_study": mean["study"], "b_batched": mean["batched"], "c_jaxflow_marginal": mean["jaxflow_bound"],
-                    "c_jaxflow_end_to_end": mean["jaxflow_bound"]}
+                    "c_jaxflow_end_to_end": mean["jaxflow_bound"], "d_process_marginal": mean["jaxflow_bound"]}
     achieved = {m_: rate[m_] * method_flops[m_] for m_ in rate}
     bound_ratio = mean["study"] / mean["jaxflow_bound"]
-    c_over_a, c_over_b = median("ratio_c_over_a"), median("ratio_c_over_b")
+    c_over_a, c_over_b, d_over_a = median("ratio_c_over_a"), median("ratio_c_over_b"), median("ratio_d_over_a")
     decoder_analytic = decoder_flops(cfg.text, len(samples[0].input_ids))
     info = machine(device)
     peak = device_peak(info.get("gpu", "")) if preset.dtype == "bfloat16" else None
@@ -600,8 +636,10 @@ def main(argv=None) -> dict:
         "configurations_per_sample": flops[0]["configurations"], "T_mean": float(np.mean([f["T"] for f in flops])),
         "samples": {"a": na, "b": nb, "c_small": preset.small, "c_large": preset.large},
         "seconds": {"setup": setup, "c_cold_large": s_cold,
-                    **{key: median(key) for key in ("a", "b", "c_warm_small", "c_warm_large")}},
+                    **{key: median(key) for key in ("a", "b", "c_warm_small", "c_warm_large", "d_process_small",
+                                                    "d_process_large")}},
         "rounds": rounds, "samples_per_s": rate, "ratio_c_over_a": c_over_a, "ratio_c_over_b": c_over_b,
+        "ratio_d_over_a": d_over_a, "process_new_tokens": args.process_new_tokens,
         "ratio_c_end_to_end_over_a": rate["c_jaxflow_end_to_end"] / rate["a_study"],
         "flops_per_sample": mean, "flop_bound_ratio": bound_ratio, "fraction_of_bound": c_over_a / bound_ratio,
         "per_configuration_bound_ratio": mean["study"] / mean["per_configuration_bound"],
@@ -611,7 +649,8 @@ def main(argv=None) -> dict:
         "compiled_shapes": sum_cold["compiled_shapes"],
         "peak_memory_bytes": {**memory_peak, "c": stats.get("peak_bytes_in_use")}, "compiled_memory": memory,
         "targets": {"c_over_a": [STUDY_TARGET, c_over_a >= STUDY_TARGET],
-                    "c_over_b": [BATCHED_TARGET, c_over_b >= BATCHED_TARGET]},
+                    "c_over_b": [BATCHED_TARGET, c_over_b >= BATCHED_TARGET],
+                    "d_over_a": [PROCESS_TARGET, d_over_a >= PROCESS_TARGET]},
     }
     report(result)
     if args.out:
@@ -649,7 +688,10 @@ def report(r: dict) -> None:
             (f"(c) jaxflow sweep, marginal {r['samples']['c_small']} -> {r['samples']['c_large']} (warm)",
              "c_jaxflow_marginal", r["samples"]["c_large"] - r["samples"]["c_small"], "jaxflow_bound"),
             (f"(c) jaxflow sweep end to end, {r['samples']['c_large']} (cold)", "c_jaxflow_end_to_end",
-             r["samples"]["c_large"], "jaxflow_bound")]
+             r["samples"]["c_large"], "jaxflow_bound"),
+            (f"(d) `jaxflow sweep` as a process, marginal {r['samples']['c_small']} -> {r['samples']['c_large']} "
+             f"({r['process_new_tokens']}-token answers)", "d_process_marginal",
+             r["samples"]["c_large"] - r["samples"]["c_small"], "jaxflow_bound")]
     a, b = r["samples_per_s"]["a_study"], r["samples_per_s"]["b_batched"]
     print(f"\nsamples/s: medians over {len(r['rounds'])} rounds (the cold run: once); x (a), x (b) of the marginal "
           f"rate: medians of each round's own ratio\n")
@@ -657,7 +699,7 @@ def report(r: dict) -> None:
     for label, key, n, fkey in rows:
         rate = r["samples_per_s"][key]
         over_a, over_b = ((r["ratio_c_over_a"], r["ratio_c_over_b"]) if key == "c_jaxflow_marginal"
-                          else (rate / a, rate / b))
+                          else (r["ratio_d_over_a"], rate / b) if key == "d_process_marginal" else (rate / a, rate / b))
         print(f"| {label} | {n} | {rate:.4g} | {over_a:.1f} | {over_b:.1f} | {_si(r['flops_per_sample'][fkey])} "
               f"| {_si(r['achieved_flop_per_s'][key])} |")
     print(f"\njaxflow FLOP/sample is the exact bound (one prefill + the configurations' suffixes from their window "
@@ -687,14 +729,16 @@ def report(r: dict) -> None:
     for i, r_ in enumerate(r["rounds"]):
         rate = r_["samples_per_s"]
         print(f"round {i + 1}: samples/s (a) {rate['a_study']:.4g}, (b) {rate['b_batched']:.4g}, (c) "
-              f"{rate['c_jaxflow_marginal']:.4g}: {r_['ratio_c_over_a']:.1f}x (a), {r_['ratio_c_over_b']:.1f}x (b)")
+              f"{rate['c_jaxflow_marginal']:.4g}: {r_['ratio_c_over_a']:.1f}x (a), {r_['ratio_c_over_b']:.1f}x (b); "
+              f"(d) {rate['d_process_marginal']:.4g}: {r_['ratio_d_over_a']:.1f}x (a)")
     sec = r["seconds"]
     print(f"seconds (medians of {len(r['rounds'])} rounds but the cold run): setup {sec['setup']:.0f}, "
           f"(a) {sec['a']:.1f}, (b) {sec['b']:.1f}, "
-          f"(c) cold {sec['c_cold_large']:.1f}, warm {sec['c_warm_small']:.1f} / {sec['c_warm_large']:.1f}"
+          f"(c) cold {sec['c_cold_large']:.1f}, warm {sec['c_warm_small']:.1f} / {sec['c_warm_large']:.1f}, "
+          f"(d) {sec['d_process_small']:.1f} / {sec['d_process_large']:.1f}"
           f"; jaxflow batch shapes (batch, T): {r['compiled_shapes']}")
     for key, (target, ok) in r["targets"].items():
-        value = r["ratio_c_over_a"] if key == "c_over_a" else r["ratio_c_over_b"]
+        value = r[f"ratio_{key}"]
         print(f"target {key} >= {target:g}x: {value:.1f}x {'PASS' if ok else 'MISS'}")
 
 

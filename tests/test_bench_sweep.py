@@ -123,7 +123,8 @@ def test_ratios_are_medians_of_each_rounds_own_ratio(run):
         rate = r["samples_per_s"]
         assert r["ratio_c_over_a"] == pytest.approx(rate["c_jaxflow_marginal"] / rate["a_study"])
         assert r["ratio_c_over_b"] == pytest.approx(rate["c_jaxflow_marginal"] / rate["b_batched"])
-    for key in ("ratio_c_over_a", "ratio_c_over_b"):
+        assert r["ratio_d_over_a"] == pytest.approx(rate["d_process_marginal"] / rate["a_study"])
+    for key in ("ratio_c_over_a", "ratio_c_over_b", "ratio_d_over_a"):
         assert result[key] == pytest.approx(np.median([r[key] for r in result["rounds"]]))
 
 
@@ -139,3 +140,18 @@ def test_compiled_memory_covers_every_call_of_a_batch(run):
         assert c["temp_per_configuration"] == c["temp_bytes"] / c["configurations"]
         assert 0 < c["temp_per_configuration"] <= c["budget_per_configuration"], c
         assert 0 < c["row_layers"] <= c["configurations"] * 4
+
+
+def test_process_runs_record_every_sample_with_the_in_process_probabilities(run):
+    """(d) runs `jaxflow sweep` as a process into its own folders; it records what the in-process sweep (c) does."""
+    import csv
+
+    work = run[2]
+    rows = {}
+    for name in ("process-2-1", "warm-2-1"):  # the tiny preset's large run, round 1
+        with open(work / "runs" / name / "results.csv", newline="") as f:
+            rows[name] = {(r["question_id"], r["block_desc"], r["layer"]): float(r["new_score_first"])
+                          for r in csv.DictReader(f)}
+    assert len(rows["process-2-1"]) == 2 * 6 * 4 and rows["process-2-1"].keys() == rows["warm-2-1"].keys()
+    for key, p in rows["warm-2-1"].items():
+        assert rows["process-2-1"][key] == pytest.approx(p, rel=1e-5, abs=1e-9), key
