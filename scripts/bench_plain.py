@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -182,16 +181,6 @@ def decode_bytes(model, t: int, batch: int, new: int) -> int:
     return int(weights + kv)
 
 
-def conversion_memory(workdir: str) -> dict | None:
-    """scripts/bench_convert_rss.py in a subprocess (its own peak-RSS measurement needs a clean parent)."""
-    out = os.path.join(workdir, "convert_rss.json")
-    cmd = [sys.executable, os.path.join(REPO, "scripts", "bench_convert_rss.py"), "--out", out]
-    if subprocess.run(cmd, cwd=REPO).returncode:
-        raise SystemExit("bench_convert_rss.py failed")
-    with open(out) as f:
-        return json.load(f)
-
-
 def measure_shape(kind: str, preset, batch: int, new: int, rounds: int, device: str, root: str) -> dict:
     import jax
     import torch
@@ -250,6 +239,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--torch-threads", type=int, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--no-convert", action="store_true", help="skip the conversion-memory measurement")
+    parser.add_argument("--convert-sizes", type=float, nargs="+", default=[0.5, 2.0],
+                        help="checkpoint sizes (GiB) of the conversion-memory measurement (bench_convert_rss.py)")
     parser.add_argument("--workdir", help="keep the models here (default: a temporary folder)")
     parser.add_argument("--out", help="save the results as JSON")
     args = parser.parse_args(argv)
@@ -271,8 +262,10 @@ def main(argv=None) -> dict:
         for kind in args.shapes:
             result["shapes"][kind] = measure_shape(kind, preset, batch, new, rounds, device, root)
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        if not args.no_convert:
-            result["conversion"] = conversion_memory(root)
+        if not args.no_convert:  # in a subprocess: this process's own peak would leak into its figures
+            from bench_convert_rss import conversion_memory
+
+            result["conversion"] = conversion_memory(sizes=tuple(args.convert_sizes))
     report(result)
     if args.out:
         with open(args.out, "w") as f:
@@ -322,7 +315,13 @@ def report(r: dict) -> None:
     print(f"process peak RSS (both frameworks, all shapes): {si(r['peak_rss_bytes'], 'B')}")
     conv = r.get("conversion")
     if conv:
-        print("conversion: " + json.dumps(conv))
+        print(f"conversion (scripts/bench_convert_rss.py, layout {conv['layout']}, {conv['dtype']}; digests, tower "
+              f"check, tokenizer build on): tiny conversion peak RSS {conv['tiny']['peak_rss_mib']:.0f} MiB")
+        for c in conv["sizes"]:
+            print(f"  {c['size_gib']:g} GiB checkpoint ({c['checkpoint_mib']:.0f} MiB, largest tensor "
+                  f"{c['largest_tensor_mib']:.0f} MiB): peak RSS {c['peak_rss_mib']:.0f} MiB, "
+                  f"{c['extra_over_tiny_mib']:.0f} MiB over the tiny conversion; bound 2 x largest tensor + 64 MiB = "
+                  f"{c['bound_mib']:.0f} MiB: {'PASS' if c['passes'] else 'MISS'}")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,44 @@ def test_generate_continues_a_shared_prefill(twins):
     np.testing.assert_allclose(np.asarray(no_hidden.k), np.asarray(base.k), atol=1e-6)
     with pytest.raises(ValueError, match="prefill: keys of shape"):
         model.generate(inputs.input_ids[:2], pv[:2], attention_mask=mask[:2], prefill=base)
+
+
+def test_decoding_across_phases_matches_transformers(twins):
+    """40 new tokens without eos run three phases of growing cache (16, then 39 slots; the tokens that cross a
+    phase's end continue from the grown cache), the rows of different lengths included; every token is
+    transformers' greedy token."""
+    from jaxflow.model import decode_phases
+
+    hf, model = twins("llava", "llava-hf", kv_heads=2)
+    ids, pv, isz, mask = tiny.make_inputs(model.config, image_sizes=((42, 42),) * 3, num_text=[5, 3, 8], seed=3)
+    steps = 40
+    assert len(decode_phases(steps - 1)) == 2
+    out = model.generate(ids, pv, isz, attention_mask=mask, max_new_tokens=steps, eos_token_id=[])
+    assert out.tokens.shape == (len(ids), steps) and not out.finished.any()
+    for row in range(len(ids)):
+        ref_tokens, _ = hf_greedy(hf, ids, pv, isz, mask, row, steps, None)
+        assert len(ref_tokens) == steps
+        np.testing.assert_array_equal(out.tokens[row], ref_tokens)
+
+
+def test_decoding_step_updates_the_cache_in_place(twins):
+    """What XLA allocates for a decoding phase: the grown caches are its outputs, and its temporaries stay below
+    one layer's cache (a step that copied the cache, as a step that reads it before writing it does, needs the
+    whole cache again as temporaries)."""
+    import jax.numpy as jnp
+
+    from jaxflow.model import decode_phase
+
+    _, model = twins("llava", "llava-hf", kv_heads=2)
+    ids, pv, _, mask = tiny.make_inputs(model.config, image_sizes=((42, 42),) * 3, num_text=[5, 3, 8], seed=3)
+    pre = model.prefill(ids, pv, attention_mask=mask)
+    b, kvh, t, hd = pre.k[0].shape
+    size = 512
+    empty = (jnp.zeros((b, kvh, 0, hd), jnp.float32),) * len(pre.k)
+    lowered = decode_phase.lower(model.module, pre.k, pre.v, jnp.asarray(mask.sum(1), jnp.int32),
+                                 jnp.asarray([-1], jnp.int32), jnp.int32(0), jnp.zeros((b, size + 1), jnp.int32),
+                                 jnp.zeros(b, bool), empty, empty, size=size)
+    memory = lowered.compile().memory_analysis()
+    layer_cache = b * kvh * size * hd * 4  # bytes of one layer's keys
+    assert memory.output_size_in_bytes >= 2 * len(pre.k) * layer_cache
+    assert memory.temp_size_in_bytes < layer_cache, memory.temp_size_in_bytes
