@@ -96,3 +96,36 @@ def tiny_hf_config(kind: str = "llava", image_size: int = 56, layers: int = 4, h
         return LlavaOnevisionConfig(image_grid_pinpoints=pin, vision_feature_select_strategy="default",
                                     vision_feature_layer=-1, **common).to_dict()
     return HFLlavaConfig(**common).to_dict()
+
+
+def _added_token(content: str) -> dict:
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False}
+
+
+def save_sentencepiece_tokenizer(path: str, lines: list[str], vocab: int = 320, legacy: bool = False) -> int:
+    """An original-LLaVA tokenizer trained on `lines`: a Llama-2-style SentencePiece BPE tokenizer.model (byte
+    fallback, identity normalization, dummy prefix, <unk>/<s>/</s> = 0/1/2) with the tokenizer_config.json and
+    special_tokens_map.json LLaVA-1.5 ships, and no tokenizer.json. Returns the vocabulary size."""
+    import io
+
+    import sentencepiece as spm
+
+    os.makedirs(path, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab, model_type="bpe",
+        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=1.0, minloglevel=2)
+    with open(os.path.join(path, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"add_bos_token": True, "add_eos_token": False, "bos_token": _added_token("<s>"),
+                   "clean_up_tokenization_spaces": False, "eos_token": _added_token("</s>"), "legacy": legacy,
+                   "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
+                   "tokenizer_class": "LlamaTokenizer", "unk_token": _added_token("<unk>")}, f)
+    with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
+        json.dump({"bos_token": _added_token("<s>"), "eos_token": _added_token("</s>"), "pad_token": "<unk>",
+                   "unk_token": _added_token("<unk>")}, f)
+    return spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()

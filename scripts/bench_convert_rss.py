@@ -185,37 +185,16 @@ def write_clip(path: str, d: dict) -> None:
 def write_tokenizer(path: str) -> None:
     """A SentencePiece tokenizer.model (Llama-2 style BPE, trained here on a few generated prompts) with LLaVA-1.5's
     tokenizer_config.json and no tokenizer.json, so the converter builds one."""
-    import io
     import random
 
-    import sentencepiece as spm
+    from jaxflow.testing import save_sentencepiece_tokenizer
 
     rng = random.Random(0)
     words = ("a the of is what which color shape jar full empty left right red blue round table user assistant "
              "image answer question single word phrase chat between curious artificial intelligence").split()
     lines = [f"USER: {' '.join(rng.choice(words) for _ in range(rng.randint(3, 12)))}? {rng.randint(0, 999)} "
              "ASSISTANT:" for _ in range(300)]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=320, model_type="bpe", byte_fallback=True,
-        split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        character_coverage=1.0, minloglevel=2)
-    with open(os.path.join(path, "tokenizer.model"), "wb") as f:
-        f.write(model.getvalue())
-
-    def token(content):
-        return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                "single_word": False}
-
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"add_bos_token": True, "add_eos_token": False, "bos_token": token("<s>"),
-                   "clean_up_tokenization_spaces": False, "eos_token": token("</s>"), "legacy": False,
-                   "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
-                   "tokenizer_class": "LlamaTokenizer", "unk_token": token("<unk>")}, f)
-    with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
-        json.dump({"bos_token": token("<s>"), "eos_token": token("</s>"), "pad_token": "<unk>",
-                   "unk_token": token("<unk>")}, f)
+    save_sentencepiece_tokenizer(path, lines)
 
 
 def _values(name: str, shape, scale: float = 0.02):

@@ -263,11 +263,6 @@ def save_original(model, path, clip_path, tower="stale", clip_model=None, unfree
 # ---- original LLaVA tokenizer: SentencePiece tokenizer.model + Llama tokenizer_config.json -----------------------
 
 
-def _added(content):
-    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False}
-
-
 def sentencepiece_lines(n=400, seed=0) -> list[str]:
     """Generated LLaVA-like prompt text (system sentence, questions, instructions, digits) to train on."""
     import random
@@ -286,31 +281,11 @@ def sentencepiece_lines(n=400, seed=0) -> list[str]:
 
 
 def save_sentencepiece_tokenizer(path, vocab=320, legacy=False) -> int:
-    """A Llama-2-style SentencePiece BPE tokenizer.model (byte fallback, identity normalization, dummy prefix,
-    <unk>/<s>/</s> = 0/1/2), trained here on generated text, with the tokenizer_config.json and
-    special_tokens_map.json LLaVA-1.5 ships. Returns the vocabulary size."""
-    import io
+    """`jaxflow.testing.save_sentencepiece_tokenizer` trained on `sentencepiece_lines()`. Returns the vocabulary
+    size."""
+    from jaxflow.testing import save_sentencepiece_tokenizer as save
 
-    import sentencepiece as spm
-
-    os.makedirs(path, exist_ok=True)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentencepiece_lines()), model_writer=model, vocab_size=vocab, model_type="bpe",
-        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        character_coverage=1.0, minloglevel=2)
-    with open(os.path.join(path, "tokenizer.model"), "wb") as f:
-        f.write(model.getvalue())
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"add_bos_token": True, "add_eos_token": False, "bos_token": _added("<s>"),
-                   "clean_up_tokenization_spaces": False, "eos_token": _added("</s>"), "legacy": legacy,
-                   "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
-                   "tokenizer_class": "LlamaTokenizer", "unk_token": _added("<unk>")}, f)
-    with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
-        json.dump({"bos_token": _added("<s>"), "eos_token": _added("</s>"), "pad_token": "<unk>",
-                   "unk_token": _added("<unk>")}, f)
-    return spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+    return save(path, sentencepiece_lines(), vocab, legacy)
 
 
 def task_subset(root, n: int, task: str = "ChooseAttr", seed: int = 0, edit=None, missing_images: int = 0):
