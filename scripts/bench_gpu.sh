@@ -7,6 +7,8 @@
 #   bash scripts/bench_gpu.sh [--python PYTHON] [--timeout SECONDS] [--allow-cpu] [bench_sweep.py flags...]
 #   bash scripts/bench_gpu.sh --out bench_gpu.json
 #   bash scripts/bench_gpu.sh --allow-cpu --preset tiny --dtype bfloat16    # the wrapper's logic, on a CPU
+#   bash scripts/bench_gpu.sh --plain [bench_plain.py flags...]   # the plain paths instead (issue 26): decoding per
+#                                            token and the prompt forward vs transformers, --preset gpu-7b
 #
 # Runs from this checkout with an installed environment (jax with its CUDA plugin, torch with CUDA,
 # transformers): it downloads nothing. The random checkpoint (~14 GB in bfloat16) and its conversion go to a
@@ -17,12 +19,14 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 LIMIT=600
 ALLOW_CPU=0
+SCRIPT=(scripts/bench_sweep.py --preset gpu)
 ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --python) PYTHON="$2"; shift 2 ;;
     --timeout) LIMIT="$2"; shift 2 ;;
     --allow-cpu) ALLOW_CPU=1; shift ;;
+    --plain) SCRIPT=(scripts/bench_plain.py --preset gpu-7b); shift ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done
@@ -53,4 +57,4 @@ then
 fi
 
 cd "$ROOT"
-exec timeout "$LIMIT" "$PYTHON" scripts/bench_sweep.py --preset gpu ${ARGS[@]+"${ARGS[@]}"}
+exec timeout "$LIMIT" "$PYTHON" "${SCRIPT[@]}" ${ARGS[@]+"${ARGS[@]}"}

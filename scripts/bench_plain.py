@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -261,6 +262,10 @@ def main(argv=None) -> dict:
         root = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
         for kind in args.shapes:
             result["shapes"][kind] = measure_shape(kind, preset, batch, new, rounds, device, root)
+            if not args.workdir:  # a 7B checkpoint and its conversion take 28 GB of disk
+                shutil.rmtree(os.path.join(root, kind), ignore_errors=True)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         if not args.no_convert:  # in a subprocess: this process's own peak would leak into its figures
             from bench_convert_rss import conversion_memory
