@@ -21,7 +21,7 @@ USER_ERRORS = (ValueError, OSError)
 
 
 def _convert(args) -> int:
-    from convert import convert
+    from jaxflow.convert import convert
 
     out = convert(args.src, args.out, clip=args.clip, dtype=args.dtype, allow_pickle=args.allow_pickle,
                   vision_tower=args.vision_tower)

@@ -33,7 +33,7 @@ def run(out: str, samples_per_task: int = SAMPLES_PER_TASK, seed: int = SEED, mo
         print(f"[{n}/4] {text} ({time.time() - start:.0f} s)", flush=True)
 
     import jaxflow
-    from convert import convert
+    from jaxflow.convert import convert
     from jaxflow.sweep import plots
     from jaxflow.sweep import run as sweep_run
     from jaxflow.sweep.flows import STUDY_FLOWS, parse_flow

@@ -306,7 +306,7 @@ def test_untrusted_number_reasons():
 @pytest.fixture(scope="module")
 def overflowing_model(toy_model_dir, tmp_path_factory):
     """The toy model with final-norm weights of 3e38: finite, so conversion accepts them; every logit overflows."""
-    from convert import convert
+    from jaxflow.convert import convert
 
     root = tmp_path_factory.mktemp("overflow")
     src = root / "src"
