@@ -1,5 +1,5 @@
 """Checkpoint conversion: LLaVA safetensors (llava-hf or original layout) -> jaxflow orbax groups."""
 
-from convert.converter import ConversionError, convert
+from jaxflow.convert.converter import ConversionError, convert
 
 __all__ = ["ConversionError", "convert"]

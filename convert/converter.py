@@ -50,10 +50,10 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from convert import mapping
-from convert.sources import CheckpointError, PickleSource, Source, mapped_empty, open_source
 from jaxflow import checkpoint
 from jaxflow.config import LLAVA_MODEL_TYPES, LlavaConfig
+from jaxflow.convert import mapping
+from jaxflow.convert.sources import CheckpointError, PickleSource, Source, mapped_empty, open_source
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 TOKENIZER_FILES = (

@@ -5,7 +5,9 @@ results directory) prints one line, `jaxflow <command>: error: ...`, and exits w
 argparse does for bad usage; `--debug` shows the traceback instead. Every jaxflow error class
 subclasses ValueError or OSError (ConversionError, UnsupportedConfigError, CheckpointIntegrityError,
 RunMismatchError, RegionError, ExportError, ...), so those two catch them all (an internal error of those
-types prints one line too; `--debug` shows where it came from).
+types prints one line too; `--debug` shows where it came from). A sweep or lens that records no sample exits
+with status 1, its counts and most common skip reasons on one line; jaxflow's own warnings print as one line,
+`jaxflow <command>: warning: ...`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import os
 import sys
 import time
 import traceback
+import warnings
 
 USER_ERRORS = (ValueError, OSError)
 
 
 def _convert(args) -> int:
-    from convert import convert
+    from jaxflow.convert import convert
 
     out = convert(args.src, args.out, clip=args.clip, dtype=args.dtype, allow_pickle=args.allow_pickle,
                   vision_tower=args.vision_tower)
@@ -53,7 +56,7 @@ def _sweep(args) -> int:
     from jaxflow.sweep import run
 
     run.check_inputs(args.data, args.images)  # before the (possibly long) model load
-    flows = [sweep_flows.parse_flow(f) for f in (args.flows or list(sweep_flows.STUDY_FLOWS))]
+    flows = [sweep_flows.parse_flow(f) for f in (args.flows or list(sweep_flows.STUDY_FLOWS))]  # lens: the defaults
     if args.distributed or args.coordinator:
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     import jax
@@ -64,8 +67,15 @@ def _sweep(args) -> int:
                         method=args.method, limit=args.limit, images=args.images, template=args.template,
                         chunk=args.chunk, lens=args.command == "lens", filter_correct=not args.keep_incorrect,
                         max_new_tokens=args.max_new_tokens, related_patches=args.related_patches)
-    print(f"{summary['kept']} samples recorded, {summary['skipped']} skipped (see skipped.csv), "
-          f"{len(summary['compiled_shapes'])} batch shapes {summary['compiled_shapes']}; results in {args.out}")
+    counts = f"{summary['kept']} samples recorded, {summary['skipped']} skipped"
+    if summary["kept"] == 0:  # nothing to plot: a wrong --images, task file or model, not a result
+        reasons = ", ".join(f"{kind} ({n})" for kind, n in summary["skip_reasons"])
+        why = f"; most common skip reasons: {reasons}" if reasons else "; the task file has no rows"
+        print(f"jaxflow {args.command}: error: {counts} (see {os.path.join(args.out, 'skipped.csv')}){why}",
+              file=sys.stderr)
+        return 1
+    print(f"{counts} (see skipped.csv), {len(summary['compiled_shapes'])} batch shapes {summary['compiled_shapes']}; "
+          f"results in {args.out}")
     return 0
 
 
@@ -109,13 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxflow.inputs.prompts import TEMPLATES
 
     parser = argparse.ArgumentParser(prog="jaxflow", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="the command (jaxflow COMMAND --help: its flags)")
     p = sub.add_parser("convert", help="convert a LLaVA checkpoint into a jaxflow model directory")
     p.add_argument("src", help="checkpoint directory (config.json + *.safetensors) or one .safetensors file")
     p.add_argument("out", help="output directory (must not exist; written atomically)")
     p.add_argument("--clip", help="CLIP checkpoint directory, for the original LLaVA layout (vision config, image "
                    "processor, and the tower unless the checkpoint's own trained tower is used)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the stored parameters, and of the computation (norms, attention scores and "
+                   "probabilities stay float32): float32 (default); bfloat16 or float16 halve the size; float16 is "
+                   "converted as asked, but its range ends at 65504: activations past it overflow, and a sweep "
+                   "then skips the samples whose probabilities are not finite (skipped.csv says so)")
     p.add_argument("--allow-pickle", action="store_true", help="read PyTorch pickle checkpoints (pytorch_model*.bin) "
                    "with PyTorch's weights-only loader (needs torch); refused by default")
     p.add_argument("--vision-tower", default="auto", choices=["auto", "checkpoint", "clip"],
@@ -134,13 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "ChooseAttr, ChooseCat, ChooseRel, CompareAttr, LogicalObj, QueryAttr")
         p.add_argument("--images", help="image folder holding <img_id>.jpg")
         p.add_argument("--out", required=True, help="results directory (resumed if it exists)")
-        p.add_argument("--flows", nargs="+", help="flows: the study's names (e.g. 'Image->Question') or "
-                       "region pairs 'source->target', optionally '@h1,h2' for a head subset (default: the six)")
-        p.add_argument("--window", type=positive_int, default=9, help="layers cut around each layer (default 9)")
-        p.add_argument("--batch", type=positive_int, default=4, help="samples per compiled call")
-        p.add_argument("--method", choices=["incremental", "full"], default="incremental")
-        p.add_argument("--chunk", type=positive_int,
-                       help="knockout configurations per call (default: what fits in memory)")
+        if name == "sweep":
+            p.add_argument("--flows", nargs="+", help="flows: the study's names (e.g. 'Image->Question') or "
+                           "region pairs 'source->target', optionally '@h1,h2' for a head subset (default: the six)")
+            p.add_argument("--window", type=positive_int, default=9,
+                           help="layers cut around each layer (default 9; at least the model's layers warns)")
+        p.add_argument("--batch", type=positive_int, default=4, help="samples per compiled call (default 4)")
+        if name == "sweep":
+            p.add_argument("--method", choices=["incremental", "full"], default="incremental",
+                           help="'incremental' (default: exact recomputation of only what a cut changes, from its "
+                           "window's first layer and first target position on) or 'full' (a whole forward per "
+                           "configuration: the same numbers up to rounding, slower)")
+            p.add_argument("--chunk", type=positive_int,
+                           help="knockout configurations per call (default: what fits in memory)")
         p.add_argument("--limit", type=positive_int, help="only the first N rows")
         p.add_argument("--template", choices=TEMPLATES,
                        help="prompt template (default: the checkpoint's, from its chat template, vocabulary or name)")
@@ -151,22 +171,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-anyres", action="store_true",
                        help="LLaVA-NeXT checkpoints: LLaVA-1.5 image handling (pad to a square, one crop, no "
                        "image_newline), as the study's --noHD_noPad")
-        p.add_argument("--related-patches", choices=RELATED_PATCH_RULES, default="study",
-                       help="related image patches: 'study' (the study's rule: a patch of the preprocessed red-box "
-                            "mask stays pure red) or 'overlap' (the patch overlaps the transformed box)")
+        if name == "sweep":
+            p.add_argument("--related-patches", choices=RELATED_PATCH_RULES, default="study",
+                           help="related image patches: 'study' (the study's rule: a patch of the preprocessed "
+                                "red-box mask stays pure red) or 'overlap' (the patch overlaps the transformed box)")
+        else:  # what run.json records for a lens (a resumed lens compares them), without flags that do nothing
+            p.set_defaults(flows=None, window=9, method="incremental", chunk=None, related_patches="study")
         p.add_argument("--mesh", help="device mesh of this process, e.g. data=4,model=2 (default: data=all devices)")
         p.add_argument("--distributed", action="store_true",
                        help="join JAX's multi-process runtime, cluster detected by JAX (TPU pod slice, SLURM)")
         p.add_argument("--coordinator", help="HOST:PORT of process 0, for an explicit multi-process launch")
-        p.add_argument("--num-processes", type=int)
-        p.add_argument("--process-id", type=int)
+        p.add_argument("--num-processes", type=int, help="with --coordinator: how many processes the run has")
+        p.add_argument("--process-id", type=int, help="with --coordinator: this process's index, 0 to N-1 "
+                       "(process 0 writes the merged tables)")
         p.set_defaults(func=_sweep)
     from jaxflow.inputs.cli import add_parser as add_regions
 
     add_regions(sub)
     p = sub.add_parser("plot", help="figures and summary from result directories")
     p.add_argument("results", help="directory holding results.csv / lens.csv (searched recursively)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="directory for the figures and summary.md (created if "
+                   "needed)")
     p.set_defaults(func=_plot)
     p = sub.add_parser("export", help="sweep results as the study's CSV files (its plotting scripts read them)")
     p.add_argument("runs", nargs="+", help="sweep result directories (searched recursively for run.json)")
@@ -227,8 +252,40 @@ def _storage_task_report(record: logging.LogRecord) -> bool:
     return not (storage or closed)
 
 
+def _torch_notice(record: logging.LogRecord) -> bool:
+    """False for transformers' "PyTorch was not found. Models won't be available ..." (logged when transformers is
+    imported without torch: jaxflow runs without it, and --allow-pickle says itself when it needs it)."""
+    return not str(record.msg).startswith("PyTorch was not found")
+
+
+def quiet_torch_notice() -> None:
+    """Drops transformers' PyTorch notice from the command's output (a filter on its logger; the environment and
+    transformers' other messages are left as they are). A library user importing transformers still sees it."""
+    logging.getLogger("transformers").addFilter(_torch_notice)
+
+
+def one_line_warnings(command: str) -> None:
+    """jaxflow's own warnings (a window as wide as the model) print as one line, `jaxflow <command>: warning: ...`,
+    like its errors; every other warning prints as before. Python's warning filters still decide whether one shows
+    (by default once per call site)."""
+    from jaxflow.sweep.flows import WindowWarning
+
+    previous = getattr(warnings.showwarning, "passes_on", warnings.showwarning)  # not nested by a second main()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, WindowWarning):
+            print(f"jaxflow {command}: warning: {one_line(message)}", file=file or sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    show.passes_on = previous
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_torch_notice()  # before the parser: building it imports jaxflow, which may import transformers
     args = build_parser().parse_args(argv)
+    one_line_warnings(args.command)
     if not args.debug:
         quiet_closed_event_loop()
     try:

@@ -9,6 +9,7 @@ Steps (each resumable: an existing step's output is reused):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -29,40 +30,46 @@ def run(out: str, samples_per_task: int = SAMPLES_PER_TASK, seed: int = SEED, mo
     start = time.time()
     os.makedirs(out, exist_ok=True)
 
-    def step(n: int, text: str) -> None:
-        print(f"[{n}/4] {text} ({time.time() - start:.0f} s)", flush=True)
+    @contextlib.contextmanager
+    def step(n: int, text: str):
+        """`[n/4] text` as the step starts, `[n/4] done in S s` with its duration as it ends."""
+        print(f"[{n}/4] {text}", flush=True)
+        began = time.time()
+        yield
+        print(f"[{n}/4] done in {time.time() - began:.1f} s", flush=True)
 
     import jaxflow
-    from convert import convert
+    from jaxflow.convert import convert
     from jaxflow.sweep import plots
     from jaxflow.sweep import run as sweep_run
     from jaxflow.sweep.flows import STUDY_FLOWS, parse_flow
     from jaxflow.world import TASKS, generate
 
     model_dir = os.path.join(out, "model")
-    step(1, f"converting {model_src} -> {model_dir}")
-    if not os.path.exists(model_dir):
-        convert(model_src, model_dir, progress=progress)
-    model = jaxflow.load(model_dir)
+    with step(1, f"converting {model_src} -> {model_dir}"):
+        if not os.path.exists(model_dir):
+            convert(model_src, model_dir, progress=progress)
+        model = jaxflow.load(model_dir)
 
     data_dir = os.path.join(out, "data")
-    step(2, f"generating {samples_per_task} toy-world questions per task (seed {seed}) -> {data_dir}")
-    paths = _generate_once(generate, data_dir, samples_per_task, seed)
+    with step(2, f"generating {samples_per_task} toy-world questions per task (seed {seed}) -> {data_dir}"):
+        paths = _generate_once(generate, data_dir, samples_per_task, seed)
 
     k = demo_window(model.config.text.num_layers)
     flows = [parse_flow(name) for name in STUDY_FLOWS]
-    step(3, f"sweeping {len(flows)} flows x {model.config.text.num_layers} layers (window {k}) and the logit lens")
     summaries = {}
-    for task in TASKS:
-        common = dict(flows=flows, window_size=k, batch=batch, images=os.path.join(data_dir, "images"),
-                      progress=progress)
-        summaries[task] = sweep_run.sweep(model, paths[task], os.path.join(out, "runs", "sweep", task), **common)
-        sweep_run.sweep(model, paths[task], os.path.join(out, "runs", "lens", task), lens=True, **common)
+    with step(3, f"sweeping {len(flows)} flows x {model.config.text.num_layers} layers (window {k}) and the logit "
+              "lens"):
+        for task in TASKS:
+            common = dict(flows=flows, window_size=k, batch=batch, images=os.path.join(data_dir, "images"),
+                          progress=progress)
+            summaries[task] = sweep_run.sweep(model, paths[task], os.path.join(out, "runs", "sweep", task), **common)
+            sweep_run.sweep(model, paths[task], os.path.join(out, "runs", "lens", task), lens=True, **common)
 
     plot_dir = os.path.join(out, "plots")
-    step(4, f"plotting -> {plot_dir}")
-    written = plots.plot(os.path.join(out, "runs"), plot_dir)
-    report = write_report(out, model, summaries, k, samples_per_task, seed, _training_metrics(model_src))
+    with step(4, f"plotting -> {plot_dir}"):
+        written = plots.plot(os.path.join(out, "runs"), plot_dir)
+        report = write_report(out, model, summaries, k, samples_per_task, seed, _training_metrics(model_src))
     seconds = time.time() - start
     print(f"\ndone in {seconds:.0f} s\n  report:  {report}\n  plots:   {plot_dir}\n"
           f"  results: {os.path.join(out, 'runs')}\n  data:    {data_dir}\n  model:   {model_dir}")

@@ -12,8 +12,8 @@ import os
 import numpy as np
 from safetensors.numpy import save_file
 
-from convert import mapping
 from jaxflow.config import LlavaConfig
+from jaxflow.convert import mapping
 
 _DISK_PREFIX = {"text.": "language_model.model.", "lm_head.": "language_model.lm_head.",
                 "vision.": "vision_tower.", "projector.": "multi_modal_projector.", "image_newline": "image_newline"}

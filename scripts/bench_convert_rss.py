@@ -54,7 +54,7 @@ SIZES = {
 LAYOUTS = ("original", "llava-hf")
 
 BASELINE = (
-    "import jax, jax.numpy as jnp, orbax.checkpoint, jaxflow, jaxflow.cli, convert, convert.converter\n"
+    "import jax, jax.numpy as jnp, orbax.checkpoint, jaxflow, jaxflow.cli, jaxflow.convert, jaxflow.convert.converter\n"
     "from transformers import AutoConfig\n"
     "jnp.zeros(8).block_until_ready()\n"
 )

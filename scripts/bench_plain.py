@@ -58,7 +58,7 @@ def build(preset: bench_sweep.Preset, kind: str, root: str, device: str):
     from transformers import AutoConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     import jaxflow
-    from convert import convert
+    from jaxflow.convert import convert
 
     base = os.path.join(root, "base")
     bench_sweep.build(dataclasses.replace(preset, layers=1, vision_layers=1), base, "cpu")  # configs + tokenizer

@@ -101,7 +101,7 @@ def build(preset: Preset, root: str, device: str, seed: int = 0):
     from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     import jaxflow
-    from convert import convert
+    from jaxflow.convert import convert
     from jaxflow.demo import ASSET
 
     src = os.path.join(root, "src")

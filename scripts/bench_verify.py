@@ -48,8 +48,8 @@ def main() -> None:
     import orbax.checkpoint as ocp
 
     import jaxflow
-    from convert import convert
     from jaxflow import checkpoint
+    from jaxflow.convert import convert
     from jaxflow.testing import tiny_hf_config, write_random_checkpoint
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-verify-")

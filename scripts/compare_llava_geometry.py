@@ -125,8 +125,8 @@ def llava_side(work: str) -> None:
 def converted_config(next_: bool, side: int, work: str):
     """The LlavaConfig jaxflow builds for an original LLaVA-1.6 (or 1.5) config, through the converter's
     config translation and transformers' parser."""
-    from convert.converter import original_to_hf_config
     from jaxflow.config import LlavaConfig
+    from jaxflow.convert.converter import original_to_hf_config
 
     original = {
         "model_type": "llava_llama", "vocab_size": 32000, "hidden_size": 64, "intermediate_size": 128,

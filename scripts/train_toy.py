@@ -246,7 +246,7 @@ def export_check(module, cfg, tokenizer, out, data) -> float:
     import tempfile
 
     import jaxflow
-    from convert import convert
+    from jaxflow.convert import convert
 
     b = data.take(np.arange(4))
     t = int(b.prompt_lengths.max())

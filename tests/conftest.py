@@ -17,7 +17,7 @@ def twins(tmp_path_factory):
     """twins(kind, layout, **config) -> (hf_model, jaxflow_model): a tiny random transformers model
     saved in `layout`, converted and loaded. Cached per session."""
     import jaxflow
-    from convert import convert
+    from jaxflow.convert import convert
 
     cache = {}
 
@@ -42,7 +42,7 @@ def convert_toy(root, kind: str) -> str:
     """A tiny random `kind` model (GQA) with the Vicuna-style toy tokenizer, written under root and converted."""
     import toy_tokenizers
 
-    from convert import convert
+    from jaxflow.convert import convert
     from jaxflow.testing import tiny_hf_config, write_random_checkpoint
 
     tok = toy_tokenizers.llama2_tokenizer()

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 import jaxflow
-from convert import convert
+from jaxflow.convert import convert
 from jaxflow.inputs import gqa
 from jaxflow.sweep.batching import prepare
 from jaxflow.testing import tiny_hf_config, write_random_checkpoint

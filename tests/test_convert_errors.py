@@ -15,8 +15,8 @@ import tiny
 from safetensors.numpy import load_file, save_file
 
 import jaxflow
-from convert import ConversionError, convert
 from jaxflow import checkpoint, cli
+from jaxflow.convert import ConversionError, convert
 
 MISSING = "language_model.model.layers.1.mlp.up_proj.weight"
 MISSING_CANONICAL = "text.layers.1.mlp.up_proj.weight"

@@ -21,10 +21,10 @@ from test_convert_errors import assert_clean, edit_config, fails
 from test_parity import hf_forward, jf_ids
 
 import jaxflow
-from convert import ConversionError, convert, mapping
-from convert.sources import PickleSource
 from jaxflow import checkpoint
 from jaxflow.config import LlavaConfig
+from jaxflow.convert import ConversionError, convert, mapping
+from jaxflow.convert.sources import PickleSource
 from jaxflow.geometry import grid_shape, image_layout
 
 NEXT_SIZES = ((42, 42), (100, 30), (30, 100))  # (H, W)

@@ -14,8 +14,8 @@ from test_knockout import cut_tensor, specs
 from test_parity import hf_forward, hf_greedy
 
 import jaxflow
-from convert import ConversionError, convert
 from jaxflow.config import LlavaConfig, UnsupportedConfigError
+from jaxflow.convert import ConversionError, convert
 from jaxflow.reference import embeddings, run_layers
 
 TOL = 1e-4

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 
 from jaxflow import demo
 from jaxflow.cli import main
@@ -19,6 +20,9 @@ def test_demo_runs_every_flow_and_the_lens(tmp_path, capsys):
     result = demo.run(str(out), samples_per_task=3, batch=4, progress=False)
     printed = capsys.readouterr().out
     assert str(out / "report.md") in printed and str(out / "plots") in printed
+    durations = re.findall(r"^\[(\d)/4\] done in (\d+\.\d) s$", printed, re.M)  # each step's own duration
+    assert [n for n, _ in durations] == ["1", "2", "3", "4"], printed
+    assert 0 < sum(float(s) for _, s in durations) <= result["seconds"] + 0.2  # each rounded to 0.1 s
     num_layers = 0
     for task in TASKS:
         rows = _rows(out / "runs" / "sweep" / task / "results.csv")

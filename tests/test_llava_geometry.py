@@ -17,8 +17,8 @@ import tiny
 import torch
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from convert import convert
 from jaxflow.config import LlavaConfig, UnsupportedConfigError
+from jaxflow.convert import convert
 from jaxflow.geometry import image_layout
 from jaxflow.model import prepare_inputs
 

@@ -139,7 +139,7 @@ class Oracle:
     def model(self, variant: str):
         """The checkpoint through `jaxflow convert SRC OUT --clip CLIP`, loaded."""
         import jaxflow
-        from convert import convert
+        from jaxflow.convert import convert
 
         res = self.results[variant]
         return self._once(("model", variant), lambda: jaxflow.load(convert(

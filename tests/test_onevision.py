@@ -29,9 +29,9 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
 import jaxflow
-from convert import ConversionError, convert
 from jaxflow import Knockout, geometry
 from jaxflow.config import LlavaConfig, UnsupportedConfigError
+from jaxflow.convert import ConversionError, convert
 from jaxflow.inputs import images
 from jaxflow.reference import dense_cut, embeddings, run_layers
 

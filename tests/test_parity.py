@@ -7,7 +7,7 @@ import tiny
 import torch
 from safetensors import safe_open
 
-from convert import mapping
+from jaxflow.convert import mapping
 from jaxflow.model import param_shapes
 
 TOL = 1e-4
@@ -112,7 +112,7 @@ def test_round_trip_reload_equals_in_memory(twins, tmp_path):
     ref = hf_forward(hf, ids, pv, isz).logits.numpy()
     assert np.abs(np.asarray(model.logits(ids, pv)) - ref).max() < TOL
     import jaxflow
-    from convert import convert
+    from jaxflow.convert import convert
 
     src = tiny.save_llava_hf(hf, str(tmp_path / "src"))
     out = convert(src, str(tmp_path / "bf16"), dtype="bfloat16", progress=False)

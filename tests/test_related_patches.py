@@ -171,7 +171,7 @@ MEAN, STD = (0.5, 0.25, 0.75), (0.2, 0.3, 0.4)
 def custom_model(tmp_path_factory):
     """A tiny LLaVA-NeXT whose preprocessor_config.json has non-default mean/std, converted and loaded."""
     import jaxflow
-    from convert import convert
+    from jaxflow.convert import convert
     from jaxflow.testing import write_random_checkpoint
 
     root = tmp_path_factory.mktemp("custom-processor")

@@ -306,7 +306,7 @@ def test_untrusted_number_reasons():
 @pytest.fixture(scope="module")
 def overflowing_model(toy_model_dir, tmp_path_factory):
     """The toy model with final-norm weights of 3e38: finite, so conversion accepts them; every logit overflows."""
-    from convert import convert
+    from jaxflow.convert import convert
 
     root = tmp_path_factory.mktemp("overflow")
     src = root / "src"
@@ -323,10 +323,15 @@ def test_overflowing_model_writes_no_numbers(forks, task, overflowing_model, tmp
     argv = sweep_argv(overflowing_model, task, out)
     if mode == "filtered":
         argv.remove("--keep-incorrect")
-    if mode == "lens":
-        argv[0] = "lens"
+    if mode == "lens":  # without the sweep-only flags, which lens does not take
+        data, images = task
+        argv = ["lens", "--model", overflowing_model, "--data", data, "--images", images, "--out", str(out),
+                "--batch", "1", "--keep-incorrect", "--max-new-tokens", "2", "--no-anyres"]
     status, line = run_cli(forks, argv, tmp_path / "run.log")
-    assert status == {"exit": 0}, line
+    # nothing recorded: exit status 1, the counts and the most common reasons on the last line
+    assert status == {"exit": 1}, line
+    assert line.startswith(f"jaxflow {argv[0]}: error: 0 samples recorded, {ROWS} skipped (see "), line
+    assert f"most common skip reasons: non-finite next-token distribution of the prompt ({ROWS - 2})" in line, line
     with open(out / ("lens.csv" if mode == "lens" else "results.csv")) as f:
         assert len(f.readlines()) == 1  # the header only
     reasons = [r["reason"] for r in table(out / "skipped.csv", skip_key).values()]

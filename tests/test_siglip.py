@@ -19,9 +19,9 @@ from transformers import SiglipVisionConfig
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 import jaxflow
-from convert import ConversionError, convert
 from jaxflow import Knockout
 from jaxflow.config import LlavaConfig, UnsupportedConfigError
+from jaxflow.convert import ConversionError, convert
 from jaxflow.geometry import image_layout
 from jaxflow.inputs import gqa, images
 from jaxflow.model import param_shapes
@@ -240,7 +240,7 @@ def test_pooling_head_and_post_layernorm_are_dropped(twins, tmp_path):
     layers after the feature layer."""
     from safetensors import safe_open
 
-    from convert import mapping
+    from jaxflow.convert import mapping
 
     hf, model = twins("llava", "llava-hf", vision_type="siglip", feature_layer=-2, kv_heads=2)
     hf.save_pretrained(tmp_path)

@@ -12,8 +12,8 @@ import torch
 from flax import nnx
 
 import jaxflow
-from convert import convert
 from jaxflow.config import LlavaConfig
+from jaxflow.convert import convert
 from jaxflow.inputs import images
 from jaxflow.inputs.regions import build_sample
 from jaxflow.world import examples, image_of

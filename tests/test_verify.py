@@ -20,10 +20,10 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import jaxflow
-from convert import ConversionError, convert
 from jaxflow import checkpoint, cli
 from jaxflow.checkpoint import CheckpointIntegrityError
 from jaxflow.config import LlavaConfig
+from jaxflow.convert import ConversionError, convert
 from jaxflow.model import param_shapes
 from jaxflow.testing import tiny_hf_config, write_random_checkpoint
 

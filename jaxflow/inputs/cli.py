@@ -71,9 +71,10 @@ def regions_command(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("regions", help="show the token regions of an image + question")
-    p.add_argument("--model", required=True)
-    p.add_argument("--image", required=True)
-    p.add_argument("--question", required=True)
+    p.add_argument("--model", required=True, help="converted model directory (its tokenizer, image processing and "
+                   "prompt format decide the regions)")
+    p.add_argument("--image", required=True, help="image file (any format PIL reads)")
+    p.add_argument("--question", required=True, help="question text, as a task file's question column holds it")
     p.add_argument("--box", action="append", help="x,y,w,h of a question-related object (repeatable)")
     p.add_argument("--object-name", action="append",
                    help="name of a question-related object, for the central_object region (repeatable)")

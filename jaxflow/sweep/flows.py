@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,6 +49,19 @@ def parse_flow(text: str) -> Flow:
 def window(layer: int, k: int, num_layers: int) -> list[int]:
     """The study's window: layers max(0, l - k//2) .. min(L, l + ceil(k/2)) - 1."""
     return list(range(max(0, layer - k // 2), min(num_layers, layer + math.ceil(k / 2))))
+
+
+class WindowWarning(UserWarning):
+    """A knockout window as wide as the model: the curves over layers say little."""
+
+
+def check_window(k: int, num_layers: int) -> None:
+    """Warns (WindowWarning) when a window of k layers is at least the model's num_layers: the window around the
+    middle layer then cuts every layer, and the curves over layers are (nearly) flat."""
+    if k >= num_layers:
+        warnings.warn(f"window {k} is at least the model's {num_layers} layers: the window around layer "
+                      f"{num_layers // 2} cuts every layer (0-{num_layers - 1}), so the curves over layers are "
+                      f"(nearly) flat; choose a window below {num_layers}", WindowWarning, stacklevel=3)
 
 
 def knockout_masks(flows: Sequence[Flow], rows, t: int, num_layers: int, num_heads: int, k: int) -> KnockoutMasks:

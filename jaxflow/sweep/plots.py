@@ -1,9 +1,12 @@
 """`jaxflow plot`: figures and a summary table from sweep / lens result directories.
 
-- per task: mean relative change (%) of the answer probability vs layer, one line per flow, with
-  a 95% confidence band (normal approximation, 1.96 standard errors), as in the study's figures;
+- per task: mean relative change (%) of the answer probability vs layer, one line per flow (each its own
+  line style and marker, so curves lying on each other stay visible), with a 95% confidence band (normal
+  approximation, 1.96 standard errors), as in the study's figures; the title gives the window (from run.json),
+  the legend sits beside the plot;
 - logit lens: mean probability of the answer (lowercase, capitalized, false option) vs layer,
-  raw (no final norm, as the study) and normed;
+  raw (no final norm, as the study) and normed; layers numbered as in the flow plots (layer l: after decoder
+  layer l), the embeddings at "emb" before layer 0;
 - a merged figure with every task side by side; summary.md / summary.csv: per task and flow,
   the layer with the largest mean drop, its size and the sample count.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import os
 from collections import defaultdict
 
@@ -24,6 +28,22 @@ def _read(pattern: str) -> list[dict]:
         with open(path, newline="") as f:
             rows.extend(csv.DictReader(f))
     return rows
+
+
+def windows(results_dir: str) -> dict[str, list[int]]:
+    """task -> the windows (run.json) of the sweeps under results_dir that hold its rows."""
+    found: dict = defaultdict(set)
+    for path in glob.glob(os.path.join(results_dir, "**", "results.csv"), recursive=True):
+        header = os.path.join(os.path.dirname(path), "run.json")
+        if not os.path.exists(header):
+            continue
+        with open(header) as f:
+            window = json.load(f).get("window")
+        with open(path, newline="") as f:
+            tasks = {r["task"] for r in csv.DictReader(f)}
+        for task in tasks:
+            found[task].add(window)
+    return {task: sorted(w for w in ws if w is not None) for task, ws in found.items()}
 
 
 def _mean_ci(values: list[float]) -> tuple[float, float]:
@@ -49,18 +69,37 @@ def flow_curves(rows: list[dict]) -> dict:
     return out
 
 
+STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 1)), "x")]
+
+
 def _plot_flows(ax, curves: dict, title: str) -> None:
-    for flow, (layers, mean, ci, n) in curves.items():
-        (line,) = ax.plot(layers, mean, label=f"{flow} (n={n})", linewidth=1.6)
-        ax.fill_between(layers, mean - ci, mean + ci, color=line.get_color(), alpha=0.2, linewidth=0)
     from matplotlib.ticker import MaxNLocator
 
+    for i, (flow, (layers, mean, ci, n)) in enumerate(curves.items()):
+        linestyle, marker = STYLES[i % len(STYLES)]
+        (line,) = ax.plot(layers, mean, label=f"{flow} (n={n})", linewidth=1.6, linestyle=linestyle, marker=marker,
+                          markersize=4, markerfacecolor="none")
+        ax.fill_between(layers, mean - ci, mean + ci, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_title(title)
     ax.set_xlabel("layer")
     ax.set_ylabel("change in answer probability (%)")
     ax.grid(alpha=0.3)
+
+
+def _legend_entries(ax) -> tuple[list, list[str]]:
+    """The axes' flow lines, and one entry saying what the shaded bands are."""
+    from matplotlib.patches import Patch
+
+    handles, labels = ax.get_legend_handles_labels()
+    return handles + [Patch(color="grey", alpha=0.3)], labels + ["band: 95% CI of the mean"]
+
+
+def _window_text(task_windows: list[int]) -> str:
+    if not task_windows:
+        return ""
+    return f" (window {task_windows[0]})" if len(task_windows) == 1 else f" (windows {task_windows})"
 
 
 def _save(fig, out: str, name: str) -> list[str]:
@@ -84,18 +123,19 @@ def plot(results_dir: str, out: str) -> list[str]:
     if not rows and not lens_rows:
         raise FileNotFoundError(f"{results_dir}: no results.csv or lens.csv found (run `jaxflow sweep` first)")
     curves = flow_curves(rows) if rows else {}
+    task_windows = windows(results_dir)
     for task, task_curves in sorted(curves.items()):
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        _plot_flows(ax, task_curves, task)
-        ax.legend(fontsize=7, loc="lower right")
+        _plot_flows(ax, task_curves, task + _window_text(task_windows.get(task, [])))
+        ax.legend(*_legend_entries(ax), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
         written += _save(fig, out, f"flows_{task}")
         plt.close(fig)
     if len(curves) > 1:
         fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.8), sharey=True, squeeze=False)
         for ax, (task, task_curves) in zip(axes[0], sorted(curves.items()), strict=True):
-            _plot_flows(ax, task_curves, task)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, [lab.split(" (n=")[0] for lab in labels], loc="lower center", ncol=3, fontsize=8,
+            _plot_flows(ax, task_curves, task + _window_text(task_windows.get(task, [])))
+        handles, labels = _legend_entries(axes[0][0])
+        fig.legend(handles, [lab.split(" (n=")[0] for lab in labels], loc="lower center", ncol=4, fontsize=8,
                    bbox_to_anchor=(0.5, -0.12))
         written += _save(fig, out, "flows_all_tasks")
         plt.close(fig)
@@ -104,6 +144,13 @@ def plot(results_dir: str, out: str) -> list[str]:
     if curves:
         written += _summary(curves, out)
     return written
+
+
+def _lens_ticks(last_layer: int) -> tuple[list[int], list[str]]:
+    """x ticks of a lens plot: 'emb' at -1, then decoder layers 0..last_layer (about a dozen labels at most)."""
+    step = max(1, -(-(last_layer + 1) // 12))
+    ticks = [-1, *range(0, last_layer + 1, step)]
+    return ticks, ["emb" if tick == -1 else str(tick) for tick in ticks]
 
 
 def _plot_lens(plt, rows: list[dict], out: str) -> list[str]:
@@ -127,13 +174,15 @@ def _plot_lens(plt, rows: list[dict], out: str) -> list[str]:
                 layers = sorted(acc)
                 stats = [_mean_ci(acc[layer]) for layer in layers]
                 mean, ci = np.asarray([s[0] for s in stats]), np.asarray([s[1] for s in stats])
-                (line,) = ax.plot(layers, mean, label=label)
-                ax.fill_between(layers, mean - ci, mean + ci, color=line.get_color(), alpha=0.2, linewidth=0)
+                x = np.asarray(layers) - 1  # lens row l is the output of decoder layer l - 1; row 0 the embeddings
+                (line,) = ax.plot(x, mean, label=label)
+                ax.fill_between(x, mean - ci, mean + ci, color=line.get_color(), alpha=0.2, linewidth=0)
+                ax.set_xticks(*_lens_ticks(int(x.max())))
             ax.set_title(f"{task}: logit lens, {'final norm' if norm == 'True' else 'raw (no final norm)'} (n={n})")
-            ax.set_xlabel("layer (0 = embeddings)")
+            ax.set_xlabel("after layer (as in the flow plots; emb: embeddings)")
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("probability at the last position")
-        axes[0].legend(fontsize=8)
+        axes[0].legend(*_legend_entries(axes[0]), fontsize=8)
         written += _save(fig, out, f"lens_{task}")
         plt.close(fig)
     return written

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from jaxflow.sweep.flows import window
@@ -24,6 +26,13 @@ NONFINITE = "an overflow (float16?) or broken weights"
 
 def skip_row(sample, reason: str) -> dict:
     return {"question_id": sample.question_id, "task": sample.task, "reason": reason}
+
+
+def common_skip_reasons(rows, n: int = 3) -> list[tuple[str, int]]:
+    """The n most common kinds of skip reason among skipped.csv `rows`, with their counts. A reason's kind is its
+    text before the first ': ', without the sample's details ('image file not found: 1.jpg' -> 'image file not
+    found', "wrong answer: predicted 'no', gold 'yes'" -> 'wrong answer')."""
+    return Counter(r["reason"].split(": ", 1)[0] for r in rows).most_common(n)
 
 
 def spans(ints) -> str:

@@ -25,13 +25,14 @@ from jaxflow.model import Model
 from jaxflow.sharding import barrier
 from jaxflow.sweep import engine
 from jaxflow.sweep.batching import Prepared, batches, prepare, stack_inputs
-from jaxflow.sweep.flows import STUDY_FLOWS, Flow, knockout_masks, parse_flow, window
+from jaxflow.sweep.flows import STUDY_FLOWS, Flow, WindowWarning, check_window, knockout_masks, parse_flow, window
 from jaxflow.sweep.greedy import MAX_NEW_TOKENS, greedy_filter
 from jaxflow.sweep.results import RunLock, Table, merge_shards, open_run
 from jaxflow.sweep.rows import (
     LENS_COLUMNS,
     RESULT_COLUMNS,
     SKIP_COLUMNS,
+    common_skip_reasons,
     knockout_nonfinite,
     lens_nonfinite,
     lens_rows,
@@ -43,7 +44,7 @@ from jaxflow.sweep.rows import (
 # re-exported: callers written against the single-file module keep working
 __all__ = ["sweep", "run_header", "STUDY_FLOWS", "Flow", "parse_flow", "window", "knockout_masks", "Prepared",
            "prepare", "batches", "stack_inputs", "merge_shards", "RESULT_COLUMNS", "LENS_COLUMNS",
-           "SKIP_COLUMNS"]
+           "SKIP_COLUMNS", "WindowWarning"]
 
 # the jitted calls whose compilations a sweep's summary counts (one per static signature)
 KNOCKOUT_CALLS = (engine.knockout_incremental, engine.knockout_full)
@@ -102,8 +103,9 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
     template: the prompt template (default: the checkpoint's, `Model.default_template`); run.json records it and
     the first row's rendered prompt.
     max_new_tokens: greedy-decoding limit of the correct-answer filter (an answer without EOS within it is
-    skipped). Returns a summary: rows written, samples kept / skipped, compiled batch shapes and
-    knockout_compiles, the XLA compilations of the knockout calls this run needed."""
+    skipped). A window_size of at least the model's layers warns (WindowWarning). Returns a summary: rows written,
+    samples kept / skipped, skip_reasons (the most common kinds of skip reason with their counts), compiled batch
+    shapes and knockout_compiles, the XLA compilations of the knockout calls this run needed."""
     cfg = model.config
     num_layers, num_heads = cfg.text.num_layers, cfg.text.num_heads
     required = () if lens else sorted({name for f in flows for name in (f.source, f.target)})
@@ -124,6 +126,8 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
         for name in [f"run{shard}.lock"] + (["run.lock"] if shard and pid == 0 else []):  # 0 writes the merge
             locks.enter_context(RunLock(out, name))
         open_run(out, header, compare=RESUME_KEYS, name=f"run{shard}.json")
+        if not lens:  # once the run is open: a refused run says only why
+            check_window(window_size, num_layers)
         columns, per_key = (LENS_COLUMNS, 2 * (num_layers + 1)) if lens else (RESULT_COLUMNS, len(flows) * num_layers)
         table_name = "lens" if lens else "results"
         skipped = Table(os.path.join(out, f"skipped{shard}.csv"), SKIP_COLUMNS, 1)
@@ -174,6 +178,7 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
                 merge_shards(out, "skipped", SKIP_COLUMNS, 1, procs)
             barrier(f"jaxflow-{kind}-merged")
         return {"rows": len(table.read()), "kept": len(table.done), "skipped": len(skipped.done),
+                "skip_reasons": common_skip_reasons(skipped.read()),
                 "compiled_shapes": sorted(shapes),
                 "knockout_compiles": sum(compiles[f"jit({f.__name__})"] for f in KNOCKOUT_CALLS)}
 

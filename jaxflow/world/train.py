@@ -510,7 +510,7 @@ def state_dict(module: Llava, cfg: LlavaConfig, seed: int = 0, dtype=np.float32)
     """The llava-hf on-disk tensors of `module`: every parameter through the converter's table inverted, plus
     what a transformers checkpoint holds that LLaVA never reads (CLIP post_layernorm, CLIP layers after the
     feature layer)."""
-    from convert import mapping
+    from jaxflow.convert import mapping
     from jaxflow.testing import _disk_name
 
     flat = {".".join(map(str, p)): np.asarray(v.get_value())
