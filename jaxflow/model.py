@@ -298,7 +298,7 @@ class Model:
         lengths = sharding.replicate(jnp.asarray(lengths, jnp.int32), self.mesh)
         first, done = greedy_pick(prefill.logits, jnp.zeros(b, bool), eos)
         tokens = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)  # [B, N]
-        b, kvh, _, hd = prefill.k[0].shape
+        _, kvh, _, hd = prefill.k[0].shape
         k_new = v_new = (jnp.zeros((b, kvh, 0, hd), prefill.k[0].dtype),) * len(prefill.k)  # no slots yet
         step = jnp.int32(0)
         for size in decode_phases(max_new_tokens - 1):
