@@ -274,6 +274,31 @@ def box_in_grid(box: Box, size: tuple[int, int], cfg: LlavaConfig) -> Rect:
     return x * fw / iw + px, y * fh / ih + py, (x + w) * fw / iw + px, (y + h) * fh / ih + py
 
 
+def original_rects(cfg: LlavaConfig, size: tuple[int, int], resize: str = "shortest_edge") -> np.ndarray:
+    """[F, 4] (x0, y0, x1, y1) in original image pixels of what each image feature (order of `image_layout(cfg,
+    size)`) sees: its patch (or OneVision cell) carried back through the crop's geometry (`box_in_base`,
+    `box_in_grid` inverted) and clipped to the image. NaN for CLS and newline features and for a patch that
+    holds only padding."""
+    h, w = size
+    layout = image_layout(cfg, size)
+    rect = layout.rects(cfg)  # [F, 4] in each feature's frame
+    s = cfg.vision.image_size
+    out = np.full_like(rect, np.nan)
+    base = layout.crop == 0
+    if cfg.is_next or resize == "exact":  # the base crop is the image squashed to S x S
+        out[base] = rect[base] * np.asarray([w, h, w, h]) / s
+    else:  # padded to a square of `side`, then resized to S x S
+        side, ox, oy = pad_geometry(size)
+        out[base] = rect[base] * side / s - np.asarray([ox, oy, ox, oy])
+    if cfg.is_next:
+        grid = ~base
+        _, (fh, fw), (py, px) = anyres_geometry(cfg, size)
+        out[grid] = (rect[grid] - np.asarray([px, py, px, py])) * np.asarray([w / fw, h / fh, w / fw, h / fh])
+    out = np.clip(out, 0, np.asarray([w, h, w, h], np.float64))
+    out[(out[:, 2] <= out[:, 0]) | (out[:, 3] <= out[:, 1])] = np.nan  # padding only (NaN rows stay NaN)
+    return out
+
+
 def _clip_to_image(box: Box, size: tuple[int, int]) -> Box:
     x, y, w, h = box
     x0, y0 = max(x, 0), max(y, 0)

@@ -23,11 +23,13 @@ import numpy as np
 class Knockout:
     """Cut attention from `target` positions to `source` positions.
 
-    layers: the decoder layers where the cut applies (None: all). heads: query heads (None: all).
+    source, target: positions in the image-expanded sequence, or a region name ("image", "last", ...: see
+    `jaxflow.inputs.regions.REGIONS`) looked up in each row's regions when the model is called with a `Sample`
+    or `Batch`. layers: the decoder layers where the cut applies (None: all). heads: query heads (None: all).
     """
 
-    source: Sequence[int]
-    target: Sequence[int]
+    source: Sequence[int] | str
+    target: Sequence[int] | str
     layers: Sequence[int] | None = None
     heads: Sequence[int] | None = None
 
@@ -64,6 +66,7 @@ class KnockoutMasks:
 
 
 def _positions(name: str, i: int, values, size: int, what: str) -> np.ndarray:
+    """[size] bool, True at `values`."""
     values = np.asarray(list(values), dtype=np.int64)
     bad = values[(values < 0) | (values >= size)]
     if bad.size:
@@ -73,9 +76,25 @@ def _positions(name: str, i: int, values, size: int, what: str) -> np.ndarray:
     return mask
 
 
+def _rows(name: str, i: int, values, batch: int, seq_len: int, regions) -> np.ndarray:
+    """[batch, seq_len] bool: positions, or a region name resolved in each row's regions."""
+    if not isinstance(values, str):
+        return np.broadcast_to(_positions(name, i, values, seq_len, "positions"), (batch, seq_len))
+    if regions is None:
+        raise ValueError(f"knockouts[{i}].{name}: region {values!r} needs the model called with a Sample or Batch")
+    out = np.zeros((batch, seq_len), bool)
+    for b, row in enumerate(regions):
+        if values not in row:
+            why = row.undefined.get(values, f"not a region (known: {', '.join(sorted(row))})")
+            raise ValueError(f"knockouts[{i}].{name}: row {b} has no region {values!r}: {why}")
+        out[b] = _positions(name, i, row[values], seq_len, f"region {values!r} positions")
+    return out
+
+
 def stack_knockouts(knockouts: Sequence[Knockout | DenseKnockout], batch: int, seq_len: int,
-                    num_layers: int, num_heads: int) -> KnockoutMasks:
-    """Stacks K specs into KnockoutMasks with a leading axis K (numpy, host side)."""
+                    num_layers: int, num_heads: int, regions=None) -> KnockoutMasks:
+    """Stacks K specs into KnockoutMasks with a leading axis K (numpy, host side). `regions`: one
+    `jaxflow.inputs.regions.Regions` per row, for knockouts that name regions."""
     if not knockouts:
         raise ValueError("knockouts: an empty list; pass None for no knockout")
     any_dense = any(isinstance(k, DenseKnockout) for k in knockouts)
@@ -93,8 +112,8 @@ def stack_knockouts(knockouts: Sequence[Knockout | DenseKnockout], batch: int, s
             continue
         if not isinstance(ko, Knockout):
             raise TypeError(f"knockouts[{i}]: expected Knockout or DenseKnockout, got {type(ko).__name__}")
-        source = np.broadcast_to(_positions("source", i, ko.source, seq_len, "positions"), (batch, seq_len))
-        target = np.broadcast_to(_positions("target", i, ko.target, seq_len, "positions"), (batch, seq_len))
+        source = _rows("source", i, ko.source, batch, seq_len, regions)
+        target = _rows("target", i, ko.target, batch, seq_len, regions)
         layers = (np.ones(num_layers, bool) if ko.layers is None
                   else _positions("layers", i, ko.layers, num_layers, "layers"))
         heads = (np.ones(num_heads, bool) if ko.heads is None

@@ -25,6 +25,7 @@ from jaxflow.inputs.prompts import default_template, read_chat_template
 from jaxflow.knockout import DenseKnockout, Knockout, KnockoutMasks, stack_knockouts
 from jaxflow.nn.llama import KVCache
 from jaxflow.nn.llava import Llava
+from jaxflow.sample import Batch, ImageLike, Sample
 
 
 @jax.tree_util.register_dataclass
@@ -112,19 +113,39 @@ def prepare_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, image_sizes=N
                        jnp.asarray(feature_index, jnp.int32), jnp.asarray(mask), jnp.asarray(pos, jnp.int32), *blend)
 
 
-@functools.partial(nnx.jit, graph=False, static_argnames=("collect_hidden", "collect_attn"))
-def _forward(module: Llava, inputs: ModelInputs, knock: KnockoutMasks | None,
-             collect_hidden: bool = False, collect_attn: bool = False):
-    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index, inputs.taps, inputs.tap_weights)
+# What `_forward` can collect beside the logits, per layer l: "hidden" (the residual stream entering layer l; l = L
+# is the last layer's output), "mid" (after layer l's attention was added), "pattern" (attention weights),
+# "attn_out" and "mlp_out" (what the attention and the MLP add); and once (layer 0): "normalized" (the final norm's
+# output) and "image_embeds" (the projector's output per crop).
+
+
+@functools.partial(nnx.jit, graph=False, static_argnames=("collect",))
+def _forward(module: Llava, inputs: ModelInputs, knock: KnockoutMasks | None, collect: tuple = ()):
+    """logits [(K,) B, T, V] and one array per (kind, layer) pair of `collect` (kinds above), [(K,) B, ...]
+    ("image_embeds": [N, F, D], never cut). Only what is collected leaves the computation."""
+    kinds = {kind for kind, _ in collect}
+    feats = None if inputs.crops is None else module.image_features(inputs.crops)  # [N, F, D]
+    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index, inputs.taps, inputs.tap_weights, feats)
     lm = module.language_model
 
     def run(k):
-        out = lm(x, inputs.position_ids, inputs.attention_mask, knock=k,
-                 collect_hidden=collect_hidden, collect_attn=collect_attn)
-        stack = lambda a: None if a is None else jnp.stack(a)  # noqa: E731
-        return lm.unembed(out.hidden), stack(out.hidden_states), stack(out.attentions)
+        out = lm(x, inputs.position_ids, inputs.attention_mask, knock=k, collect_hidden=bool(kinds & {"hidden", "mid"}),
+                 collect_attn="pattern" in kinds, collect_outputs=bool(kinds & {"mid", "attn_out", "mlp_out"}))
+        found = {"hidden": out.hidden_states, "pattern": out.attentions, "attn_out": out.attn_out,
+                 "mlp_out": out.mlp_out}
+        picked = []
+        for kind, layer in collect:
+            if kind == "mid":
+                picked.append(out.hidden_states[layer] + out.attn_out[layer])
+            elif kind == "normalized":
+                picked.append(out.hidden)
+            elif kind != "image_embeds":
+                picked.append(found[kind][layer])
+        return lm.unembed(out.hidden), tuple(picked)
 
-    return run(None) if knock is None else jax.vmap(run)(knock)
+    logits, picked = run(None) if knock is None else jax.vmap(run)(knock)
+    picked = iter(picked)
+    return logits, tuple(feats if kind == "image_embeds" else next(picked) for kind, _ in collect)
 
 
 @jax.tree_util.register_dataclass
@@ -231,14 +252,48 @@ class Model:
         names = [os.path.basename(os.path.normpath(p)) for p in (self.metadata.get("source"), self.path) if p]
         return default_template(self.tokenizer, read_chat_template(self.path), names)
 
+    def sample(self, image: ImageLike, question: str, boxes=None, template: str | None = None, *,
+               options: Sequence[str] | None = None, related_patches: str = "study") -> Sample:
+        """One image and question as this model's inputs, with every region the sweep knows and the image's
+        geometry (`jaxflow.sample.Sample`).
+
+        image: a path, a PIL image or an array [H, W, 3]. boxes: the question-related objects, a list of (x, y,
+        w, h) in the original image's pixels, or a dict name -> (x, y, w, h) whose names are the objects' names
+        in the question (they define `central_object`). template: the prompt template (default: this
+        checkpoint's, `default_template`). options: the (true, false) answer options of a Choose question, as
+        they occur in it. related_patches: "study" or "overlap" (`jaxflow.inputs.images`)."""
+        from jaxflow.geometry import original_rects
+        from jaxflow.inputs.regions import build_sample
+        from jaxflow.sample import named_boxes, open_image, option_spans
+
+        picture, named = open_image(image), named_boxes(boxes)
+        built = build_sample(self.config, self.tokenizer, picture, question, mode=self.prompt_mode,
+                             template=template or self.default_template, boxes=list(named.values()),
+                             option_spans=option_spans(question, options),
+                             object_names=list(named) if isinstance(boxes, dict) else (),
+                             related_patches=related_patches, settings=self.processor)
+        size = built.image_size
+        return Sample(built.input_ids[None], built.pixel_values, np.asarray([size]) if self.config.is_next else None,
+                      built.regions, built.prompt, picture, named, image_layout(self.config, size),
+                      original_rects(self.config, size, self.processor.resize), related_patches)
+
     def prepare(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
                 position_ids=None) -> ModelInputs:
+        """Device inputs from transformers-style arrays, or from a `Sample` / `Batch` given as `input_ids`."""
+        if isinstance(input_ids, Sample | Batch):
+            if any(a is not None for a in (pixel_values, image_sizes, attention_mask)):
+                raise ValueError("pixel_values / image_sizes / attention_mask: a Sample or Batch carries its own")
+            arrays = input_ids.inputs()
+            input_ids, pixel_values, image_sizes, attention_mask = (
+                arrays[k] for k in ("input_ids", "pixel_values", "image_sizes", "attention_mask"))
         inputs = prepare_inputs(self.config, input_ids, pixel_values, image_sizes, attention_mask, position_ids)
         return sharding.replicate(inputs, self.mesh)
 
-    def knockout_masks(self, knockouts: Sequence[Knockout | DenseKnockout], batch: int, seq_len: int):
+    def knockout_masks(self, knockouts: Sequence[Knockout | DenseKnockout], batch: int, seq_len: int,
+                       regions=None):
+        """Stacked KnockoutMasks [K, ...]; `regions` (one `Regions` per row) resolve region names."""
         text = self.config.text
-        return stack_knockouts(knockouts, batch, seq_len, text.num_layers, text.num_heads)
+        return stack_knockouts(knockouts, batch, seq_len, text.num_layers, text.num_heads, regions)
 
     def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
                 knockouts: Sequence[Knockout | DenseKnockout] | KnockoutMasks | None = None,
@@ -247,14 +302,40 @@ class Model:
         inputs = self.prepare(input_ids, pixel_values, image_sizes, attention_mask, position_ids)
         knock = knockouts
         if knockouts is not None and not isinstance(knockouts, KnockoutMasks):
-            knock = self.knockout_masks(knockouts, *inputs.input_ids.shape)
+            knock = self.knockout_masks(knockouts, *inputs.input_ids.shape, regions=_regions(input_ids))
         knock = sharding.shard_leading(knock, self.mesh)
-        logits, hidden, attn = _forward(self.module, inputs, knock, return_hidden_states, return_attentions)
+        n = self.config.text.num_layers
+        collect = ((("hidden", i) for i in range(n + 1)) if return_hidden_states else (),
+                   (("pattern", i) for i in range(n)) if return_attentions else ())
+        collect = tuple(c for group in collect for c in group)
+        logits, arrays = _forward(self.module, inputs, knock, collect)
+        axis = 0 if knock is None else 1  # layers after the knockout axis
+        hidden = jnp.stack(arrays[: n + 1], axis) if return_hidden_states else None
+        attn = jnp.stack(arrays[-n:], axis) if return_attentions else None
         return ForwardOutput(logits, hidden, attn)
 
     def logits(self, input_ids, pixel_values=None, image_sizes=None, knockouts=None, attention_mask=None,
                position_ids=None) -> jax.Array:
+        """Logits [B, T, V] (float, the parameters' dtype); with K knockouts [K, B, T, V]. Inputs as `forward`."""
         return self.forward(input_ids, pixel_values, image_sizes, attention_mask, position_ids, knockouts).logits
+
+    def run_with_cache(self, sample, names: Sequence[str] | None = None,
+                       knockouts: Sequence[Knockout | DenseKnockout] | None = None):
+        """(logits [B, T, V], {name: activation}) of a Sample or Batch, activations named as TransformerLens names
+        them (`jaxflow.names`: `blocks.{l}.hook_resid_pre`, `blocks.{l}.attn.hook_pattern` [B, H, T, T], ...).
+        names: what to keep (default: every name); nothing else leaves the compiled forward. With K knockouts
+        (which may name regions) logits and activations get a leading axis K."""
+        from jaxflow import names as tl_names
+
+        n = self.config.text.num_layers
+        names = tl_names.all_names(n) if names is None else list(names)
+        plan = tl_names.collect_plan(names, n)
+        inputs = self.prepare(sample)
+        knock = None
+        if knockouts is not None:
+            knock = self.knockout_masks(knockouts, *inputs.input_ids.shape, regions=_regions(sample))
+        logits, arrays = _forward(self.module, inputs, sharding.shard_leading(knock, self.mesh), plan)
+        return logits, dict(zip(names, arrays, strict=True))
 
     def prefill(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
                 collect_hidden: bool = False) -> Prefill:
@@ -307,6 +388,11 @@ class Model:
             step, tokens, done, k_new, v_new = decode_phase(self.module, prefill.k, prefill.v, lengths, eos, step,
                                                             tokens, done, k_new, v_new, size)
         return GenerateOutput(np.asarray(tokens)[:, :int(step) + 1], np.asarray(prefill.probs), np.asarray(done))
+
+
+def _regions(inputs) -> list | None:
+    """Each row's regions when the inputs are a Sample or Batch."""
+    return [row.regions for row in inputs.rows] if isinstance(inputs, Sample | Batch) else None
 
 
 def abstract_module(cfg: LlavaConfig, dtype) -> Llava:

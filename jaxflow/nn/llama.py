@@ -175,10 +175,13 @@ class LlamaLayer(nnx.Module):
         self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs, axes=("mlp", "embed"))
 
     def __call__(self, x, cos, sin, mask, prefix=(), write_at=None):
+        """x [B, Tq, D] -> (x out, attention weights, (k, v), attn_out, mlp_out): attn_out and mlp_out [B, Tq, D]
+        are what the attention (after o_proj) and the MLP add to the residual stream."""
         attn, weights, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix, write_at)
         x = x + attn
         h = self.post_attention_layernorm(x)
-        return x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h)), weights, kv
+        mlp = self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+        return x + mlp, weights, kv, attn, mlp
 
 
 @dataclasses.dataclass
@@ -191,6 +194,8 @@ class DecoderOutput:
     attentions: tuple[jax.Array, ...] | None = None  # L x [B, H, Tq, S]
     kv: tuple[tuple[jax.Array, ...], ...] | None = None  # this call's (keys, values): L x [B, K, Tq, hd] (write_at:
     # the updated cache blocks, L x [B, K, S, hd])
+    attn_out: tuple[jax.Array, ...] | None = None  # L x [B, Tq, D]: each attention's output after o_proj
+    mlp_out: tuple[jax.Array, ...] | None = None  # L x [B, Tq, D]: each MLP's output
 
 
 class LlamaModel(nnx.Module):
@@ -227,7 +232,8 @@ class LlamaModel(nnx.Module):
         return rope_tables(q_pos, self.cfg.head_dim, self.cfg.rope_theta), own[:, None], pre
 
     def __call__(self, x, q_pos, valid, *, prefix: Sequence[KVCache] = (), knock: KnockoutMasks | None = None,
-                 write_at=None, collect_hidden=False, collect_attn=False, collect_kv=False) -> DecoderOutput:
+                 write_at=None, collect_hidden=False, collect_attn=False, collect_kv=False,
+                 collect_outputs=False) -> DecoderOutput:
         """x [B, Tq, D] input embeddings at positions q_pos [B, Tq]; valid [B, Tq] False for padding.
 
         Queries attend to the `prefix` blocks (keys of earlier positions: a prompt's keys, a KV cache) and to
@@ -238,13 +244,16 @@ class LlamaModel(nnx.Module):
         if write_at is not None and x.shape[1] != 1:
             raise ValueError(f"write_at: one query position per call, got {x.shape[1]}")
         (cos, sin), own, pre = self.masks(q_pos, valid, prefix)
-        states, attns, ks, vs = [x], [], [], []
+        states, attns, ks, vs, attn_outs, mlp_outs = [x], [], [], [], [], []
         for i, layer in enumerate(self.layers):
             mask = own if knock is None else own & ~knock.cut(i, q_pos, q_pos)
             blocks = [(c.k[i], c.v[i], m if knock is None else m & ~knock.cut(i, q_pos, c.pos))
                       for c, m in zip(prefix, pre, strict=True)]
-            x, weights, (k, v) = layer(x, cos, sin, mask, blocks, write_at)
+            x, weights, (k, v), attn_out, mlp_out = layer(x, cos, sin, mask, blocks, write_at)
             states.append(x)
+            if collect_outputs:
+                attn_outs.append(attn_out)
+                mlp_outs.append(mlp_out)
             if collect_attn:
                 attns.append(weights)
             if collect_kv:
@@ -255,4 +264,6 @@ class LlamaModel(nnx.Module):
             hidden_states=tuple(states) if collect_hidden else None,
             attentions=tuple(attns) if collect_attn else None,
             kv=(tuple(ks), tuple(vs)) if collect_kv else None,
+            attn_out=tuple(attn_outs) if collect_outputs else None,
+            mlp_out=tuple(mlp_outs) if collect_outputs else None,
         )

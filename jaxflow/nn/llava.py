@@ -49,14 +49,15 @@ class Llava(nnx.Module):
             selected = [s[:, 1:] for s in selected]
         return self.projector(jnp.concatenate(selected, axis=-1))
 
-    def embed(self, input_ids, crops, feature_index, taps=None, tap_weights=None):
+    def embed(self, input_ids, crops, feature_index, taps=None, tap_weights=None, features=None):
         """input_ids, feature_index [B, T] -> input embeddings [B, T, D]. feature_index points into
         [crop features (N * F), image_newline, downsampled cells (M)]; taps [M, 4] int, tap_weights [M, 4]:
-        each cell's four source features and bilinear weights."""
+        each cell's four source features and bilinear weights. features: `image_features(crops)` when the
+        caller has them already."""
         text = self.language_model.embed_tokens(jnp.where(feature_index >= 0, 0, input_ids))
         if crops is None:
             return text
-        feats = self.image_features(crops)
+        feats = self.image_features(crops) if features is None else features
         feats = feats.reshape(-1, feats.shape[-1])  # [N * F, D]
         table = [feats.astype(text.dtype)]
         if self.image_newline is not None:

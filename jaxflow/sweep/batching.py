@@ -13,6 +13,7 @@ from PIL import Image
 from jaxflow.inputs import gqa
 from jaxflow.inputs.regions import SampleInputs, build_sample
 from jaxflow.model import Model
+from jaxflow.sample import pad_rows
 
 
 @dataclasses.dataclass
@@ -58,14 +59,7 @@ def batches(items: list[Prepared], batch: int, step: int = 32):
 def stack_inputs(model: Model, group: list[Prepared], batch: int, t: int):
     """Pads a group to [batch, t]; returns (ModelInputs, lengths [batch])."""
     rows = group + [group[0]] * (batch - len(group))
-    ids = np.full((batch, t), model.tokenizer.pad_token_id or 0, np.int64)
-    mask = np.zeros((batch, t), np.int64)
-    for i, p in enumerate(rows):
-        ids[i, : len(p.inputs)] = p.inputs.input_ids
-        mask[i, : len(p.inputs)] = 1
-    pv = [p.inputs.pixel_values[0] for p in rows]
-    if model.config.is_next:
-        crops = max(len(x) for x in pv)
-        pv = [np.concatenate([x, np.zeros((crops - len(x),) + x.shape[1:], x.dtype)]) for x in pv]
+    ids, mask, pixels = pad_rows([p.inputs.input_ids for p in rows], [p.inputs.pixel_values[0] for p in rows], t,
+                                 model.tokenizer.pad_token_id or 0)
     sizes = np.asarray([p.inputs.image_size for p in rows]) if model.config.is_next else None
-    return model.prepare(ids, np.stack(pv), sizes, mask), mask.sum(1)
+    return model.prepare(ids, pixels, sizes, mask), mask.sum(1)
