@@ -213,16 +213,25 @@ class ImageLayout:
 
     def rects(self, cfg: LlavaConfig) -> np.ndarray:
         """[F, 4] (x0, y0, x1, y1) of each feature's patch in pixels of its frame (the base crop for crop 0, the
-        padded best-resolution canvas for grid patches and cells); NaN for CLS and newline features."""
-        p = cfg.vision.patch_size
+        padded best-resolution canvas for grid patches and cells); NaN for CLS and newline features. A crop's
+        patches cover its first grid * patch_size pixels (384 px crops of 14 px patches leave 6 px unseen)."""
+        p, g, s = cfg.vision.patch_size, cfg.vision.grid, cfg.vision.image_size
+
+        def canvas(u, end=False):  # full-grid patch coordinate (fractional for cells) -> canvas pixels
+            crop = np.maximum(np.ceil(u / g) - 1, 0) if end else np.floor(u / g)  # an end on a crop edge: that crop's
+            return crop * s + (u - crop * g) * p
+
         y0, x0 = (self.row * p).astype(np.float64), (self.col * p).astype(np.float64)
         out = np.stack([x0, y0, x0 + p, y0 + p], 1)
+        grid = self.crop > 0
+        r, c = self.row[grid].astype(np.float64), self.col[grid].astype(np.float64)
+        out[grid] = np.stack([canvas(c), canvas(r), canvas(c) + p, canvas(r) + p], 1)
         d = self.downsampling
         if d is not None:
             cell = self.is_cell
             (_, _, rs), (_, _, cs) = bilinear_taps(d.source[0], d.cells[0]), bilinear_taps(d.source[1], d.cells[1])
-            ys, xs = (d.origin[0] + rs[self.row[cell]]) * p, (d.origin[1] + cs[self.col[cell]]) * p  # [M, 2]
-            out[cell] = np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], 1)
+            ys, xs = d.origin[0] + rs[self.row[cell]], d.origin[1] + cs[self.col[cell]]  # [M, 2] in patches
+            out[cell] = np.stack([canvas(xs[:, 0]), canvas(ys[:, 0]), canvas(xs[:, 1], True), canvas(ys[:, 1], True)], 1)
         out[(self.row < 0) | self.is_newline] = np.nan
         return out
 

@@ -320,9 +320,11 @@ class Model:
         return self.forward(input_ids, pixel_values, image_sizes, attention_mask, position_ids, knockouts).logits
 
     def run_with_cache(self, sample, names: Sequence[str] | None = None,
-                       knockouts: Sequence[Knockout | DenseKnockout] | None = None):
-        """(logits [B, T, V], {name: activation}) of a Sample or Batch, activations named as TransformerLens names
-        them (`jaxflow.names`: `blocks.{l}.hook_resid_pre`, `blocks.{l}.attn.hook_pattern` [B, H, T, T], ...).
+                       knockouts: Sequence[Knockout | DenseKnockout] | None = None, *, pixel_values=None,
+                       image_sizes=None, attention_mask=None):
+        """(logits [B, T, V], {name: activation}) of a Sample or Batch (or input_ids with pixel_values, image_sizes
+        and attention_mask as `forward` takes them), activations named as TransformerLens names them
+        (`jaxflow.names`: `blocks.{l}.hook_resid_pre` [B, T, D], `blocks.{l}.attn.hook_pattern` [B, H, T, T], ...).
         names: what to keep (default: every name); nothing else leaves the compiled forward. With K knockouts
         (which may name regions) logits and activations get a leading axis K."""
         from jaxflow import names as tl_names
@@ -330,7 +332,7 @@ class Model:
         n = self.config.text.num_layers
         names = tl_names.all_names(n) if names is None else list(names)
         plan = tl_names.collect_plan(names, n)
-        inputs = self.prepare(sample)
+        inputs = self.prepare(sample, pixel_values, image_sizes, attention_mask)
         knock = None
         if knockouts is not None:
             knock = self.knockout_masks(knockouts, *inputs.input_ids.shape, regions=_regions(sample))

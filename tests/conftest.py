@@ -56,3 +56,12 @@ def convert_toy(root, kind: str) -> str:
 def toy_model_dir(tmp_path_factory):
     """A tiny random LLaVA-NeXT (GQA) with the Vicuna-style toy tokenizer, converted: for sweeps."""
     return convert_toy(tmp_path_factory.mktemp("toy-next"), "llava_next")
+
+
+@pytest.fixture(scope="session")
+def toy_llava_dir(tmp_path_factory):
+    """The shipped toy LLaVA-1.5 (trained, with its tokenizer), converted."""
+    from jaxflow.convert import convert
+    from jaxflow.demo import ASSET
+
+    return convert(ASSET, str(tmp_path_factory.mktemp("toy-llava") / "model"), progress=False)
