@@ -218,7 +218,7 @@ class ImageLayout:
         p, g, s = cfg.vision.patch_size, cfg.vision.grid, cfg.vision.image_size
 
         def canvas(u, end=False):  # full-grid patch coordinate (fractional for cells) -> canvas pixels
-            crop = np.maximum(np.ceil(u / g) - 1, 0) if end else np.floor(u / g)  # an end on a crop edge: that crop's
+            crop = np.maximum(np.ceil(u / g) - 1, 0) if end else np.floor(u / g)  # an end on a crop edge ends a crop
             return crop * s + (u - crop * g) * p
 
         y0, x0 = (self.row * p).astype(np.float64), (self.col * p).astype(np.float64)
@@ -231,7 +231,8 @@ class ImageLayout:
             cell = self.is_cell
             (_, _, rs), (_, _, cs) = bilinear_taps(d.source[0], d.cells[0]), bilinear_taps(d.source[1], d.cells[1])
             ys, xs = d.origin[0] + rs[self.row[cell]], d.origin[1] + cs[self.col[cell]]  # [M, 2] in patches
-            out[cell] = np.stack([canvas(xs[:, 0]), canvas(ys[:, 0]), canvas(xs[:, 1], True), canvas(ys[:, 1], True)], 1)
+            out[cell] = np.stack([canvas(xs[:, 0]), canvas(ys[:, 0]), canvas(xs[:, 1], end=True),
+                                  canvas(ys[:, 1], end=True)], 1)
         out[(self.row < 0) | self.is_newline] = np.nan
         return out
 
