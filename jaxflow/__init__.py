@@ -23,10 +23,11 @@ from jaxflow.knockout import DenseKnockout, Knockout, KnockoutMasks
 from jaxflow.model import ForwardOutput, GenerateOutput, Model, load
 from jaxflow.sample import Batch, Sample, batch
 from jaxflow.sweep.flows import window
+from jaxflow.toy import toy_model
 
 __all__ = [
     "Batch", "DenseKnockout", "ForwardOutput", "GenerateOutput", "Knockout", "KnockoutMasks", "Lens", "LlavaConfig",
     "Model", "PatchSweep", "Sample", "TextConfig", "UnsupportedConfigError", "VisionConfig", "answer_prob",
     "attention_on_image", "batch", "greedy_token", "load", "logit_lens", "patch_groups", "patch_sweep", "plot",
-    "relative_change", "window",
+    "relative_change", "toy_model", "window",
 ]

@@ -47,9 +47,10 @@ def _norm(values: np.ndarray, norm=None):
 def on_image(sample: Sample, values, ax=None, *, view: str = "auto", cmap=None, norm=None, alpha: float = 0.6,
              title: str | None = None, colorbar: bool = True, boxes: bool = True, related: bool = True,
              label: str | None = None):
-    """Draws `values` ([F], one per image position in `sample.image_positions` order; or [T], one per sequence
-    position) over the original image: each position's rectangle (`sample.image_rects`) filled by its value, the
-    sample's boxes outlined in yellow and its related image patches in red. NaN values are not drawn.
+    """Draws `values` ([F], one per image position in `sample.image_positions` order; [T], one per sequence
+    position; None: nothing but the outlines) over the original image: each position's rectangle
+    (`sample.image_rects`) filled by its value, the sample's boxes outlined in yellow and its related image patches
+    in red. NaN values are not drawn.
 
     view: which positions ("auto": the anyres grid on anyres models, else the base crop; "base", "grid", "all").
     cmap / norm: matplotlib's (default: blue-white-red symmetric about 0 for values of both signs, else viridis).
@@ -58,8 +59,8 @@ def on_image(sample: Sample, values, ax=None, *, view: str = "auto", cmap=None, 
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
-    values = np.asarray(values, np.float64)
     f, t = len(sample.image_positions), len(sample)
+    values = np.full(f, np.nan) if values is None else np.asarray(values, np.float64)
     if values.shape == (t,) and t != f:
         values = values[sample.image_positions]
     if values.shape != (f,):
@@ -92,7 +93,7 @@ def on_image(sample: Sample, values, ax=None, *, view: str = "auto", cmap=None, 
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=9)
-    if colorbar:
+    if colorbar and drawn.any():
         ax.figure.colorbar(cells, ax=ax, fraction=0.046, pad=0.03, label=label)
     return ax
 

@@ -15,3 +15,18 @@ def test_ci_runs_the_readme_test_command():
     assert "jaxflow demo" in install_demo
     ci = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
     assert tests in ci
+
+
+def test_the_python_section_runs_as_written(tmp_path, monkeypatch):
+    """The README's Python block, executed as a user would paste it (toy model converted into a fresh cache)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "README.md has no Python block"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JAXFLOW_CACHE", str(tmp_path / "cache"))
+    exec(compile(blocks[0], "README.md", "exec"), {"__name__": "__readme__"})
+    for picture in ("attention.png", "patches.png"):
+        assert (tmp_path / picture).stat().st_size > 10_000, picture

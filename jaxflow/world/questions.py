@@ -107,6 +107,21 @@ class Example:
     def answer(self) -> str:
         return self.row["answer"]
 
+    @property
+    def boxes(self) -> dict[str, tuple[float, float, float, float]]:
+        """The question-related objects, name -> (x, y, w, h): what `Model.sample` takes as boxes."""
+        out = {}
+        for prefix in ("central object", "object1", "object2"):
+            name = self.row.get(f"{prefix} name")
+            if name and self.row.get(f"{prefix} x", "-") != "-":
+                out[name] = tuple(float(self.row[f"{prefix} {k}"]) for k in "xywh")
+        return out
+
+    @property
+    def options(self) -> tuple[str, str] | None:
+        """(true option, false option) of a Choose question, else None."""
+        return (self.row["true option"], self.row["false option"]) if "true option" in self.row else None
+
 
 def _pick(rng: np.random.Generator, values, exclude=()):
     choices = [v for v in values if v not in exclude]
