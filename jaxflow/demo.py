@@ -121,18 +121,13 @@ def write_report(out: str, model, summaries: dict, k: int, n: int, seed: int, me
     lines += ["## Samples", "", "| task | answered correctly (kept) | skipped |", "| --- | --- | --- |"]
     for task, s in summaries.items():
         lines.append(f"| {task} | {s['kept']} / {s['kept'] + s['skipped']} | {s['skipped']} |")
+    flows = plots.flow_names(curves)
+    drops = {(r["task"], r["flow"]): f"{r['largest_drop_pct']:+.1f} (L{r['largest_drop_layer']})"
+             for r in plots.summary_rows(curves)}
     lines += ["", "## Largest drop per flow (mean relative change, %, and its layer)", "",
-              "| task | " + " | ".join(_flow_names(curves)) + " |", "| --- |" + " --- |" * len(_flow_names(curves))]
+              "| task | " + " | ".join(flows) + " |", "| --- |" + " --- |" * len(flows)]
     for task in sorted(curves):
-        cells = []
-        for flow in _flow_names(curves):
-            if flow not in curves[task]:
-                cells.append("-")
-                continue
-            layers, mean, _, _ = curves[task][flow]
-            i = int(mean.argmin())
-            cells.append(f"{mean[i]:+.1f} (L{int(layers[i])})")
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        lines.append(f"| {task} | " + " | ".join(drops.get((task, flow), "-") for flow in flows) + " |")
     lines += ["", "## Plots", ""]
     for task in sorted(curves):
         lines.append(f"- {task}: [flows](plots/flows_{task}.png), [logit lens](plots/lens_{task}.png)")
@@ -148,10 +143,3 @@ def write_report(out: str, model, summaries: dict, k: int, n: int, seed: int, me
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
-
-
-def _flow_names(curves: dict) -> list[str]:
-    from jaxflow.sweep.flows import STUDY_FLOWS
-
-    seen = {flow for task in curves.values() for flow in task}
-    return [f for f in STUDY_FLOWS if f in seen] + sorted(seen - set(STUDY_FLOWS))
