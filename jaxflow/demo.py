@@ -4,7 +4,8 @@ Steps (each resumable: an existing step's output is reused):
 1. convert the shipped llava-hf checkpoint (`jaxflow/assets/toy-llava`) into a jaxflow model;
 2. generate toy-world samples (task CSVs in the GQA schema + images; `jaxflow.world`);
 3. per task: knockout sweep of the study's six flows at every layer, and the logit lens;
-4. plots, summary tables and `report.md` (what changes where, next to the study's findings).
+4. plots, summary tables, `report.md` (what changes where, next to the study's findings) and `report.html`
+   (`jaxflow report`: the figures and tables in one self-contained file).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def demo_window(num_layers: int) -> int:
 
 def run(out: str, samples_per_task: int = SAMPLES_PER_TASK, seed: int = SEED, model_src: str = ASSET,
         batch: int = 8, progress: bool = True) -> dict:
-    """Runs the demo into `out`; returns {"report": path, "plots": [...], "summary": {...}, "seconds": s}."""
+    """Runs the demo into `out`; returns {"report": report.md's path, "html": report.html's path, "plots": [...],
+    "summary": {...}, "seconds": s}."""
     start = time.time()
     os.makedirs(out, exist_ok=True)
 
@@ -39,6 +41,7 @@ def run(out: str, samples_per_task: int = SAMPLES_PER_TASK, seed: int = SEED, mo
         print(f"[{n}/4] done in {time.time() - began:.1f} s", flush=True)
 
     import jaxflow
+    from jaxflow import report as html_report
     from jaxflow.convert import convert
     from jaxflow.sweep import plots
     from jaxflow.sweep import run as sweep_run
@@ -70,10 +73,12 @@ def run(out: str, samples_per_task: int = SAMPLES_PER_TASK, seed: int = SEED, mo
     with step(4, f"plotting -> {plot_dir}"):
         written = plots.plot(os.path.join(out, "runs"), plot_dir)
         report = write_report(out, model, summaries, k, samples_per_task, seed, _training_metrics(model_src))
+        report_html = html_report.write_report(os.path.join(out, "report.html"), [os.path.join(out, "runs")],
+                                               title="jaxflow demo report")
     seconds = time.time() - start
-    print(f"\ndone in {seconds:.0f} s\n  report:  {report}\n  plots:   {plot_dir}\n"
+    print(f"\ndone in {seconds:.0f} s\n  report:  {report}\n  html:    {report_html}\n  plots:   {plot_dir}\n"
           f"  results: {os.path.join(out, 'runs')}\n  data:    {data_dir}\n  model:   {model_dir}")
-    return {"report": report, "plots": written, "summary": summaries, "seconds": seconds}
+    return {"report": report, "html": report_html, "plots": written, "summary": summaries, "seconds": seconds}
 
 
 def _generate_once(generate, data_dir: str, n: int, seed: int) -> dict:
