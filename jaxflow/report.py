@@ -54,7 +54,8 @@ figure { margin: 0.8em 0 1.6em; }
 figure img { max-width: 100%; height: auto; display: block; }
 figcaption { color: #59636e; font-size: 0.9em; margin-top: 0.3em; }
 .gallery-item { border: 1px solid #d0d7de; border-radius: 6px; padding: 4px 20px 12px; margin: 1.2em 0; }
-.gallery-figures { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
+.gallery-item p { margin: 0.2em 0; }
+.gallery-figures { display: flex; margin-top: 0.8em; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
 .gallery-figures figure { margin: 0; max-width: 100%; }
 """
 
@@ -207,6 +208,21 @@ def _gallery(items: Sequence[GalleryItem]) -> str:
     return "\n".join(parts)
 
 
+def _task_figures(task: str, curves: dict | None, windows: list[int], lens_rows: list[dict] | None) -> str:
+    """A task's flow curves (plots.flow_curves()[task]) and logit lens (its lens.csv rows), whichever it has."""
+    body = []
+    if curves:
+        body.append(_figure(plots.flow_figure(task, curves, windows),
+                            "Flows: mean relative change (%) of the answer's probability when the target positions "
+                            "cannot attend to the source positions in a window of layers around each layer; band: "
+                            "95% CI of the mean."))
+    if lens_rows:
+        body.append(_figure(plots.lens_figure(task, lens_rows),
+                            "Logit lens: mean probability of the answer at the last position after each layer, "
+                            "without and with the final norm; band: 95% CI of the mean."))
+    return "\n".join(body)
+
+
 def _section(anchor: str, title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{_e(title)}</h2>\n{body}\n</section>'
 
@@ -238,18 +254,9 @@ def render(run_dirs: Sequence[str], gallery: Sequence[GalleryItem] = (), title: 
         for task in sorted(set(curves) | set(lens)):
             anchor = f"task-{m + 1}-{_slug(task)}"
             heading = f"{task} ({label})" if several else task
-            body = []
-            if task in curves:
-                task_windows = sorted(w for w in windows[task] if w is not None)
-                body.append(_figure(plots.flow_figure(task, curves[task], task_windows),
-                                    "Flows: mean relative change (%) of the answer's probability when the target "
-                                    "positions cannot attend to the source positions in a window of layers around "
-                                    "each layer; band: 95% CI of the mean."))
-            if task in lens:
-                body.append(_figure(plots.lens_figure(task, lens[task]),
-                                    "Logit lens: mean probability of the answer at the last position after each "
-                                    "layer, without and with the final norm; band: 95% CI of the mean."))
-            task_sections.append(_section(anchor, heading, "\n".join(body)))
+            task_windows = sorted(w for w in windows[task] if w is not None)
+            task_sections.append(_section(anchor, heading, _task_figures(task, curves.get(task), task_windows,
+                                                                         lens.get(task))))
             task_links.append(f'<li><a href="#{anchor}">{_e(task)}</a></li>')
         toc.append(f"<li>{_e(label)}<ul>{''.join(task_links)}</ul></li>" if several else "".join(task_links))
     if gallery:

@@ -114,7 +114,7 @@ def chromium() -> str:
     path = shutil.which("chromium")
     if path is None:
         pytest.fail("chromium not found on PATH: the report test renders the page in headless Chromium; install "
-                    "Debian's chromium package (.ci/run does: apt-get install -y --no-install-recommends chromium)")
+                    "Debian's chromium package (bash scripts/install_chromium.sh, as .ci/run does)")
     return path
 
 
