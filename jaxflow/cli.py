@@ -89,6 +89,13 @@ def _plot(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from jaxflow.report import write_report
+
+    print(write_report(args.out, args.runs, title=args.title))
+    return 0
+
+
 def _export(args) -> int:
     from jaxflow.sweep.export import export_study
 
@@ -200,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the study's model name, e.g. llava_v1_5_7b (default: the name of the "
                    "checkpoint the model was converted from, '-' and '.' as '_')")
     p.set_defaults(func=_export)
+    p = sub.add_parser("report", help="one self-contained HTML file (figures embedded, no network requests) from "
+                       "sweep and lens result directories")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIRS",
+                   help="sweep / lens result directories (searched recursively for run.json)")
+    p.add_argument("--out", required=True, help="the HTML file to write (its folder is created if needed)")
+    p.add_argument("--title", help="the report's title (default: 'jaxflow report: ' and the models' names)")
+    p.set_defaults(func=_report)
     p = sub.add_parser("demo", help="the whole analysis on the shipped toy LLaVA: convert, toy-world data, six flows, "
                        "logit lens, plots, report")
     p.add_argument("--out", default="jaxflow-demo",

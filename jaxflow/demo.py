@@ -4,7 +4,8 @@ Steps (each resumable: an existing step's output is reused):
 1. convert the shipped llava-hf checkpoint (`jaxflow/assets/toy-llava`) into a jaxflow model;
 2. generate toy-world samples (task CSVs in the GQA schema + images; `jaxflow.world`);
 3. per task: knockout sweep of the study's six flows at every layer, and the logit lens;
-4. plots, summary tables and `report.md` (what changes where, next to the study's findings).
+4. plots, summary tables, `report.md` (what changes where, next to the study's findings) and `report.html`
+   (`jaxflow report`: the figures and tables in one self-contained file).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def demo_window(num_layers: int) -> int:
 
 def run(out: str, samples_per_task: int = SAMPLES_PER_TASK, seed: int = SEED, model_src: str = ASSET,
         batch: int = 8, progress: bool = True) -> dict:
-    """Runs the demo into `out`; returns {"report": path, "plots": [...], "summary": {...}, "seconds": s}."""
+    """Runs the demo into `out`; returns {"report": report.md's path, "html": report.html's path, "plots": [...],
+    "summary": {...}, "seconds": s}."""
     start = time.time()
     os.makedirs(out, exist_ok=True)
 
@@ -39,6 +41,7 @@ def run(out: str, samples_per_task: int = SAMPLES_PER_TASK, seed: int = SEED, mo
         print(f"[{n}/4] done in {time.time() - began:.1f} s", flush=True)
 
     import jaxflow
+    from jaxflow import report as html_report
     from jaxflow.convert import convert
     from jaxflow.sweep import plots
     from jaxflow.sweep import run as sweep_run
@@ -70,10 +73,12 @@ def run(out: str, samples_per_task: int = SAMPLES_PER_TASK, seed: int = SEED, mo
     with step(4, f"plotting -> {plot_dir}"):
         written = plots.plot(os.path.join(out, "runs"), plot_dir)
         report = write_report(out, model, summaries, k, samples_per_task, seed, _training_metrics(model_src))
+        report_html = html_report.write_report(os.path.join(out, "report.html"), [os.path.join(out, "runs")],
+                                               title="jaxflow demo report")
     seconds = time.time() - start
-    print(f"\ndone in {seconds:.0f} s\n  report:  {report}\n  plots:   {plot_dir}\n"
+    print(f"\ndone in {seconds:.0f} s\n  report:  {report}\n  html:    {report_html}\n  plots:   {plot_dir}\n"
           f"  results: {os.path.join(out, 'runs')}\n  data:    {data_dir}\n  model:   {model_dir}")
-    return {"report": report, "plots": written, "summary": summaries, "seconds": seconds}
+    return {"report": report, "html": report_html, "plots": written, "summary": summaries, "seconds": seconds}
 
 
 def _generate_once(generate, data_dir: str, n: int, seed: int) -> dict:
@@ -121,18 +126,13 @@ def write_report(out: str, model, summaries: dict, k: int, n: int, seed: int, me
     lines += ["## Samples", "", "| task | answered correctly (kept) | skipped |", "| --- | --- | --- |"]
     for task, s in summaries.items():
         lines.append(f"| {task} | {s['kept']} / {s['kept'] + s['skipped']} | {s['skipped']} |")
+    flows = plots.flow_names(curves)
+    drops = {(r["task"], r["flow"]): f"{r['largest_drop_pct']:+.1f} (L{r['largest_drop_layer']})"
+             for r in plots.summary_rows(curves)}
     lines += ["", "## Largest drop per flow (mean relative change, %, and its layer)", "",
-              "| task | " + " | ".join(_flow_names(curves)) + " |", "| --- |" + " --- |" * len(_flow_names(curves))]
+              "| task | " + " | ".join(flows) + " |", "| --- |" + " --- |" * len(flows)]
     for task in sorted(curves):
-        cells = []
-        for flow in _flow_names(curves):
-            if flow not in curves[task]:
-                cells.append("-")
-                continue
-            layers, mean, _, _ = curves[task][flow]
-            i = int(mean.argmin())
-            cells.append(f"{mean[i]:+.1f} (L{int(layers[i])})")
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        lines.append(f"| {task} | " + " | ".join(drops.get((task, flow), "-") for flow in flows) + " |")
     lines += ["", "## Plots", ""]
     for task in sorted(curves):
         lines.append(f"- {task}: [flows](plots/flows_{task}.png), [logit lens](plots/lens_{task}.png)")
@@ -148,10 +148,3 @@ def write_report(out: str, model, summaries: dict, k: int, n: int, seed: int, me
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
-
-
-def _flow_names(curves: dict) -> list[str]:
-    from jaxflow.sweep.flows import STUDY_FLOWS
-
-    seen = {flow for task in curves.values() for flow in task}
-    return [f for f in STUDY_FLOWS if f in seen] + sorted(seen - set(STUDY_FLOWS))

@@ -20,6 +20,7 @@ def test_demo_runs_every_flow_and_the_lens(tmp_path, capsys):
     result = demo.run(str(out), samples_per_task=3, batch=4, progress=False)
     printed = capsys.readouterr().out
     assert str(out / "report.md") in printed and str(out / "plots") in printed
+    assert result["html"] == str(out / "report.html") and result["html"] in printed
     durations = re.findall(r"^\[(\d)/4\] done in (\d+\.\d) s$", printed, re.M)  # each step's own duration
     assert [n for n, _ in durations] == ["1", "2", "3", "4"], printed
     assert 0 < sum(float(s) for _, s in durations) <= result["seconds"] + 0.2  # each rounded to 0.1 s
@@ -44,8 +45,10 @@ def test_demo_runs_every_flow_and_the_lens(tmp_path, capsys):
         assert (out / "plots" / f"flows_{task}.png").stat().st_size > 0
         assert (out / "plots" / f"lens_{task}.png").stat().st_size > 0
     report = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
     for task in kept_tasks:
         assert f"| {task} |" in report
+        assert f'id="task-1-{task}"' in html
 
     # a second run reuses the model, the data and every finished sample
     before = {t: os.path.getsize(out / "runs" / "sweep" / t / "results.csv") for t in TASKS}

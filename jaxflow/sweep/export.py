@@ -16,7 +16,7 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from jaxflow.inputs import gqa
 
@@ -99,8 +99,9 @@ def _source_of(run: dict) -> str:
     return source or run.get("model") or ""
 
 
-def find_runs(paths: Iterable[str]) -> list[str]:
-    """Knockout-sweep result directories (run.json with kind "sweep") in or under `paths`."""
+def find_runs(paths: Iterable[str], kinds: Collection[str] = ("sweep",)) -> list[str]:
+    """Result directories in or under `paths` whose run.json has one of `kinds` ("sweep": knockout sweeps,
+    "lens": logit lens)."""
     found = []
     for path in paths:
         if not os.path.isdir(path):
@@ -109,7 +110,7 @@ def find_runs(paths: Iterable[str]) -> list[str]:
             dirs.sort()
             if "run.json" in files:
                 with open(os.path.join(root, "run.json")) as f:
-                    if json.load(f).get("kind") == "sweep":
+                    if json.load(f).get("kind") in kinds:
                         found.append(root)
     return found
 

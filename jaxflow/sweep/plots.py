@@ -9,12 +9,16 @@
   layer l), the embeddings at "emb" before layer 0;
 - a merged figure with every task side by side; summary.md / summary.csv: per task and flow,
   the layer with the largest mean drop, its size and the sample count.
+
+Each figure is built by its own function (`flow_figure`, `all_tasks_figure`, `lens_figure`) and drawn by Agg
+outside pyplot; `plot` saves them as PNG + PDF files, `png_bytes` renders one in memory (the HTML report).
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 from collections import defaultdict
@@ -102,20 +106,55 @@ def _window_text(task_windows: list[int]) -> str:
     return f" (window {task_windows[0]})" if len(task_windows) == 1 else f" (windows {task_windows})"
 
 
+SAVE_OPTIONS = {"dpi": 130, "bbox_inches": "tight"}  # files and in-memory PNGs alike
+
+
+def new_figure(**subplots):
+    """(figure, axes) drawn by Agg, outside pyplot: nothing to close, no global backend to set."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figsize = subplots.pop("figsize")
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(**subplots)
+
+
+def png_bytes(fig) -> bytes:
+    """The figure as PNG file contents, rendered as `plot` saves it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **SAVE_OPTIONS)
+    return buf.getvalue()
+
+
 def _save(fig, out: str, name: str) -> list[str]:
     paths = [os.path.join(out, f"{name}.{ext}") for ext in ("png", "pdf")]
     for p in paths:
-        fig.savefig(p, dpi=130, bbox_inches="tight")
+        fig.savefig(p, **SAVE_OPTIONS)
     return paths
+
+
+def flow_figure(task: str, task_curves: dict, task_windows: list[int]):
+    """One task's flow curves (flow_curves()[task]), the legend beside the plot."""
+    fig, ax = new_figure(figsize=(7, 4.2))
+    _plot_flows(ax, task_curves, task + _window_text(task_windows))
+    ax.legend(*_legend_entries(ax), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    return fig
+
+
+def all_tasks_figure(curves: dict, task_windows: dict[str, list[int]]):
+    """Every task's flow curves side by side, one legend below."""
+    fig, axes = new_figure(figsize=(4.2 * len(curves), 3.8), ncols=len(curves), sharey=True, squeeze=False)
+    for ax, (task, task_curves) in zip(axes[0], sorted(curves.items()), strict=True):
+        _plot_flows(ax, task_curves, task + _window_text(task_windows.get(task, [])))
+    handles, labels = _legend_entries(axes[0][0])
+    fig.legend(handles, [lab.split(" (n=")[0] for lab in labels], loc="lower center", ncol=4, fontsize=8,
+               bbox_to_anchor=(0.5, -0.12))
+    return fig
 
 
 def plot(results_dir: str, out: str) -> list[str]:
     """Writes every figure and the summary into `out`; returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     os.makedirs(out, exist_ok=True)
     written: list[str] = []
     rows = _read(os.path.join(results_dir, "**", "results.csv"))
@@ -125,22 +164,11 @@ def plot(results_dir: str, out: str) -> list[str]:
     curves = flow_curves(rows) if rows else {}
     task_windows = windows(results_dir)
     for task, task_curves in sorted(curves.items()):
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        _plot_flows(ax, task_curves, task + _window_text(task_windows.get(task, [])))
-        ax.legend(*_legend_entries(ax), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-        written += _save(fig, out, f"flows_{task}")
-        plt.close(fig)
+        written += _save(flow_figure(task, task_curves, task_windows.get(task, [])), out, f"flows_{task}")
     if len(curves) > 1:
-        fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.8), sharey=True, squeeze=False)
-        for ax, (task, task_curves) in zip(axes[0], sorted(curves.items()), strict=True):
-            _plot_flows(ax, task_curves, task + _window_text(task_windows.get(task, [])))
-        handles, labels = _legend_entries(axes[0][0])
-        fig.legend(handles, [lab.split(" (n=")[0] for lab in labels], loc="lower center", ncol=4, fontsize=8,
-                   bbox_to_anchor=(0.5, -0.12))
-        written += _save(fig, out, "flows_all_tasks")
-        plt.close(fig)
-    if lens_rows:
-        written += _plot_lens(plt, lens_rows, out)
+        written += _save(all_tasks_figure(curves, task_windows), out, "flows_all_tasks")
+    for task, task_rows in sorted(lens_by_task(lens_rows).items()):
+        written += _save(lens_figure(task, task_rows), out, f"lens_{task}")
     if curves:
         written += _summary(curves, out)
     return written
@@ -153,49 +181,67 @@ def _lens_ticks(last_layer: int) -> tuple[list[int], list[str]]:
     return ticks, ["emb" if tick == -1 else str(tick) for tick in ticks]
 
 
-def _plot_lens(plt, rows: list[dict], out: str) -> list[str]:
-    written = []
+def lens_by_task(rows: list[dict]) -> dict[str, list[dict]]:
+    """lens.csv rows grouped by task."""
     by_task: dict = defaultdict(list)
     for r in rows:
         by_task[r["task"]].append(r)
-    for task, task_rows in sorted(by_task.items()):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-        for ax, norm in zip(axes, ("False", "True"), strict=True):
-            sel = [r for r in task_rows if r["norm"] == norm]
-            n = len({r["question_id"] for r in sel})
-            for col, label in (("p_answer", "answer (lowercase)"), ("p_answer_capitalized", "Answer (capitalized)"),
-                               ("p_false_option", "false option")):
-                acc = defaultdict(list)
-                for r in sel:
-                    if r[col] != "":
-                        acc[int(r["layer"])].append(float(r[col]))
-                if not acc:
-                    continue
-                layers = sorted(acc)
-                stats = [_mean_ci(acc[layer]) for layer in layers]
-                mean, ci = np.asarray([s[0] for s in stats]), np.asarray([s[1] for s in stats])
-                x = np.asarray(layers) - 1  # lens row l is the output of decoder layer l - 1; row 0 the embeddings
-                (line,) = ax.plot(x, mean, label=label)
-                ax.fill_between(x, mean - ci, mean + ci, color=line.get_color(), alpha=0.2, linewidth=0)
-                ax.set_xticks(*_lens_ticks(int(x.max())))
-            ax.set_title(f"{task}: logit lens, {'final norm' if norm == 'True' else 'raw (no final norm)'} (n={n})")
-            ax.set_xlabel("after layer (as in the flow plots; emb: embeddings)")
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("probability at the last position")
-        axes[0].legend(*_legend_entries(axes[0]), fontsize=8)
-        written += _save(fig, out, f"lens_{task}")
-        plt.close(fig)
-    return written
+    return dict(by_task)
+
+
+def lens_figure(task: str, task_rows: list[dict]):
+    """One task's logit lens: raw and normed side by side, mean probabilities with their 95% CI bands."""
+    fig, axes = new_figure(figsize=(10, 3.8), ncols=2, sharey=True)
+    for ax, norm in zip(axes, ("False", "True"), strict=True):
+        sel = [r for r in task_rows if r["norm"] == norm]
+        n = len({r["question_id"] for r in sel})
+        for col, label in (("p_answer", "answer (lowercase)"), ("p_answer_capitalized", "Answer (capitalized)"),
+                           ("p_false_option", "false option")):
+            acc = defaultdict(list)
+            for r in sel:
+                if r[col] != "":
+                    acc[int(r["layer"])].append(float(r[col]))
+            if not acc:
+                continue
+            layers = sorted(acc)
+            stats = [_mean_ci(acc[layer]) for layer in layers]
+            mean, ci = np.asarray([s[0] for s in stats]), np.asarray([s[1] for s in stats])
+            x = np.asarray(layers) - 1  # lens row l is the output of decoder layer l - 1; row 0 the embeddings
+            (line,) = ax.plot(x, mean, label=label)
+            ax.fill_between(x, mean - ci, mean + ci, color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.set_xticks(*_lens_ticks(int(x.max())))
+        ax.set_title(f"{task}: logit lens, {'final norm' if norm == 'True' else 'raw (no final norm)'} (n={n})")
+        ax.set_xlabel("after layer (as in the flow plots; emb: embeddings)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("probability at the last position")
+    axes[0].legend(*_legend_entries(axes[0]), fontsize=8)
+    return fig
+
+
+def flow_names(curves: dict) -> list[str]:
+    """The flows of flow_curves(), the study's six first (in its order), then the others by name."""
+    from jaxflow.sweep.flows import STUDY_FLOWS
+
+    seen = {flow for task in curves.values() for flow in task}
+    return [f for f in STUDY_FLOWS if f in seen] + sorted(seen - set(STUDY_FLOWS))
+
+
+def summary_rows(curves: dict) -> list[dict]:
+    """Per task and flow (flow_curves()): the layer with the largest mean drop, the drop (%), its 95% CI
+    half-width (%) and the sample count."""
+    rows = []
+    for task, task_curves in sorted(curves.items()):
+        for flow in flow_names({task: task_curves}):
+            layers, mean, ci, n = task_curves[flow]
+            i = int(np.argmin(mean))
+            rows.append({"task": task, "flow": flow, "largest_drop_layer": int(layers[i]),
+                         "largest_drop_pct": float(mean[i]), "ci95_pct": float(ci[i]), "samples": n})
+    return rows
 
 
 def _summary(curves: dict, out: str) -> list[str]:
-    rows = []
-    for task, task_curves in sorted(curves.items()):
-        for flow, (layers, mean, ci, n) in task_curves.items():
-            i = int(np.argmin(mean))
-            rows.append({"task": task, "flow": flow, "largest_drop_layer": int(layers[i]),
-                         "largest_drop_pct": round(float(mean[i]), 2), "ci95_pct": round(float(ci[i]), 2),
-                         "samples": n})
+    rows = [{**r, "largest_drop_pct": round(r["largest_drop_pct"], 2), "ci95_pct": round(r["ci95_pct"], 2)}
+            for r in summary_rows(curves)]
     csv_path, md_path = os.path.join(out, "summary.csv"), os.path.join(out, "summary.md")
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
