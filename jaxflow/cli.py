@@ -92,7 +92,14 @@ def _plot(args) -> int:
 def _report(args) -> int:
     from jaxflow.report import write_report
 
-    print(write_report(args.out, args.runs, title=args.title))
+    items = []
+    if args.gallery:
+        from jaxflow.gallery import gallery
+
+        items, problems = gallery(args.runs, args.gallery)
+        for problem in problems:
+            print(f"jaxflow report: note: {problem}", file=sys.stderr)
+    print(write_report(args.out, args.runs, items, title=args.title))
     return 0
 
 
@@ -213,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep / lens result directories (searched recursively for run.json)")
     p.add_argument("--out", required=True, help="the HTML file to write (its folder is created if needed)")
     p.add_argument("--title", help="the report's title (default: 'jaxflow report: ' and the models' names)")
+    p.add_argument("--gallery", type=int, default=1, metavar="N",
+                   help="per sweep, the first N recorded samples drawn on their images (regions, attention per layer, "
+                   "patch sweep, own flows), run on the model run.json names; 0: none (default: 1)")
     p.set_defaults(func=_report)
     p = sub.add_parser("demo", help="the whole analysis on the shipped toy LLaVA: convert, toy-world data, six flows, "
                        "logit lens, plots, report")

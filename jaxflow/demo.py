@@ -43,6 +43,7 @@ def run(out: str, samples_per_task: int = SAMPLES_PER_TASK, seed: int = SEED, mo
     import jaxflow
     from jaxflow import report as html_report
     from jaxflow.convert import convert
+    from jaxflow.gallery import gallery
     from jaxflow.sweep import plots
     from jaxflow.sweep import run as sweep_run
     from jaxflow.sweep.flows import STUDY_FLOWS, parse_flow
@@ -73,7 +74,8 @@ def run(out: str, samples_per_task: int = SAMPLES_PER_TASK, seed: int = SEED, mo
     with step(4, f"plotting -> {plot_dir}"):
         written = plots.plot(os.path.join(out, "runs"), plot_dir)
         report = write_report(out, model, summaries, k, samples_per_task, seed, _training_metrics(model_src))
-        report_html = html_report.write_report(os.path.join(out, "report.html"), [os.path.join(out, "runs")],
+        items, _ = gallery([os.path.join(out, "runs")], per_task=1)
+        report_html = html_report.write_report(os.path.join(out, "report.html"), [os.path.join(out, "runs")], items,
                                                title="jaxflow demo report")
     seconds = time.time() - start
     print(f"\ndone in {seconds:.0f} s\n  report:  {report}\n  html:    {report_html}\n  plots:   {plot_dir}\n"

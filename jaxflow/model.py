@@ -298,7 +298,12 @@ class Model:
     def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
                 knockouts: Sequence[Knockout | DenseKnockout] | KnockoutMasks | None = None,
                 return_hidden_states: bool = False, return_attentions: bool = False) -> ForwardOutput:
-        """Logits [B, T, V]; with K knockouts (a list or stacked KnockoutMasks), [K, B, T, V]."""
+        """The forward pass of input_ids [B, T] (transformers' conventions, see the module docstring), or of a
+        `Sample` / `Batch` given as input_ids. Returns ForwardOutput: logits [B, T, V]; with return_hidden_states the
+        residual stream [L + 1, B, T, D] (index l: entering layer l, transformers' hidden_states[l]; index L: the
+        last layer's output before the final norm); with return_attentions the weights [L, B, H, T, T] (query,
+        key). With K knockouts (a list of Knockout / DenseKnockout, or stacked KnockoutMasks) every array gets a
+        leading K, all K in one compiled call. `run_with_cache` returns single named activations instead."""
         inputs = self.prepare(input_ids, pixel_values, image_sizes, attention_mask, position_ids)
         knock = knockouts
         if knockouts is not None and not isinstance(knockouts, KnockoutMasks):

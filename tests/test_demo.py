@@ -54,3 +54,17 @@ def test_demo_runs_every_flow_and_the_lens(tmp_path, capsys):
     before = {t: os.path.getsize(out / "runs" / "sweep" / t / "results.csv") for t in TASKS}
     main(["demo", "--out", str(out), "--samples-per-task", "3"])
     assert before == {t: os.path.getsize(out / "runs" / "sweep" / t / "results.csv") for t in TASKS}
+
+    # the gallery: one sample per task with a sweep row, each drawn four times (regions, attention per layer,
+    # patch sweep, its own flows)
+    html = (out / "report.html").read_text()
+    with_rows = [t for t in TASKS if _rows(out / "runs" / "sweep" / t / "results.csv")]
+    assert html.count('class="gallery-item"') == len(with_rows)
+    assert html[html.index('<section id="gallery">'):].count("<img ") == 4 * len(with_rows)
+    # `jaxflow report` says when the model a run names is gone, and writes the rest
+    os.rename(out / "model", tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["report", str(out / "runs"), "--out", str(tmp_path / "r.html")]) == 0
+    captured = capsys.readouterr()
+    assert "the model it names is gone" in captured.err and str(tmp_path / "r.html") in captured.out
+    assert 'id="gallery"' not in (tmp_path / "r.html").read_text()
