@@ -17,6 +17,6 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(pictures) >= 6, len(pictures)  # regions, knockout curve, lens, attention per layer, patch sweep
+    assert len(pictures) == 5, len(pictures)  # regions, knockout curve, lens, attention per layer, patch sweep
     text = "".join(o.get("text", "") for o in outputs)
     assert "gold:" in text and "largest drop" in text
