@@ -65,29 +65,30 @@ class KnockoutMasks:
         return cut
 
 
-def _positions(name: str, i: int, values, size: int, what: str) -> np.ndarray:
-    """[size] bool, True at `values`."""
+def index_mask(label: str, values, size: int, what: str) -> np.ndarray:
+    """[size] bool, True at `values`; `label` (e.g. "knockouts[0].source") names the argument in errors."""
     values = np.asarray(list(values), dtype=np.int64)
     bad = values[(values < 0) | (values >= size)]
     if bad.size:
-        raise ValueError(f"knockouts[{i}].{name}: {what} {bad.tolist()} out of range [0, {size})")
+        raise ValueError(f"{label}: {what} {bad.tolist()} out of range [0, {size})")
     mask = np.zeros(size, bool)
     mask[values] = True
     return mask
 
 
-def _rows(name: str, i: int, values, batch: int, seq_len: int, regions) -> np.ndarray:
-    """[batch, seq_len] bool: positions, or a region name resolved in each row's regions."""
+def position_rows(label: str, values, batch: int, seq_len: int, regions) -> np.ndarray:
+    """[batch, seq_len] bool: positions, or a region name resolved in each row's regions (one `Regions` per
+    row, or None)."""
     if not isinstance(values, str):
-        return np.broadcast_to(_positions(name, i, values, seq_len, "positions"), (batch, seq_len))
+        return np.broadcast_to(index_mask(label, values, seq_len, "positions"), (batch, seq_len))
     if regions is None:
-        raise ValueError(f"knockouts[{i}].{name}: region {values!r} needs the model called with a Sample or Batch")
+        raise ValueError(f"{label}: region {values!r} needs the model called with a Sample or Batch")
     out = np.zeros((batch, seq_len), bool)
     for b, row in enumerate(regions):
         if values not in row:
             why = row.undefined.get(values, f"not a region (known: {', '.join(sorted(row))})")
-            raise ValueError(f"knockouts[{i}].{name}: row {b} has no region {values!r}: {why}")
-        out[b] = _positions(name, i, row[values], seq_len, f"region {values!r} positions")
+            raise ValueError(f"{label}: row {b} has no region {values!r}: {why}")
+        out[b] = index_mask(label, row[values], seq_len, f"region {values!r} positions")
     return out
 
 
@@ -112,12 +113,12 @@ def stack_knockouts(knockouts: Sequence[Knockout | DenseKnockout], batch: int, s
             continue
         if not isinstance(ko, Knockout):
             raise TypeError(f"knockouts[{i}]: expected Knockout or DenseKnockout, got {type(ko).__name__}")
-        source = _rows("source", i, ko.source, batch, seq_len, regions)
-        target = _rows("target", i, ko.target, batch, seq_len, regions)
+        source = position_rows(f"knockouts[{i}].source", ko.source, batch, seq_len, regions)
+        target = position_rows(f"knockouts[{i}].target", ko.target, batch, seq_len, regions)
         layers = (np.ones(num_layers, bool) if ko.layers is None
-                  else _positions("layers", i, ko.layers, num_layers, "layers"))
+                  else index_mask(f"knockouts[{i}].layers", ko.layers, num_layers, "layers"))
         heads = (np.ones(num_heads, bool) if ko.heads is None
-                 else _positions("heads", i, ko.heads, num_heads, "heads"))
+                 else index_mask(f"knockouts[{i}].heads", ko.heads, num_heads, "heads"))
         dense = np.zeros((num_layers, batch, seq_len, seq_len), bool) if any_dense else None
         rows.append((source, target, layers, heads, dense))
     cols = list(zip(*rows, strict=True))

@@ -25,6 +25,7 @@ from jaxflow.inputs.prompts import default_template, read_chat_template
 from jaxflow.knockout import DenseKnockout, Knockout, KnockoutMasks, stack_knockouts
 from jaxflow.nn.llama import KVCache
 from jaxflow.nn.llava import Llava
+from jaxflow.patching import SITES, Noise, Patch, PatchMasks, SiteEdit, noise_offset, sites_used, stack_patches
 from jaxflow.sample import Batch, ImageLike, Sample
 
 
@@ -115,24 +116,42 @@ def prepare_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, image_sizes=N
 
 # What `_forward` can collect beside the logits, per layer l: "hidden" (the residual stream entering layer l; l = L
 # is the last layer's output), "mid" (after layer l's attention was added), "pattern" (attention weights),
-# "attn_out" and "mlp_out" (what the attention and the MLP add); and once (layer 0): "normalized" (the final norm's
-# output) and "image_embeds" (the projector's output per crop).
+# "attn_out" and "mlp_out" (what the attention and the MLP add), "z" (the per-head attention output before o_proj,
+# [B, T, H, hd]); and once (layer 0): "normalized" (the final norm's output) and "image_embeds" (the projector's
+# output per crop).
+
+
+def embed_inputs(module: Llava, inputs: ModelInputs, offset=None, features=None):
+    """The decoder's input embeddings [B, T, D], plus `offset` [B, T, D] (a `Noise`) when given."""
+    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index, inputs.taps, inputs.tap_weights, features)
+    return x if offset is None else x + offset.astype(x.dtype)
+
+
+def patch_edits(lm, patch, source, q_pos) -> list | None:
+    """Per layer, the SiteEdits of one configuration's `patch` (PatchMasks) from the source activations."""
+    return None if patch is None else [patch.edits(i, q_pos, source) for i in range(len(lm.layers))]
 
 
 @functools.partial(nnx.jit, graph=False, static_argnames=("collect",))
-def _forward(module: Llava, inputs: ModelInputs, knock: KnockoutMasks | None, collect: tuple = ()):
+def _forward(module: Llava, inputs: ModelInputs, knock: KnockoutMasks | None, collect: tuple = (),
+             patch: PatchMasks | None = None, source: dict | None = None, offset=None):
     """logits [(K,) B, T, V] and one array per (kind, layer) pair of `collect` (kinds above), [(K,) B, ...]
-    ("image_embeds": [N, F, D], never cut). Only what is collected leaves the computation."""
+    ("image_embeds": [N, F, D], never cut). Only what is collected leaves the computation.
+
+    knock, patch: K configurations each (either may be None); patch replaces activations by `source`'s (site ->
+    [L, B, T, ...], `PatchMasks.edits`). offset [B, T, D]: added to the input embeddings (a `Noise`)."""
     kinds = {kind for kind, _ in collect}
     feats = None if inputs.crops is None else module.image_features(inputs.crops)  # [N, F, D]
-    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index, inputs.taps, inputs.tap_weights, feats)
+    x = embed_inputs(module, inputs, offset, feats)
     lm = module.language_model
 
-    def run(k):
-        out = lm(x, inputs.position_ids, inputs.attention_mask, knock=k, collect_hidden=bool(kinds & {"hidden", "mid"}),
-                 collect_attn="pattern" in kinds, collect_outputs=bool(kinds & {"mid", "attn_out", "mlp_out"}))
+    def run(k, p):
+        out = lm(x, inputs.position_ids, inputs.attention_mask, knock=k,
+                 edits=patch_edits(lm, p, source, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])),
+                 collect_hidden=bool(kinds & {"hidden", "mid"}), collect_attn="pattern" in kinds,
+                 collect_outputs=bool(kinds & {"mid", "attn_out", "mlp_out"}), collect_z="z" in kinds)
         found = {"hidden": out.hidden_states, "pattern": out.attentions, "attn_out": out.attn_out,
-                 "mlp_out": out.mlp_out}
+                 "mlp_out": out.mlp_out, "z": out.z}
         picked = []
         for kind, layer in collect:
             if kind == "mid":
@@ -143,7 +162,7 @@ def _forward(module: Llava, inputs: ModelInputs, knock: KnockoutMasks | None, co
                 picked.append(found[kind][layer])
         return lm.unembed(out.hidden), tuple(picked)
 
-    logits, picked = run(None) if knock is None else jax.vmap(run)(knock)
+    logits, picked = run(None, None) if knock is None and patch is None else jax.vmap(run)(knock, patch)
     picked = iter(picked)
     return logits, tuple(feats if kind == "image_embeds" else next(picked) for kind, _ in collect)
 
@@ -162,9 +181,11 @@ class Prefill:
 
 
 @functools.partial(nnx.jit, graph=False, static_argnames=("collect_hidden",))
-def prefill_forward(module: Llava, inputs: ModelInputs, last: jax.Array, collect_hidden: bool = False) -> Prefill:
-    """Runs the prompt once; `last` [B] is each row's last position."""
-    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index, inputs.taps, inputs.tap_weights)
+def prefill_forward(module: Llava, inputs: ModelInputs, last: jax.Array, collect_hidden: bool = False,
+                    offset=None) -> Prefill:
+    """Runs the prompt once; `last` [B] is each row's last position; offset [B, T, D]: added to the input
+    embeddings (a `Noise`)."""
+    x = embed_inputs(module, inputs, offset)
     lm = module.language_model
     out = lm(x, inputs.position_ids, inputs.attention_mask, collect_hidden=collect_hidden, collect_kv=True)
     h = jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
@@ -297,32 +318,136 @@ class Model:
 
     def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
                 knockouts: Sequence[Knockout | DenseKnockout] | KnockoutMasks | None = None,
-                return_hidden_states: bool = False, return_attentions: bool = False) -> ForwardOutput:
+                return_hidden_states: bool = False, return_attentions: bool = False, *,
+                patches: Sequence[Patch] | PatchMasks | None = None, source=None,
+                noise: Noise | None = None) -> ForwardOutput:
         """The forward pass of input_ids [B, T] (transformers' conventions, see the module docstring), or of a
         `Sample` / `Batch` given as input_ids. Returns ForwardOutput: logits [B, T, V]; with return_hidden_states the
         residual stream [L + 1, B, T, D] (index l: entering layer l, transformers' hidden_states[l]; index L: the
         last layer's output before the final norm); with return_attentions the weights [L, B, H, T, T] (query,
         key). With K knockouts (a list of Knockout / DenseKnockout, or stacked KnockoutMasks) every array gets a
-        leading K, all K in one compiled call. `run_with_cache` returns single named activations instead."""
+        leading K, all K in one compiled call. `run_with_cache` returns single named activations instead.
+
+        Activation patching: with K patches (a list of `jaxflow.Patch`, or stacked PatchMasks) and `source` (the
+        inputs of the source run: a dict with the main inputs' keys, a Sample or Batch, all of the same batch
+        size and sequence length; or a `Noise`: the main inputs with noised embeddings), configuration k runs
+        the main (target) inputs with patch k's activations replaced by the source run's (one source forward for
+        all K). Knockouts and patches given together apply both in every configuration (cuts in the target run
+        only): K of each pair up, and one of either applies alongside all K of the other. `noise`: Gaussian
+        noise added to the target's input embeddings (ROME's corrupted run; patches then restore clean
+        activations from `source`)."""
         inputs = self.prepare(input_ids, pixel_values, image_sizes, attention_mask, position_ids)
-        knock = knockouts
-        if knockouts is not None and not isinstance(knockouts, KnockoutMasks):
-            knock = self.knockout_masks(knockouts, *inputs.input_ids.shape, regions=_regions(input_ids))
-        knock = sharding.shard_leading(knock, self.mesh)
+        knock, patch, acts, offset = self.interventions(inputs, _regions(input_ids), knockouts, patches, source,
+                                                        noise)
         n = self.config.text.num_layers
         collect = ((("hidden", i) for i in range(n + 1)) if return_hidden_states else (),
                    (("pattern", i) for i in range(n)) if return_attentions else ())
         collect = tuple(c for group in collect for c in group)
-        logits, arrays = _forward(self.module, inputs, knock, collect)
-        axis = 0 if knock is None else 1  # layers after the knockout axis
+        logits, arrays = _forward(self.module, inputs, knock, collect, patch, acts, offset)
+        axis = 0 if knock is None and patch is None else 1  # layers after the configuration axis
         hidden = jnp.stack(arrays[: n + 1], axis) if return_hidden_states else None
         attn = jnp.stack(arrays[-n:], axis) if return_attentions else None
         return ForwardOutput(logits, hidden, attn)
 
     def logits(self, input_ids, pixel_values=None, image_sizes=None, knockouts=None, attention_mask=None,
-               position_ids=None) -> jax.Array:
-        """Logits [B, T, V] (float, the parameters' dtype); with K knockouts [K, B, T, V]. Inputs as `forward`."""
-        return self.forward(input_ids, pixel_values, image_sizes, attention_mask, position_ids, knockouts).logits
+               position_ids=None, *, patches=None, source=None, noise=None) -> jax.Array:
+        """Logits [B, T, V] (float, the parameters' dtype); with K knockouts and/or patches [K, B, T, V]. Inputs,
+        patches, source and noise as `forward`."""
+        return self.forward(input_ids, pixel_values, image_sizes, attention_mask, position_ids, knockouts,
+                            patches=patches, source=source, noise=noise).logits
+
+    @functools.cached_property
+    def embedding_std(self) -> dict[str, float]:
+        """The std of this model's input embeddings per modality, what `Noise` scales: "text", over every entry of
+        the token-embedding table; "image", over every entry of the projected features of 4 probe crops of
+        uniform random pixels (seed 0, normalized with `processor`'s mean and std). Computed once per model and
+        kept here; assign a dict to use other values (e.g. measured on a data set's images)."""
+        s = self.config.vision.image_size
+        pixels = np.random.default_rng(0).random((4, 3, s, s), np.float32)
+        mean, std = (np.asarray(v, np.float32)[:, None, None] for v in (self.processor.image_mean,
+                                                                         self.processor.image_std))
+        feats = _image_features(self.module, sharding.replicate(jnp.asarray((pixels - mean) / std), self.mesh))
+        table = self.module.language_model.embed_tokens.embedding[...]
+        return {"text": float(jnp.std(table.astype(jnp.float32))), "image": float(jnp.std(feats.astype(jnp.float32)))}
+
+    def noise_offset(self, noise: Noise, inputs: ModelInputs, regions=None) -> jax.Array:
+        """What `noise` adds to the input embeddings of `inputs` (from `prepare`): [B, T, D] float32."""
+        if not isinstance(noise, Noise):
+            raise TypeError(f"noise: expected jaxflow.Noise, got {type(noise).__name__}")
+        offset = noise_offset(noise, inputs.feature_index, self.embedding_std, self.config.text.hidden_size, regions)
+        return sharding.replicate(offset, self.mesh)
+
+    def interventions(self, inputs: ModelInputs, regions, knockouts=None, patches=None, source=None, noise=None):
+        """Host side: (knock [K, ...] | None, patch [K, ...] | None, the source activations site -> [L, B, T, ...]
+        | None, the target's embedding offset [B, T, D] | None) for `_forward`, checked and paired as `forward`
+        documents. regions: one `Regions` per row of the target inputs (or None)."""
+        b, t = inputs.input_ids.shape
+        text = self.config.text
+        knock = knockouts
+        if knockouts is not None and not isinstance(knockouts, KnockoutMasks):
+            knock = self.knockout_masks(knockouts, b, t, regions=regions)
+        patch = patches
+        if patches is not None and not isinstance(patches, PatchMasks):
+            patch = stack_patches(patches, b, t, text.num_layers, text.num_heads, regions)
+        if (patch is None) != (source is None):
+            raise ValueError("patches / source: patching needs both (the patches and the source run's inputs)")
+        if knock is not None and patch is not None:
+            knock, patch = _pair(knock, patch)
+        offset = None if noise is None else self.noise_offset(noise, inputs, regions)
+        acts = None if patch is None else self.source_activations(inputs, regions, source, sites_used(patch))
+        return sharding.shard_leading(knock, self.mesh), sharding.shard_leading(patch, self.mesh), acts, offset
+
+    def attribution(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, *, source, token,
+                    sites: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"),
+                    noise: Noise | None = None) -> dict[str, np.ndarray]:
+        """Attribution patching (Nanda 2023): the linear estimate of what patching each site, layer and position
+        from `source` would change, from one forward and one backward of the target run.
+
+        Inputs as `forward` (a Sample or Batch as input_ids too); source and noise as `forward` takes them. token:
+        the answer token, an int or one per row [B]; p is the target run's probability of it at each row's last
+        position (the last position whose attention_mask is 1). Returns site -> float32 [B, L, T]:
+        (a_source - a_target) . dp/da_target, summed over the hidden dimension ("z": [B, L, T, H], summed over
+        head_dim, per head)."""
+        bad = [s for s in sites if s not in SITES]
+        if bad or not sites:
+            raise ValueError(f"sites: {bad or 'none'}; expected some of {', '.join(SITES)}")
+        inputs = self.prepare(input_ids, pixel_values, image_sizes, attention_mask)
+        regions = _regions(input_ids)
+        b, t = inputs.input_ids.shape
+        mask = np.asarray(inputs.attention_mask)
+        last = t - 1 - np.argmax(mask[:, ::-1], axis=1)  # [B]
+        token = np.broadcast_to(np.asarray(token, np.int32), (b,))
+        offset = None if noise is None else self.noise_offset(noise, inputs, regions)
+        acts = self.source_activations(inputs, regions, source, tuple(sites))
+        out = _attribution(self.module, inputs, offset, *sharding.replicate((jnp.asarray(last), jnp.asarray(token)),
+                                                                            self.mesh), acts, tuple(sites))
+        return {site: np.asarray(v) for site, v in out.items()}
+
+    def source_activations(self, inputs: ModelInputs, regions, source, sites: Sequence[str]) -> dict:
+        """The source run's activations at `sites` in every layer: site -> [L, B, T, D] ("z": [L, B, T, H, hd]).
+        source: a dict of inputs (the keys of `forward`'s), a Sample or Batch, or a `Noise` on the target `inputs`
+        (whose regions are `regions`); its batch size and sequence length must be the target's."""
+        offset = None
+        if isinstance(source, Noise):
+            offset, src = self.noise_offset(source, inputs, regions), inputs
+        elif isinstance(source, Sample | Batch):
+            src = self.prepare(source)
+        elif isinstance(source, dict):
+            unknown = set(source) - {"input_ids", "pixel_values", "image_sizes", "attention_mask", "position_ids"}
+            if unknown or "input_ids" not in source:
+                raise ValueError(f"source: expected the keys of the main inputs (input_ids, pixel_values, "
+                                 f"image_sizes, attention_mask), got {sorted(source)}")
+            src = self.prepare(**source)
+        else:
+            raise TypeError(f"source: expected a dict of inputs, a Sample, a Batch or a Noise, got "
+                            f"{type(source).__name__}")
+        if src.input_ids.shape != inputs.input_ids.shape:
+            raise ValueError(f"source: shape {tuple(src.input_ids.shape)} [batch, seq] differs from the inputs' "
+                             f"{tuple(inputs.input_ids.shape)}; patching needs the same rows and positions")
+        n = self.config.text.num_layers
+        kinds = ["hidden" if site == "resid_pre" else site for site in sites]
+        _, arrays = _forward(self.module, src, None, tuple((k, i) for k in kinds for i in range(n)), offset=offset)
+        return {site: jnp.stack(arrays[j * n:(j + 1) * n]) for j, site in enumerate(sites)}
 
     def run_with_cache(self, sample, names: Sequence[str] | None = None,
                        knockouts: Sequence[Knockout | DenseKnockout] | None = None, *, pixel_values=None,
@@ -395,6 +520,46 @@ class Model:
             step, tokens, done, k_new, v_new = decode_phase(self.module, prefill.k, prefill.v, lengths, eos, step,
                                                             tokens, done, k_new, v_new, size)
         return GenerateOutput(np.asarray(tokens)[:, :int(step) + 1], np.asarray(prefill.probs), np.asarray(done))
+
+
+def _pair(knock: KnockoutMasks, patch: PatchMasks):
+    """Knockouts and patches of K configurations each; one of either is repeated to the other's K."""
+    kk, kp = len(np.asarray(knock.layers)), len(np.asarray(patch.layers))
+    if kk != kp and 1 not in (kk, kp):
+        raise ValueError(f"knockouts / patches: {kk} and {kp} configurations; give as many of each, or one of either")
+    k = max(kk, kp)
+    repeat = lambda tree, n: tree if n == k else jax.tree.map(lambda a: np.repeat(np.asarray(a), k, axis=0), tree)  # noqa: E731
+    return repeat(knock, kk), repeat(patch, kp)
+
+
+@functools.partial(nnx.jit, graph=False, static_argnames=("sites",))
+def _attribution(module: Llava, inputs: ModelInputs, offset, last, token, source: dict, sites: tuple):
+    """(a_source - a_target) . dp/da_target per site: [B, L, T] ("z": [B, L, T, H]). dp/da is the gradient of p
+    (token [B] at last [B]) with respect to zero offsets added at every site and layer (one backward pass)."""
+    lm = module.language_model
+    x = embed_inputs(module, inputs, offset)
+    n, (b, t, d) = len(lm.layers), x.shape
+    heads = (lm.cfg.num_heads, lm.cfg.head_dim)
+    zeros = {s: jnp.zeros((n, b, t, *heads) if s == "z" else (n, b, t, d), jnp.float32) for s in sites}
+
+    def prob(deltas):
+        out = lm(x, inputs.position_ids, inputs.attention_mask,
+                 edits=[{s: SiteEdit(add=deltas[s][i]) for s in sites} for i in range(n)],
+                 collect_hidden="resid_pre" in sites, collect_outputs=bool({"attn_out", "mlp_out"} & set(sites)),
+                 collect_z="z" in sites)
+        acts = {"resid_pre": (out.hidden_states or ())[:n], "attn_out": out.attn_out, "mlp_out": out.mlp_out,
+                "z": out.z}
+        h = jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+        p = jax.nn.softmax(lm.unembed(h).astype(jnp.float32), axis=-1)[jnp.arange(b), token]  # [B]
+        return p.sum(), {s: jnp.stack(acts[s]) for s in sites}  # rows are independent: d sum / d row b = d p_b
+
+    grads, target = jax.grad(prob, has_aux=True)(zeros)
+    return {s: jnp.moveaxis(((source[s] - target[s]).astype(jnp.float32) * grads[s]).sum(-1), 0, 1) for s in sites}
+
+
+@nnx.jit(graph=False)
+def _image_features(module: Llava, crops):
+    return module.image_features(crops)
 
 
 def _regions(inputs) -> list | None:

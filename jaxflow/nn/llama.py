@@ -19,6 +19,7 @@ from flax import nnx
 from jaxflow.config import TextConfig
 from jaxflow.knockout import KnockoutMasks
 from jaxflow.nn.layers import Embed, Linear, RMSNorm
+from jaxflow.patching import SiteEdit
 
 NEG = jnp.finfo(jnp.float32).min
 
@@ -69,7 +70,7 @@ class LlamaAttention(nnx.Module):
         k = apply_rope(self.k_proj(x).reshape(b, t, kvh, hd), cos, sin).transpose(0, 2, 1, 3)
         return k, self.v_proj(x).reshape(b, t, kvh, hd).transpose(0, 2, 1, 3)
 
-    def __call__(self, x, cos, sin, mask, prefix=(), write_at=None):
+    def __call__(self, x, cos, sin, mask, prefix=(), write_at=None, z_edit: SiteEdit | None = None):
         """x [B, Tq, D]; mask [B, 1|H, Tq, Tq] True = may attend, over this call's own keys.
 
         prefix: blocks (k, v, mask) of earlier positions (a KV cache, an uncut run's keys): k, v
@@ -77,8 +78,9 @@ class LlamaAttention(nnx.Module):
         (S = sum Sp + Tq), computed block by block so that neither scores nor keys are concatenated.
         write_at: the one query's (Tq = 1) key and value are first written into the last prefix block (a KV
         cache) at that slot, which its mask must allow; no own block is added then.
-        Returns out [B, Tq, D], weights [B, H, Tq, S] and this call's own (k, v) [B, K, Tq, hd] (with
-        write_at, the updated last block's (k, v)).
+        z_edit: an edit of the per-head outputs before o_proj (a patch of "z").
+        Returns out [B, Tq, D], weights [B, H, Tq, S], this call's own (k, v) [B, K, Tq, hd] (with
+        write_at, the updated last block's (k, v)) and the per-head outputs z [B, Tq, H, hd] (edited).
         """
         b, t, _ = x.shape
         h, hd = self.num_heads, self.head_dim
@@ -91,7 +93,9 @@ class LlamaAttention(nnx.Module):
             k, v = (jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), write_at, axis=2)
                     for c, n in ((kc, k), (vc, v)))
             out, weights = attention(q, [*earlier, (k, v, mc)], own=False)
-        return self.o_proj(out.reshape(b, t, h * hd).astype(x.dtype)), weights.astype(x.dtype), (k, v)
+        if z_edit is not None:
+            out = z_edit(out)  # [B, Tq, H, hd]
+        return self.o_proj(out.reshape(b, t, h * hd).astype(x.dtype)), weights.astype(x.dtype), (k, v), out
 
 
 def score_tile() -> int | None:
@@ -174,14 +178,21 @@ class LlamaLayer(nnx.Module):
         self.up_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "mlp"))
         self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs, axes=("mlp", "embed"))
 
-    def __call__(self, x, cos, sin, mask, prefix=(), write_at=None):
-        """x [B, Tq, D] -> (x out, attention weights, (k, v), attn_out, mlp_out): attn_out and mlp_out [B, Tq, D]
-        are what the attention (after o_proj) and the MLP add to the residual stream."""
-        attn, weights, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix, write_at)
+    def __call__(self, x, cos, sin, mask, prefix=(), write_at=None, edits: dict[str, SiteEdit] | None = None):
+        """x [B, Tq, D] -> (x out, attention weights, (k, v), attn_out, mlp_out, z): attn_out and mlp_out [B, Tq, D]
+        are what the attention (after o_proj) and the MLP add to the residual stream, z [B, Tq, H, hd] the per-head
+        attention outputs. edits: site ("attn_out", "mlp_out", "z") -> SiteEdit, applied where the site is
+        computed ("resid_pre" is x: the caller edits it)."""
+        edits = edits or {}
+        attn, weights, kv, z = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix, write_at, edits.get("z"))
+        if "attn_out" in edits:
+            attn = edits["attn_out"](attn)
         x = x + attn
         h = self.post_attention_layernorm(x)
         mlp = self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
-        return x + mlp, weights, kv, attn, mlp
+        if "mlp_out" in edits:
+            mlp = edits["mlp_out"](mlp)
+        return x + mlp, weights, kv, attn, mlp, z
 
 
 @dataclasses.dataclass
@@ -196,6 +207,7 @@ class DecoderOutput:
     # the updated cache blocks, L x [B, K, S, hd])
     attn_out: tuple[jax.Array, ...] | None = None  # L x [B, Tq, D]: each attention's output after o_proj
     mlp_out: tuple[jax.Array, ...] | None = None  # L x [B, Tq, D]: each MLP's output
+    z: tuple[jax.Array, ...] | None = None  # L x [B, Tq, H, hd]: each attention's per-head output before o_proj
 
 
 class LlamaModel(nnx.Module):
@@ -232,25 +244,30 @@ class LlamaModel(nnx.Module):
         return rope_tables(q_pos, self.cfg.head_dim, self.cfg.rope_theta), own[:, None], pre
 
     def __call__(self, x, q_pos, valid, *, prefix: Sequence[KVCache] = (), knock: KnockoutMasks | None = None,
-                 write_at=None, collect_hidden=False, collect_attn=False, collect_kv=False,
-                 collect_outputs=False) -> DecoderOutput:
+                 write_at=None, edits: Sequence[dict[str, SiteEdit]] | None = None, collect_hidden=False,
+                 collect_attn=False, collect_kv=False, collect_outputs=False, collect_z=False) -> DecoderOutput:
         """x [B, Tq, D] input embeddings at positions q_pos [B, Tq]; valid [B, Tq] False for padding.
 
         Queries attend to the `prefix` blocks (keys of earlier positions: a prompt's keys, a KV cache) and to
         their own keys, under causality and validity; a knockout additionally cuts edges per layer.
         write_at (KV-cache decoding, Tq = 1): each layer first writes the query's key and value into the last
         prefix block at that slot (its `valid` must include it), then attends; `kv` returns the updated blocks.
+        edits: per layer, site -> SiteEdit (patches, attribution offsets); "resid_pre" edits the layer's input, so
+        the collected hidden state is the edited one.
         """
         if write_at is not None and x.shape[1] != 1:
             raise ValueError(f"write_at: one query position per call, got {x.shape[1]}")
         (cos, sin), own, pre = self.masks(q_pos, valid, prefix)
-        states, attns, ks, vs, attn_outs, mlp_outs = [x], [], [], [], [], []
+        states, attns, ks, vs, attn_outs, mlp_outs, zs = [], [], [], [], [], [], []
         for i, layer in enumerate(self.layers):
             mask = own if knock is None else own & ~knock.cut(i, q_pos, q_pos)
             blocks = [(c.k[i], c.v[i], m if knock is None else m & ~knock.cut(i, q_pos, c.pos))
                       for c, m in zip(prefix, pre, strict=True)]
-            x, weights, (k, v), attn_out, mlp_out = layer(x, cos, sin, mask, blocks, write_at)
+            edit = {} if edits is None else dict(edits[i])
+            if "resid_pre" in edit:
+                x = edit.pop("resid_pre")(x)
             states.append(x)
+            x, weights, (k, v), attn_out, mlp_out, z = layer(x, cos, sin, mask, blocks, write_at, edit)
             if collect_outputs:
                 attn_outs.append(attn_out)
                 mlp_outs.append(mlp_out)
@@ -259,6 +276,9 @@ class LlamaModel(nnx.Module):
             if collect_kv:
                 ks.append(k)
                 vs.append(v)
+            if collect_z:
+                zs.append(z)
+        states.append(x)
         return DecoderOutput(
             hidden=self.norm(x),
             hidden_states=tuple(states) if collect_hidden else None,
@@ -266,4 +286,5 @@ class LlamaModel(nnx.Module):
             kv=(tuple(ks), tuple(vs)) if collect_kv else None,
             attn_out=tuple(attn_outs) if collect_outputs else None,
             mlp_out=tuple(mlp_outs) if collect_outputs else None,
+            z=tuple(zs) if collect_z else None,
         )

@@ -14,6 +14,10 @@ knockout configuration:
   0-4, 0-5, ... of one flow run as one row through layers 0-4), so no compute is spent below a
   window, past a suffix, or twice on the same states. The last layer runs only the last
   position's query (the answer's), over the suffix's keys.
+
+Activation patches (`PatchMasks`, with the source run's activations) ride along with the knockouts: a patch at
+layer l on positions P changes nothing before min(P) nor below layer l, so it starts its configuration's suffix
+and window there just as a cut does; configuration k applies knockout k and patch k.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ from flax import nnx
 
 from jaxflow import sharding
 from jaxflow.knockout import KnockoutMasks
-from jaxflow.model import ModelInputs, Prefill, prefill_forward
+from jaxflow.model import ModelInputs, Prefill, embed_inputs, patch_edits, prefill_forward
 from jaxflow.nn.llama import KVCache
 from jaxflow.nn.llava import Llava
+from jaxflow.patching import PatchMasks
 
 
 @contextlib.contextmanager
@@ -69,22 +74,26 @@ def _answer_prob(lm, h, token):
     return jnp.take_along_axis(probs, idx, axis=-1)[..., 0], jnp.argmax(probs, axis=-1)
 
 
-def base_run(module: Llava, inputs: ModelInputs, last) -> BaseRun:
-    """The uncut forward with hidden states, keys and values; the prefill that `Model.generate` continues from."""
-    return prefill_forward(module, inputs, jnp.asarray(last), collect_hidden=True)
+def base_run(module: Llava, inputs: ModelInputs, last, offset=None) -> BaseRun:
+    """The uncut forward with hidden states, keys and values; the prefill that `Model.generate` continues from.
+    offset [B, T, D]: added to the input embeddings (a `Noise` on the target)."""
+    return prefill_forward(module, inputs, jnp.asarray(last), collect_hidden=True, offset=offset)
 
 
 @nnx.jit(graph=False)
-def knockout_full(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token):
-    """knock with a leading axis K -> (p [K, B], top1 [K, B]) by full recomputation."""
+def knockout_full(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token,
+                  patch: PatchMasks | None = None, source: dict | None = None, offset=None):
+    """knock (and patch, from `source`'s activations site -> [L, B, T, ...]) with a leading axis K -> (p [K, B],
+    top1 [K, B]) by full recomputation; offset [B, T, D] is added to the input embeddings."""
     lm = module.language_model
-    x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index, inputs.taps, inputs.tap_weights)
+    x = embed_inputs(module, inputs, offset)
+    slots = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # [B, T]
 
-    def one(k):
-        out = lm(x, inputs.position_ids, inputs.attention_mask, knock=k)
+    def one(k, p):
+        out = lm(x, inputs.position_ids, inputs.attention_mask, knock=k, edits=patch_edits(lm, p, source, slots))
         return _answer_prob(lm, _at_last(out.hidden, last), token)
 
-    return jax.vmap(one)(knock)
+    return jax.vmap(one)(knock, patch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,21 +114,26 @@ class RowPlan:
         return tuple(self.reps[:len(p)] for p in self.parents)
 
 
-def share_rows(knock: KnockoutMasks, starts: np.ndarray, t0: np.ndarray) -> RowPlan:
+def share_rows(knock: KnockoutMasks, starts: np.ndarray, t0: np.ndarray, patch: PatchMasks | None = None) -> RowPlan:
     """Host side: configurations (window starts `starts` [K], suffix starts t0 [K, B]) share a row while
-    they started at the same layer and position and cut the same edges (source, target, heads) in every
-    layer so far; a row forks where its configurations' cuts first differ."""
+    they started at the same layer and position and cut the same edges (source, target, heads) and patch the
+    same activations (site, positions, heads) in every layer so far; a row forks where they first differ."""
     layers = np.asarray(knock.layers)
     arrays = [np.asarray(a) for a in (knock.source, knock.target, knock.heads)]
     ids, origins = {}, {}  # equal ids: the same edges where they cut; the same start layer and positions
     cut = [ids.setdefault(tuple(a[c].tobytes() for a in arrays), len(ids)) for c in range(len(starts))]
     origin = [origins.setdefault((int(starts[c]), t0[c].tobytes()), len(origins)) for c in range(len(starts))]
+    patched, what = np.zeros_like(layers), [0] * len(starts)
+    if patch is not None:
+        patched = np.asarray(patch.layers)
+        arrays = [np.asarray(a) for a in (patch.site, patch.positions, patch.heads)]
+        what = [ids.setdefault(tuple(a[c].tobytes() for a in arrays), len(ids)) for c in range(len(starts))]
     members: list[list[int]] = []  # the configurations of each row; members[r][0] is its representative
     parents = []
     for layer in range(layers.shape[1]):
 
         def edges(c, layer=layer):
-            return cut[c] if layers[c, layer] else -1
+            return cut[c] if layers[c, layer] else -1, what[c] if patched[c, layer] else -1
 
         kept, forks = [], []
         for i, group in enumerate(members):
@@ -148,12 +162,12 @@ def _take(a, idx: np.ndarray):
 
 @functools.partial(nnx.jit, graph=False, static_argnames=("plan",))
 def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMasks, q_pos, q_valid, last_in_suffix,
-                         token, plan: RowPlan):
+                         token, plan: RowPlan, patch: PatchMasks | None = None, source: dict | None = None):
     """Exact partial recomputation (see the module docstring).
 
-    knock: K configurations run in the rows of `plan` (`share_rows`); q_pos, q_valid [K, B, S]: the
-    suffix positions each configuration recomputes (q_pos[..., 0] = t0); last_in_suffix [K, B]: index of
-    the last position within the suffix; valid [B, T].
+    knock (and patch, from `source`'s activations site -> [L, B, T, ...]): K configurations run in the rows of
+    `plan` (`share_rows`); q_pos, q_valid [K, B, S]: the suffix positions each configuration recomputes
+    (q_pos[..., 0] = t0); last_in_suffix [K, B]: index of the last position within the suffix; valid [B, T].
     """
     lm = module.language_model
     t = valid.shape[1]
@@ -174,13 +188,16 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
             parts.append(jnp.take_along_axis(base.hidden[layer_idx][None], _take(q_pos, new)[..., None], axis=2))
         x = parts[0] if len(parts) == 1 else jnp.concatenate(parts)  # [rows, B, S, D]
 
-        def one(xk, qk, qvk, kk, lk, layer_idx=layer_idx, layer=layer):
+        def one(xk, qk, qvk, kk, lk, pk, layer_idx=layer_idx, layer=layer):
+            edits = {} if pk is None else pk.edits(layer_idx, qk, source)  # site -> SiteEdit over [B, S]
+            if "resid_pre" in edits:
+                xk = edits.pop("resid_pre")(xk)
             (cos, sin), own, (pre,) = lm.masks(qk, qvk, [KVCache(None, None, slots, valid & (slots < qk[:, :1]))])
             own = own & ~kk.cut(layer_idx, qk, qk)  # [B, H, S, S]: causal within the suffix
             pre = pre & ~kk.cut(layer_idx, qk, slots)  # [B, H, S, T]: the uncut run's keys before t0
             k_base, v_base = base.k[layer_idx], base.v[layer_idx]
             if layer_idx < len(lm.layers) - 1 or xk.shape[1] == 1:
-                return layer(xk, cos, sin, own, [(k_base, v_base, pre)])[0]
+                return layer(xk, cos, sin, own, [(k_base, v_base, pre)], edits=edits)[0]
             # the last layer matters only at the last position: its query alone, the suffix's keys before it
             # as a second prefix block (the rows after the last are padding, masked by `own`)
             at = lambda a: jnp.take_along_axis(a, lk[:, None, None], axis=1)  # [B, S, X] -> [B, 1, X]  # noqa: E731
@@ -189,11 +206,14 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
             before = row(own) & (jnp.arange(xk.shape[1]) < lk[:, None])[:, None, None]  # [B, H, 1, S]
             q_last = jnp.take_along_axis(qk, lk[:, None], axis=1)  # [B, 1]
             self_edge = ~kk.cut(layer_idx, q_last, q_last)  # [B, H, 1, 1]: the last position's own key
-            out = layer(at(xk), at(cos), at(sin), self_edge, [(k_base, v_base, row(pre)), (k, v, before)])[0]
+            edits = jax.tree.map(lambda a: a[jnp.arange(a.shape[0]), lk][:, None], edits)  # at the last position
+            out = layer(at(xk), at(cos), at(sin), self_edge, [(k_base, v_base, row(pre)), (k, v, before)],
+                        edits=edits)[0]
             return jnp.broadcast_to(out, xk.shape)  # [B, S, D]: only the last row is read
 
-        sub, qk, qvk, lk = jax.tree.map(lambda a, reps=reps: _take(a, reps), (knock, q_pos, q_valid, last_in_suffix))
-        x = jax.vmap(one)(x, qk, qvk, sub, lk)
+        sub, qk, qvk, lk, pk = jax.tree.map(lambda a, reps=reps: _take(a, reps),
+                                            (knock, q_pos, q_valid, last_in_suffix, patch))
+        x = jax.vmap(one)(x, qk, qvk, sub, lk, pk)
     x = _take(x, np.asarray(plan.out, int))  # [K, B, S, D]
     h = jnp.take_along_axis(x, last_in_suffix[..., None, None], axis=2)[:, :, 0]  # [K, B, D]
     return _answer_prob(lm, lm.norm(h), token)
@@ -213,16 +233,18 @@ def logit_lens(module: Llava, hidden, last, tokens):
     return jnp.stack([probs(h), probs(lm.norm(h))])
 
 
-def window_starts(knock: KnockoutMasks) -> np.ndarray:
-    """First cut layer of each configuration [K] (num_layers for a configuration that cuts nothing)."""
-    layers = np.asarray(knock.layers)
+def window_starts(knock: KnockoutMasks, patch: PatchMasks | None = None) -> np.ndarray:
+    """First cut (or patched) layer of each configuration [K] (num_layers for one that changes nothing)."""
+    layers = np.asarray(knock.layers) | (False if patch is None else np.asarray(patch.layers))
     return np.where(layers.any(-1), layers.argmax(-1), layers.shape[-1])
 
 
-def suffix_starts(knock: KnockoutMasks, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Host side: t0 [K, B], the first position each configuration changes (its first target; the last
-    position when it targets nothing), and span [K], the positions it recomputes (max over the batch)."""
-    target = np.asarray(knock.target)  # [K, B, T]
+def suffix_starts(knock: KnockoutMasks, lengths: np.ndarray,
+                  patch: PatchMasks | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Host side: t0 [K, B], the first position each configuration changes (its first target or patched
+    position; the last position when it has none), and span [K], the positions it recomputes (max over the
+    batch)."""
+    target = np.asarray(knock.target) | (False if patch is None else np.asarray(patch.positions))  # [K, B, T]
     last = lengths - 1
     t0 = np.minimum(np.where(target.any(-1), target.argmax(-1), last[None]), last[None])
     return t0, (last[None] - t0).max(axis=1) + 1
@@ -283,34 +305,50 @@ def _chunks(k: int, chunk: int):
         yield np.minimum(idx, k - 1), min(chunk, k - start)  # pad the last chunk: one shape, one compile
 
 
-def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token, *, method="incremental",
-                   chunk: int | None = None, budget: int | None = None, base: BaseRun | None = None,
-                   mesh: jax.sharding.Mesh | None = None):
+def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks | None, last, token, *,
+                   method="incremental", chunk: int | None = None, budget: int | None = None,
+                   base: BaseRun | None = None, mesh: jax.sharding.Mesh | None = None,
+                   patch: PatchMasks | None = None, source: dict | None = None, offset=None):
     """p(token) and top-1 under each of K configurations: arrays [K, B] (numpy).
 
-    knock: KnockoutMasks with leading axis K (no dense masks). The incremental method runs the
+    knock: KnockoutMasks with leading axis K (no dense masks), or None with K patches. patch: PatchMasks with
+    leading axis K (`Model.interventions` pairs it with knock), replacing activations by `source`'s (site -> [L,
+    B, T, ...], `Model.source_activations`); offset [B, T, D]: added to the target's input embeddings (a `Noise`;
+    a given `base` must be that run's). The incremental method runs the
     configurations grouped by suffix bucket; `chunk` bounds how many run at once (default: as many of a
     group as fit `budget` bytes, see `auto_chunk`);
     `base` is reused by the incremental method. With a mesh, each call's configurations are
     split over its `data` axis (the parameters carry their own `model` sharding).
     """
+    if knock is None:
+        knock = uncut(patch, module.cfg.text.num_heads)
     if knock.dense is not None:
         raise ValueError("knockouts: sweeps take compact knockouts only (no DenseKnockout)")
     k = np.asarray(knock.layers).shape[0]
+    more = {"patch": patch, "source": source, "offset": offset}
     if method == "incremental":
         call = knockout_incremental
-        calls = incremental_calls(module, inputs, knock, last, token, chunk=chunk, budget=budget, base=base, mesh=mesh)
+        calls = incremental_calls(module, inputs, knock, last, token, chunk=chunk, budget=budget, base=base, mesh=mesh,
+                                  **more)
     elif method == "full":
         call = knockout_full
-        calls = full_calls(module, inputs, knock, last, token, chunk=chunk, budget=budget, mesh=mesh)
+        calls = full_calls(module, inputs, knock, last, token, chunk=chunk, budget=budget, mesh=mesh, **more)
     else:
         raise ValueError(f"method: {method!r} is not 'full' or 'incremental'")
     pending = [(sel, *call(*args)) for sel, args in calls]  # all queued before any is read: no host sync between
     return _gather(pending, k, len(token))
 
 
+def uncut(patch: PatchMasks, num_heads: int) -> KnockoutMasks:
+    """KnockoutMasks that cut nothing, one per configuration of `patch`."""
+    k, b, t = np.asarray(patch.positions).shape
+    empty = np.zeros((k, b, t), bool)
+    return KnockoutMasks(empty, empty, np.zeros_like(np.asarray(patch.layers)), np.zeros((k, num_heads), bool))
+
+
 def full_calls(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token, *, chunk: int | None = None,
-               budget: int | None = None, mesh: jax.sharding.Mesh | None = None):
+               budget: int | None = None, mesh: jax.sharding.Mesh | None = None, patch: PatchMasks | None = None,
+               source: dict | None = None, offset=None):
     """The `knockout_full` calls of `knockout_probs(method="full")`, as `incremental_calls` gives them."""
     k = np.asarray(knock.layers).shape[0]
     last, token = sharding.replicate((jnp.asarray(last), jnp.asarray(token)), mesh)
@@ -318,24 +356,26 @@ def full_calls(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, t
     b, t = inputs.input_ids.shape
     chunk = _round_up(chunk or auto_chunk(module, b, t, None, k, budget), data)
     for idx, n in _chunks(k, chunk):
-        sub = sharding.shard_leading(jax.tree.map(lambda a, idx=idx: np.asarray(a)[idx], knock), mesh)
-        yield idx[:n], (module, inputs, sub, last, token)
+        sub, sub_patch = sharding.shard_leading(jax.tree.map(lambda a, idx=idx: np.asarray(a)[idx], (knock, patch)),
+                                                mesh)
+        yield idx[:n], (module, inputs, sub, last, token, sub_patch, source, offset)
 
 
 def incremental_calls(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token, *,
                       chunk: int | None = None, budget: int | None = None, base: BaseRun | None = None,
-                      mesh: jax.sharding.Mesh | None = None):
+                      mesh: jax.sharding.Mesh | None = None, patch: PatchMasks | None = None,
+                      source: dict | None = None, offset=None):
     """The `knockout_incremental` calls of `knockout_probs(method="incremental")`, in order: yields
     (configurations [n] the call answers for, its arguments). Its first n result rows are theirs."""
     last, token = sharding.replicate((jnp.asarray(last), jnp.asarray(token)), mesh)
     data = 1 if mesh is None else mesh.shape["data"]
     b, t = inputs.input_ids.shape
     if base is None:
-        base = base_run(module, inputs, last)
+        base = base_run(module, inputs, last, offset)
     lengths = np.asarray(last) + 1
     num_layers = np.asarray(knock.layers).shape[-1]
-    starts = np.minimum(window_starts(knock), num_layers - 1)
-    t0, spans = suffix_starts(knock, lengths)
+    starts = np.minimum(window_starts(knock, patch), num_layers - 1)
+    t0, spans = suffix_starts(knock, lengths, patch)
     sizes = np.array([suffix_bucket(int(span), t) for span in spans])
     for size in np.unique(sizes):  # one group per suffix bucket, sorted by window start within (rows: mostly slices)
         group = np.flatnonzero(sizes == size)
@@ -343,10 +383,11 @@ def incremental_calls(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, 
         n_chunk = _round_up(chunk or auto_chunk(module, b, t, int(size), len(group), budget), data)
         for idx, n in _chunks(len(group), n_chunk):
             sel = group[idx]
-            sub = jax.tree.map(lambda a, sel=sel: np.asarray(a)[sel], knock)
-            suffix = sharding.shard_leading((sub, *suffix_plan(t0[sel], lengths, int(size), t)), mesh)
-            rows = share_rows(sub, starts[sel], t0[sel])
-            yield sel[:n], (module, base, inputs.attention_mask, *suffix, token, rows)
+            sub, sub_patch = jax.tree.map(lambda a, sel=sel: np.asarray(a)[sel], (knock, patch))
+            rows = share_rows(sub, starts[sel], t0[sel], sub_patch)
+            sub, sub_patch, *suffix = sharding.shard_leading((sub, sub_patch, *suffix_plan(t0[sel], lengths, int(size),
+                                                                                           t)), mesh)
+            yield sel[:n], (module, base, inputs.attention_mask, sub, *suffix, token, rows, sub_patch, source)
 
 
 def _gather(pending, k: int, b: int):
