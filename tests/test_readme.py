@@ -18,7 +18,8 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_the_python_section_runs_as_written(tmp_path, monkeypatch):
-    """The README's Python block, executed as a user would paste it (toy model converted into a fresh cache)."""
+    """The README's Python blocks, executed in order as a user would paste them (toy model converted into a fresh
+    cache)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,6 +28,10 @@ def test_the_python_section_runs_as_written(tmp_path, monkeypatch):
     assert blocks, "README.md has no Python block"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("JAXFLOW_CACHE", str(tmp_path / "cache"))
-    exec(compile(blocks[0], "README.md", "exec"), {"__name__": "__readme__"})
+    names = {"__name__": "__readme__"}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), names)
     for picture in ("attention.png", "patches.png"):
         assert (tmp_path / picture).stat().st_size > 10_000, picture
+    if "restored" in names:  # the patching block
+        assert names["restored"].shape[0] == names["layers"]
