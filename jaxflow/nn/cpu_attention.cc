@@ -1,15 +1,17 @@
 // Fused softmax attention for float32 on CPU: an XLA FFI handler (loaded by cpu_attention.py).
 //
-// q [N, Tq, H, hd], kt [N, K, hd, S] (keys transposed), v [N, K, S, hd], mask [N, M, Tq, S] (M = 1 or H, true =
-// may attend) -> out [N, Tq, H, hd], top and total [N, H, Tq]: per query row the max score and the sum of
-// exp(score - top), from which the weights exp(score - top) / total can be recomputed. Query head h reads key
-// head h / (H / K); hd is a multiple of the vector width (the caller pads it); N may be several leading dims.
+// q [N, Tq, H, hd], kt [N, K, ceil(S / CH), hd, CH] (the keys transposed in chunks of CH, zero-padded),
+// v [N, K, S, hd], mask [N, M, Tq, S] (M = 1 or H, true = may attend) -> out [N, Tq, H, hd], top and total
+// [N, H, Tq]: per query row the max score and the sum of exp(score - top), from which the weights
+// exp(score - top) / total can be recomputed. Query head h reads key head h / (H / K); hd is a multiple of the
+// vector width (the caller pads it); N may be several leading dims.
 //
-// A work item is a group of MR query rows of one (n, h). It walks the keys in blocks of KB (aligned at key 0)
-// with an online softmax and skips each chunk of CH keys that the mask closes for every row of the group, so a
-// causal mask costs half and a cut costs nothing. Masked scores are -inf and add exact zeros: a row's result does
-// not depend on which other rows share its group, its call or its thread. A row that may attend to no key gets
-// the mean of all values, as a softmax over equal scores gives: top = the float32 minimum, total = S.
+// A work item is a block of GB groups of MR query rows of one (n, h). It walks the keys in blocks of KB (aligned
+// at key 0) with an online softmax per row, and each group skips the chunks of CH keys that the mask closes for
+// all its rows, so a causal mask costs half and a cut costs nothing. Masked scores are -inf and add exact zeros:
+// a row's result does not depend on which other rows share its group, its call or its thread. A row that may
+// attend to no key gets the mean of all values, as a softmax over equal scores gives: top = the float32 minimum,
+// total = S.
 
 #include <algorithm>
 #include <atomic>
@@ -37,6 +39,7 @@ constexpr int W = JF_LANES;        // floats per vector
 constexpr int MR = W == 16 ? 8 : 4;  // query rows per micro-kernel: MR x 2 accumulators fit the registers
 constexpr int CH = 2 * W;          // keys per chunk: the unit of mask skipping and of the score micro-kernel
 constexpr int KB = 4 * CH;         // keys per online-softmax block
+constexpr int GB = 4;              // groups of MR rows per work item: they share each key block while it is cached
 typedef float vf __attribute__((vector_size(4 * JF_LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * JF_LANES)));
 typedef uint8_t vb __attribute__((vector_size(JF_LANES)));
@@ -82,23 +85,43 @@ struct Problem {
   float* total;
   int64_t n, tq, h, kh, hd, s, m;
   float scale;
-  int64_t groups;  // ceil(tq / MR)
+  int64_t blocks;  // row blocks: ceil(tq / (GB MR))
 };
 
 struct Scratch {  // one worker's buffers
-  std::vector<float> q, o, p, kt_tail;  // [MR, hd], [MR, hd], [MR, KB], [hd, CH]
-  std::vector<uint8_t> mask_tail;       // [MR, CH]
+  std::vector<float> q, o, p;         // [GB, hd, MR] (transposed), [GB, MR, hd], [MR, KB]
+  std::vector<uint8_t> mask_tail;     // [GB MR, CH]: the last partial chunk's mask, zero-padded
+  float top[GB * MR], total[GB * MR];
   explicit Scratch(const Problem& pr)
-      : q(MR * pr.hd), o(MR * pr.hd), p(MR * KB), kt_tail(pr.hd * CH), mask_tail(MR * CH) {}
+      : q(GB * pr.hd * MR), o(GB * MR * pr.hd), p(MR * KB), mask_tail(GB * MR * CH) {}
 };
 
-// acc[r] = q[r] . kt[:, 0:CH] for the MR rows of q [MR, hd]; kt rows are ldk apart.
-inline void scores(const float* q, const float* kt, int64_t ldk, int64_t hd, vf acc[MR][2]) {
+inline float hmax(vf x) {  // a tree of lane shuffles
+  for (int w = W / 2; w > 0; w /= 2) {
+    vi idx;
+    for (int i = 0; i < W; ++i) idx[i] = (i + w) % W;
+    const vf y = __builtin_shuffle(x, idx);
+    x = x > y ? x : y;
+  }
+  return x[0];
+}
+
+inline float hsum(vf x) {
+  for (int w = W / 2; w > 0; w /= 2) {
+    vi idx;
+    for (int i = 0; i < W; ++i) idx[i] = (i + w) % W;
+    x += __builtin_shuffle(x, idx);
+  }
+  return x[0];
+}
+
+// acc[r] = q[:, r] . kt[:, 0:CH] for the MR rows of q [hd, MR] and one chunk of keys kt [hd, CH].
+inline void scores(const float* q, const float* kt, int64_t hd, vf acc[MR][2]) {
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = vf{};
   for (int64_t d = 0; d < hd; ++d) {
-    const vf k0 = load(kt + d * ldk), k1 = load(kt + d * ldk + W);
+    const vf k0 = load(kt + d * CH), k1 = load(kt + d * CH + W);
     for (int r = 0; r < MR; ++r) {
-      const float x = q[r * hd + d];
+      const float x = q[d * MR + r];
       acc[r][0] += x * k0;
       acc[r][1] += x * k1;
     }
@@ -138,108 +161,113 @@ bool any(const uint8_t* m) {
   return bits != 0;
 }
 
-// Item -> (row group, n, h): the last row groups, which a causal mask makes the longest, come first.
+// One key block for one group of MR rows: scores of the live chunks into p, the online softmax (p = exp(score -
+// new top), total and o rescaled by exp(old top - new top)), then o += p v.
+void group_block(const Problem& pr, Scratch& sc, int gi, const uint8_t* const* mrow, const float* kt,
+                 const float* v, int64_t b0) {
+  const int64_t hd = pr.hd, whole = pr.s / CH * CH, keys = std::min<int64_t>(KB, pr.s - b0);
+  float* p = sc.p.data();
+  int live[KB / CH], nlive = 0;  // offsets within the block of the chunks that some row may attend to
+  for (int64_t j0 = b0; j0 < b0 + keys; j0 += CH) {
+    const uint8_t* mk[MR];
+    bool open = false;
+    for (int r = 0; r < MR; ++r) {
+      mk[r] = j0 == whole ? sc.mask_tail.data() + (gi * MR + r) * CH : mrow[r] + j0;
+      open = open || any(mk[r]);
+    }
+    if (!open) continue;
+    vf acc[MR][2];
+    scores(sc.q.data() + gi * hd * MR, kt + j0 * hd, hd, acc);
+    const int64_t c = j0 - b0;
+    for (int r = 0; r < MR; ++r)
+      for (int i = 0; i < 2; ++i) {
+        vb bytes;
+        std::memcpy(&bytes, mk[r] + i * W, W);
+        const vi allowed = __builtin_convertvector(bytes, vi) != 0;
+        store(p + r * KB + c + i * W, allowed ? acc[r][i] * pr.scale : splat(-INF));
+      }
+    live[nlive++] = static_cast<int>(c);
+  }
+  if (!nlive) return;
+  float* top = sc.top + gi * MR;
+  float* total = sc.total + gi * MR;
+  vf old = splat(0.0f), sub = splat(0.0f);
+  for (int r = 0; r < MR; ++r) {
+    vf mx = splat(-INF);
+    for (int c = 0; c < nlive; ++c)
+      for (int i = 0; i < 2; ++i) {
+        const vf x = load(p + r * KB + live[c] + i * W);
+        mx = x > mx ? x : mx;
+      }
+    old[r] = top[r];
+    top[r] = std::max(top[r], hmax(mx));
+    sub[r] = top[r] == -INF ? 0.0f : top[r];  // no key yet: p = exp(-inf) = 0 and alpha = 0
+  }
+  const vf alpha = vexp(old - sub);
+  for (int r = 0; r < MR; ++r) {
+    vf sum = vf{};
+    for (int c = 0; c < nlive; ++c)
+      for (int i = 0; i < 2; ++i) {
+        float* x = p + r * KB + live[c] + i * W;
+        const vf e = vexp(load(x) - sub[r]);
+        store(x, e);
+        sum += e;
+      }
+    total[r] = total[r] * alpha[r] + hsum(sum);
+  }
+  float a[W];
+  store(a, alpha);
+  float* o = sc.o.data() + gi * MR * hd;
+  int64_t d0 = 0;
+  for (; d0 + 2 * W <= hd; d0 += 2 * W) values<2>(o, hd, d0, a, p, live, nlive, v + b0 * hd, keys);
+  if (d0 < hd) values<1>(o, hd, d0, a, p, live, nlive, v + b0 * hd, keys);
+}
+
+// Item -> (row block, n, h): the last row blocks, which a causal mask makes the longest, come first. The GB groups
+// of a row block take each key block in turn, while it is in cache.
 void run_item(const Problem& pr, int64_t item, Scratch& sc) {
-  const int64_t nh = item % (pr.n * pr.h), g = pr.groups - 1 - item / (pr.n * pr.h);
+  const int64_t nh = item % (pr.n * pr.h), t0 = (pr.blocks - 1 - item / (pr.n * pr.h)) * GB * MR;
   const int64_t n = nh / pr.h, head = nh % pr.h, kvh = head / (pr.h / pr.kh);
-  const int64_t hd = pr.hd, s = pr.s, t0 = g * MR, rows = std::min<int64_t>(MR, pr.tq - t0);
-  const float* kt = pr.kt + (n * pr.kh + kvh) * hd * s;
+  const int64_t hd = pr.hd, s = pr.s, rows = std::min<int64_t>(GB * MR, pr.tq - t0);
+  const int groups = static_cast<int>((rows + MR - 1) / MR);
+  const float* kt = pr.kt + (n * pr.kh + kvh) * hd * ((s + CH - 1) / CH * CH);
   const float* v = pr.v + (n * pr.kh + kvh) * s * hd;
   // rows past Tq repeat the last row: they change no chunk's liveness, and their results are dropped
-  const uint8_t* mrow[MR];
-  float* q = sc.q.data();
-  for (int r = 0; r < MR; ++r) {
-    const int64_t t = t0 + std::min<int64_t>(r, rows - 1);
+  const uint8_t* mrow[GB * MR];
+  for (int64_t r = 0; r < groups * MR; ++r) {
+    const int64_t t = t0 + std::min(r, rows - 1);
     mrow[r] = pr.mask + ((n * pr.m + (pr.m == 1 ? 0 : head)) * pr.tq + t) * s;
-    std::memcpy(q + r * hd, pr.q + ((n * pr.tq + t) * pr.h + head) * hd, hd * sizeof(float));
+    const float* qr = pr.q + ((n * pr.tq + t) * pr.h + head) * hd;
+    for (int64_t d = 0; d < hd; ++d) sc.q[(r / MR * hd + d) * MR + r % MR] = qr[d];
   }
-  const int64_t whole = s / CH * CH;  // keys in whole chunks; a last partial chunk reads zero-padded copies
+  const int64_t whole = s / CH * CH;
   if (whole < s) {
-    std::fill(sc.kt_tail.begin(), sc.kt_tail.end(), 0.0f);
     std::fill(sc.mask_tail.begin(), sc.mask_tail.end(), 0);
-    for (int64_t d = 0; d < hd; ++d) std::copy(kt + d * s + whole, kt + d * s + s, sc.kt_tail.data() + d * CH);
-    for (int r = 0; r < MR; ++r) std::copy(mrow[r] + whole, mrow[r] + s, sc.mask_tail.data() + r * CH);
+    for (int r = 0; r < groups * MR; ++r) std::copy(mrow[r] + whole, mrow[r] + s, sc.mask_tail.data() + r * CH);
   }
-  float* o = sc.o.data();
-  float* p = sc.p.data();
   std::fill(sc.o.begin(), sc.o.end(), 0.0f);
-  float top[MR], total[MR], alpha[MR];
-  std::fill(top, top + MR, -INF);
-  std::fill(total, total + MR, 0.0f);
-  for (int64_t b0 = 0; b0 < s; b0 += KB) {
-    int live[KB / CH], nlive = 0;  // chunk offsets within the block that some row may attend to
-    for (int64_t j0 = b0; j0 < std::min(b0 + KB, s); j0 += CH) {
-      const bool tail = j0 == whole;
-      const uint8_t* mk[MR];
-      bool open = false;
-      for (int r = 0; r < MR; ++r) {
-        mk[r] = tail ? sc.mask_tail.data() + r * CH : mrow[r] + j0;
-        open = open || any(mk[r]);
-      }
-      if (!open) continue;
-      vf acc[MR][2];
-      scores(q, tail ? sc.kt_tail.data() : kt + j0, tail ? CH : s, hd, acc);
-      const int64_t c = j0 - b0;
-      for (int r = 0; r < MR; ++r)
-        for (int i = 0; i < 2; ++i) {
-          vb bytes;
-          std::memcpy(&bytes, mk[r] + i * W, W);
-          const vi allowed = __builtin_convertvector(bytes, vi) != 0;
-          store(p + r * KB + c + i * W, allowed ? acc[r][i] * pr.scale : splat(-INF));
-        }
-      live[nlive++] = static_cast<int>(c);
-    }
-    if (!nlive) continue;
-    for (int r = 0; r < MR; ++r) {  // online softmax: p = exp(score - new top), rescale by exp(old - new top)
-      float* pr_ = p + r * KB;
-      vf mx = splat(-INF);
-      for (int c = 0; c < nlive; ++c)
-        for (int i = 0; i < 2; ++i) {
-          const vf x = load(pr_ + live[c] + i * W);
-          mx = x > mx ? x : mx;
-        }
-      float block_top = -INF;
-      for (int i = 0; i < W; ++i) block_top = std::max(block_top, mx[i]);
-      const float new_top = std::max(top[r], block_top);
-      const float sub = new_top == -INF ? 0.0f : new_top;  // no key yet: p = exp(-inf) = 0, alpha = 0
-      alpha[r] = std::exp(top[r] - sub);
-      vf sum = vf{};
-      for (int c = 0; c < nlive; ++c)
-        for (int i = 0; i < 2; ++i) {
-          const vf e = vexp(load(pr_ + live[c] + i * W) - sub);
-          store(pr_ + live[c] + i * W, e);
-          sum += e;
-        }
-      float block_sum = 0.0f;
-      for (int i = 0; i < W; ++i) block_sum += sum[i];
-      total[r] = total[r] * alpha[r] + block_sum;
-      top[r] = new_top;
-    }
-    const int64_t keys = std::min<int64_t>(KB, s - b0);
-    int64_t d0 = 0;
-    for (; d0 + 2 * W <= hd; d0 += 2 * W) values<2>(o, hd, d0, alpha, p, live, nlive, v + b0 * hd, keys);
-    if (d0 < hd) values<1>(o, hd, d0, alpha, p, live, nlive, v + b0 * hd, keys);
-  }
-  bool mean_needed = false;
-  for (int r = 0; r < rows; ++r) mean_needed = mean_needed || total[r] == 0.0f;
-  std::vector<float> mean;
-  if (mean_needed) {  // [hd]: the mean of all values
-    mean.assign(hd, 0.0f);
-    for (int64_t j = 0; j < s; ++j)
-      for (int64_t d = 0; d < hd; ++d) mean[d] += v[j * hd + d];
-    for (int64_t d = 0; d < hd; ++d) mean[d] /= static_cast<float>(s);
-  }
-  for (int r = 0; r < rows; ++r) {
+  std::fill(sc.top, sc.top + GB * MR, -INF);
+  std::fill(sc.total, sc.total + GB * MR, 0.0f);
+  for (int64_t b0 = 0; b0 < s; b0 += KB)
+    for (int gi = 0; gi < groups; ++gi) group_block(pr, sc, gi, mrow + gi * MR, kt, v, b0);
+  std::vector<float> mean;  // [hd]: the mean of all values, for rows that may attend to no key
+  for (int64_t r = 0; r < rows; ++r) {
     float* out = pr.out + ((n * pr.tq + t0 + r) * pr.h + head) * hd;
     const int64_t stat = (n * pr.h + head) * pr.tq + t0 + r;
-    if (total[r] == 0.0f) {
+    if (sc.total[r] == 0.0f) {
+      if (mean.empty()) {
+        mean.assign(hd, 0.0f);
+        for (int64_t j = 0; j < s; ++j)
+          for (int64_t d = 0; d < hd; ++d) mean[d] += v[j * hd + d];
+        for (int64_t d = 0; d < hd; ++d) mean[d] /= static_cast<float>(s);
+      }
       std::copy(mean.begin(), mean.end(), out);
       pr.top[stat] = std::numeric_limits<float>::lowest();
       pr.total[stat] = static_cast<float>(s);
     } else {
-      for (int64_t d = 0; d < hd; ++d) out[d] = o[r * hd + d] / total[r];
-      pr.top[stat] = top[r];
-      pr.total[stat] = total[r];
+      for (int64_t d = 0; d < hd; ++d) out[d] = sc.o[r * hd + d] / sc.total[r];
+      pr.top[stat] = sc.top[r];
+      pr.total[stat] = sc.total[r];
     }
   }
 }
@@ -267,7 +295,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   const auto qd = q.dimensions(), kd = kt.dimensions(), vd = v.dimensions(), md = mask.dimensions();
   if (qd.size() < 3) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cpu_attention: q's rank < 3");
   const size_t lead = qd.size() - 3;
-  if (kd.size() != lead + 3 || vd.size() != lead + 3 || md.size() != lead + 3)
+  if (kd.size() != lead + 4 || vd.size() != lead + 3 || md.size() != lead + 3)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cpu_attention: ranks do not match");
   int64_t n = 1;
   for (size_t i = 0; i < lead; ++i) {
@@ -275,20 +303,20 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
       return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cpu_attention: leading dims differ");
     n *= qd[i];
   }
-  const int64_t tq = qd[lead], h = qd[lead + 1], hd = qd[lead + 2], kh = kd[lead], s = kd[lead + 2];
+  const int64_t tq = qd[lead], h = qd[lead + 1], hd = qd[lead + 2], kh = vd[lead], s = vd[lead + 1];
   const int64_t m = md[lead];
-  if (hd % W || kd[lead + 1] != hd || vd[lead] != kh || vd[lead + 1] != s || vd[lead + 2] != hd || h % kh ||
-      (m != 1 && m != h) || md[lead + 1] != tq || md[lead + 2] != s)
+  if (hd % W || vd[lead + 2] != hd || kd[lead] != kh || kd[lead + 1] != (s + CH - 1) / CH || kd[lead + 2] != hd ||
+      kd[lead + 3] != CH || h % kh || (m != 1 && m != h) || md[lead + 1] != tq || md[lead + 2] != s)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cpu_attention: shapes do not match");
   if (n * tq * h == 0) return ffi::Error::Success();
   if (s == 0) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cpu_attention: no keys");
 
-  const int64_t groups = (tq + MR - 1) / MR;
+  const int64_t blocks = (tq + GB * MR - 1) / (GB * MR);
   auto work = std::make_shared<Work>();
   work->pr = Problem{q.typed_data(), kt.typed_data(), v.typed_data(),
                      reinterpret_cast<const uint8_t*>(mask.typed_data()), out->typed_data(), top->typed_data(),
-                     total->typed_data(), n, tq, h, kh, hd, s, m, scale, groups};
-  work->items = n * h * groups;
+                     total->typed_data(), n, tq, h, kh, hd, s, m, scale, blocks};
+  work->items = n * h * blocks;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->items) - 1;
   for (int64_t i = 0; i < helpers; ++i)
     pool.Schedule([work] {
@@ -312,10 +340,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxflowCpuAttention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q [N, Tq, H, hd]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // kt [N, K, hd, S]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // kt [N, K, S / CH, hd, CH]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // v [N, K, S, hd]
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask [N, 1|H, Tq, S]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out [N, Tq, H, hd]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // top [N, H, Tq]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // total [N, H, Tq]
                                   .Attr<float>("scale"));
+
+// Keys per chunk: the caller lays the keys out in chunks of this many, zero-padded.
+extern "C" int JaxflowCpuAttentionChunk() { return CH; }

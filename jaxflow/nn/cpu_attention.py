@@ -52,19 +52,20 @@ def _build() -> Path:
 
 
 @functools.cache
-def _registered() -> bool:
+def _chunk() -> int:
+    """Registers the kernel; the keys per chunk of its key layout (0: it could not be built)."""
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.CalledProcessError) as e:
         log.debug("fused CPU attention unavailable (%s), XLA's attention instead", getattr(e, "stderr", None) or e)
-        return False
+        return 0
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxflowCpuAttention), platform="cpu")
-    return True
+    return lib.JaxflowCpuAttentionChunk()
 
 
 def enabled() -> bool:
     """Whether `attention` may be called: the default backend is the CPU, the kernel is built and not turned off."""
-    return os.environ.get("JAXFLOW_CPU_ATTENTION", "1") != "0" and jax.default_backend() == "cpu" and _registered()
+    return os.environ.get("JAXFLOW_CPU_ATTENTION", "1") != "0" and jax.default_backend() == "cpu" and _chunk() > 0
 
 
 def attention(q, k, v, mask):
@@ -72,13 +73,17 @@ def attention(q, k, v, mask):
     attend -> out [..., Tq, H, hd] and each row's max score and sum of exp(score - max), top and total
     [..., H, Tq]. A row that may attend to no key gets the mean of all values (top = float32 minimum, total = S).
     """
-    if not _registered():
+    chunk = _chunk()
+    if not chunk:
         raise RuntimeError("the fused CPU attention could not be built: see `enabled()`")
     *lead, t, h, hd = q.shape
+    kh, keys = k.shape[-3:-1]
     pad = [(0, 0)] * (q.ndim - 1) + [(0, -hd % LANES)]  # zero dims add nothing to q . k
     q, k, v = (jnp.pad(a.astype(jnp.float32), pad) for a in (q, k, v))
+    k = jnp.pad(k, [(0, 0)] * (k.ndim - 2) + [(0, -keys % chunk), (0, 0)])
+    kt = k.reshape(*lead, kh, -1, chunk, k.shape[-1]).swapaxes(-1, -2)  # [..., K, S / chunk, hd, chunk]
     stats = jax.ShapeDtypeStruct((*lead, h, t), jnp.float32)
     out, top, total = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct(q.shape, jnp.float32), stats, stats),
-                                       vmap_method="broadcast_all")(
-        q, k.swapaxes(-1, -2), v, mask.astype(bool), scale=np.float32(hd**-0.5))
+                                       vmap_method="broadcast_all")(q, kt, v, mask.astype(bool),
+                                                                    scale=np.float32(hd**-0.5))
     return out[..., :hd], top, total
