@@ -42,7 +42,6 @@ constexpr int KB = 4 * CH;         // keys per online-softmax block
 constexpr int GB = 4;              // groups of MR rows per work item: they share each key block while it is cached
 typedef float vf __attribute__((vector_size(4 * JF_LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * JF_LANES)));
-typedef uint8_t vb __attribute__((vector_size(JF_LANES)));
 
 constexpr float INF = std::numeric_limits<float>::infinity();
 
@@ -96,23 +95,20 @@ struct Scratch {  // one worker's buffers
       : q(GB * pr.hd * MR), o(GB * MR * pr.hd), p(MR * KB), mask_tail(GB * MR * CH) {}
 };
 
-inline float hmax(vf x) {  // a tree of lane shuffles
-  for (int w = W / 2; w > 0; w /= 2) {
-    vi idx;
-    for (int i = 0; i < W; ++i) idx[i] = (i + w) % W;
-    const vf y = __builtin_shuffle(x, idx);
-    x = x > y ? x : y;
-  }
-  return x[0];
+inline float hmax(vf x) {
+  float a[W];
+  store(a, x);
+  float m = a[0];
+  for (int i = 1; i < W; ++i) m = std::max(m, a[i]);
+  return m;
 }
 
 inline float hsum(vf x) {
-  for (int w = W / 2; w > 0; w /= 2) {
-    vi idx;
-    for (int i = 0; i < W; ++i) idx[i] = (i + w) % W;
-    x += __builtin_shuffle(x, idx);
-  }
-  return x[0];
+  float a[W];
+  store(a, x);
+  float m = a[0];
+  for (int i = 1; i < W; ++i) m += a[i];
+  return m;
 }
 
 // acc[r] = q[:, r] . kt[:, 0:CH] for the MR rows of q [hd, MR] and one chunk of keys kt [hd, CH].
@@ -151,6 +147,12 @@ inline void values(float* o, int64_t hd, int64_t d0, const float* alpha, const f
     for (int i = 0; i < NV; ++i) store(o + r * hd + d0 + i * W, acc[r][i]);
 }
 
+// x[j] = scale x[j] where the mask allows key j, else -inf (restrict: the bytes may not alias the scores, so
+// this vectorises)
+inline void mask_scores(float* __restrict x, const uint8_t* __restrict m, float scale) {
+  for (int j = 0; j < CH; ++j) x[j] = m[j] ? x[j] * scale : -INF;
+}
+
 bool any(const uint8_t* m) {
   uint64_t bits = 0;
   for (int i = 0; i < CH; i += 8) {
@@ -179,13 +181,12 @@ void group_block(const Problem& pr, Scratch& sc, int gi, const uint8_t* const* m
     vf acc[MR][2];
     scores(sc.q.data() + gi * hd * MR, kt + j0 * hd, hd, acc);
     const int64_t c = j0 - b0;
-    for (int r = 0; r < MR; ++r)
-      for (int i = 0; i < 2; ++i) {
-        vb bytes;
-        std::memcpy(&bytes, mk[r] + i * W, W);
-        const vi allowed = __builtin_convertvector(bytes, vi) != 0;
-        store(p + r * KB + c + i * W, allowed ? acc[r][i] * pr.scale : splat(-INF));
-      }
+    for (int r = 0; r < MR; ++r) {
+      float* x = p + r * KB + c;
+      store(x, acc[r][0]);
+      store(x + W, acc[r][1]);
+      mask_scores(x, mk[r], pr.scale);
+    }
     live[nlive++] = static_cast<int>(c);
   }
   if (!nlive) return;
