@@ -43,11 +43,11 @@ def _build() -> Path:
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src = Path(tmp) / "cpu_attention.cc"
+            src, out = Path(tmp) / "cpu_attention.cc", Path(tmp) / "cpu_attention.so"
             src.write_bytes(source)
-            subprocess.run([CXX, *FLAGS, "-isystem", jax.ffi.include_dir(), str(src), "-o", str(src.with_suffix(".so"))],
+            subprocess.run([CXX, *FLAGS, "-isystem", jax.ffi.include_dir(), str(src), "-o", str(out)],
                            capture_output=True, check=True)
-            os.replace(src.with_suffix(".so"), lib)
+            os.replace(out, lib)
     return lib
 
 
