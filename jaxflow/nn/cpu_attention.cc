@@ -38,7 +38,7 @@ namespace {
 constexpr int W = JF_LANES;        // floats per vector
 constexpr int MR = W == 16 ? 8 : 4;  // query rows per micro-kernel: MR x 2 accumulators fit the registers
 constexpr int CH = 2 * W;          // keys per chunk: the unit of mask skipping and of the score micro-kernel
-constexpr int KB = 4 * CH;         // keys per online-softmax block
+constexpr int KB = 8 * CH;         // keys per online-softmax block
 constexpr int GB = 4;              // groups of MR rows per work item: they share each key block while it is cached
 typedef float vf __attribute__((vector_size(4 * JF_LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * JF_LANES)));
@@ -53,12 +53,11 @@ inline vf load(const float* p) {
 inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
 inline vf splat(float x) { return vf{} + x; }
 
-// exp(x) = 2^n e^r, n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite), e^r by its degree-7 Taylor
-// polynomial (|r| <= ln2 / 2: truncation < 1e-8 relative); 0 below -87.34 (the smallest normal result), exp(-inf) = 0.
+// exp(x) for x <= 0: 2^n e^r, n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite), e^r by its degree-7
+// Taylor polynomial (|r| <= ln2 / 2: truncation < 1e-8 relative). Below x = -88, n = -127 makes 2^n's bits 0: the
+// result is 0 (exp(-inf) too), as it is from about -87.7 on.
 inline vf vexp(vf x) {
-  const vf lo = splat(-87.336544f);
-  vf c = x < lo ? lo : x;
-  c = c > 88.0f ? splat(88.0f) : c;
+  const vf c = x > -88.0f ? x : splat(-88.0f);
   const vf n = (c * 1.44269504f + 12582912.0f) - 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
   vf r = c - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -71,7 +70,7 @@ inline vf vexp(vf x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n as a float's bits
-  return x < lo ? splat(0.0f) : p * (vf)bits;
+  return p * (vf)bits;
 }
 
 struct Problem {
@@ -170,6 +169,8 @@ void group_block(const Problem& pr, Scratch& sc, int gi, const uint8_t* const* m
   const int64_t hd = pr.hd, whole = pr.s / CH * CH, keys = std::min<int64_t>(KB, pr.s - b0);
   float* p = sc.p.data();
   int live[KB / CH], nlive = 0;  // offsets within the block of the chunks that some row may attend to
+  vf mx[MR];                     // per row, lane-wise maxima of its scores
+  for (int r = 0; r < MR; ++r) mx[r] = splat(-INF);
   for (int64_t j0 = b0; j0 < b0 + keys; j0 += CH) {
     const uint8_t* mk[MR];
     bool open = false;
@@ -186,6 +187,10 @@ void group_block(const Problem& pr, Scratch& sc, int gi, const uint8_t* const* m
       store(x, acc[r][0]);
       store(x + W, acc[r][1]);
       mask_scores(x, mk[r], pr.scale);
+      for (int i = 0; i < 2; ++i) {
+        const vf y = load(x + i * W);
+        mx[r] = y > mx[r] ? y : mx[r];
+      }
     }
     live[nlive++] = static_cast<int>(c);
   }
@@ -194,14 +199,8 @@ void group_block(const Problem& pr, Scratch& sc, int gi, const uint8_t* const* m
   float* total = sc.total + gi * MR;
   vf old = splat(0.0f), sub = splat(0.0f);
   for (int r = 0; r < MR; ++r) {
-    vf mx = splat(-INF);
-    for (int c = 0; c < nlive; ++c)
-      for (int i = 0; i < 2; ++i) {
-        const vf x = load(p + r * KB + live[c] + i * W);
-        mx = x > mx ? x : mx;
-      }
     old[r] = top[r];
-    top[r] = std::max(top[r], hmax(mx));
+    top[r] = std::max(top[r], hmax(mx[r]));
     sub[r] = top[r] == -INF ? 0.0f : top[r];  // no key yet: p = exp(-inf) = 0 and alpha = 0
   }
   const vf alpha = vexp(old - sub);
