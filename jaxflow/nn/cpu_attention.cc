@@ -152,6 +152,7 @@ inline void mask_scores(float* __restrict x, const uint8_t* __restrict m, float 
   for (int j = 0; j < CH; ++j) x[j] = m[j] ? x[j] * scale : -INF;
 }
 
+// Whether a chunk's mask bytes (0 or 1) allow any key, and all keys.
 bool any(const uint8_t* m) {
   uint64_t bits = 0;
   for (int i = 0; i < CH; i += 8) {
@@ -160,6 +161,16 @@ bool any(const uint8_t* m) {
     bits |= x;
   }
   return bits != 0;
+}
+
+bool all(const uint8_t* m) {
+  uint64_t bits = ~uint64_t{0};
+  for (int i = 0; i < CH; i += 8) {
+    uint64_t x;
+    std::memcpy(&x, m + i, 8);
+    bits &= x;
+  }
+  return bits == 0x0101010101010101;
 }
 
 // One key block for one group of MR rows: scores of the live chunks into p, the online softmax (p = exp(score -
@@ -173,10 +184,11 @@ void group_block(const Problem& pr, Scratch& sc, int gi, const uint8_t* const* m
   for (int r = 0; r < MR; ++r) mx[r] = splat(-INF);
   for (int64_t j0 = b0; j0 < b0 + keys; j0 += CH) {
     const uint8_t* mk[MR];
-    bool open = false;
+    bool open = false, full = true;
     for (int r = 0; r < MR; ++r) {
       mk[r] = j0 == whole ? sc.mask_tail.data() + (gi * MR + r) * CH : mrow[r] + j0;
       open = open || any(mk[r]);
+      full = full && all(mk[r]);
     }
     if (!open) continue;
     vf acc[MR][2];
@@ -184,9 +196,8 @@ void group_block(const Problem& pr, Scratch& sc, int gi, const uint8_t* const* m
     const int64_t c = j0 - b0;
     for (int r = 0; r < MR; ++r) {
       float* x = p + r * KB + c;
-      store(x, acc[r][0]);
-      store(x + W, acc[r][1]);
-      mask_scores(x, mk[r], pr.scale);
+      for (int i = 0; i < 2; ++i) store(x + i * W, full ? acc[r][i] * pr.scale : acc[r][i]);
+      if (!full) mask_scores(x, mk[r], pr.scale);
       for (int i = 0; i < 2; ++i) {
         const vf y = load(x + i * W);
         mx[r] = y > mx[r] ? y : mx[r];
