@@ -87,11 +87,12 @@ struct Problem {
 };
 
 struct Scratch {  // one worker's buffers
-  std::vector<float> q, o, p;         // [GB, hd, MR] (transposed), [GB, MR, hd], [MR, KB]
+  std::vector<float> q, o, p;         // [GB, hd, MR] (transposed), [GB, MR, hd], [GB, MR, KB]
   std::vector<uint8_t> mask_tail;     // [GB MR, CH]: the last partial chunk's mask, zero-padded
-  float top[GB * MR], total[GB * MR];
+  float top[GB * MR], total[GB * MR], alpha[GB * MR];
+  int live[GB][KB / CH], nlive[GB];   // per group, the offsets in the block of the chunks it may attend to
   explicit Scratch(const Problem& pr)
-      : q(GB * pr.hd * MR), o(GB * MR * pr.hd), p(MR * KB), mask_tail(GB * MR * CH) {}
+      : q(GB * pr.hd * MR), o(GB * MR * pr.hd), p(GB * MR * KB), mask_tail(GB * MR * CH) {}
 };
 
 inline float hmax(vf x) {
@@ -173,13 +174,14 @@ bool all(const uint8_t* m) {
   return bits == 0x0101010101010101;
 }
 
-// One key block for one group of MR rows: scores of the live chunks into p, the online softmax (p = exp(score -
-// new top), total and o rescaled by exp(old top - new top)), then o += p v.
-void group_block(const Problem& pr, Scratch& sc, int gi, const uint8_t* const* mrow, const float* kt,
-                 const float* v, int64_t b0) {
+// One key block for one group of MR rows: the scores of its live chunks, then the online softmax: p = exp(score -
+// new top) and alpha = exp(old top - new top), by which total (here) and o (in group_values) are rescaled.
+void group_scores(const Problem& pr, Scratch& sc, int gi, const uint8_t* const* mrow, const float* kt, int64_t b0) {
   const int64_t hd = pr.hd, whole = pr.s / CH * CH, keys = std::min<int64_t>(KB, pr.s - b0);
-  float* p = sc.p.data();
-  int live[KB / CH], nlive = 0;  // offsets within the block of the chunks that some row may attend to
+  float* p = sc.p.data() + gi * MR * KB;
+  int* live = sc.live[gi];
+  int& nlive = sc.nlive[gi];
+  nlive = 0;
   vf mx[MR];                     // per row, lane-wise maxima of its scores
   for (int r = 0; r < MR; ++r) mx[r] = splat(-INF);
   for (int64_t j0 = b0; j0 < b0 + keys; j0 += CH) {
@@ -215,6 +217,7 @@ void group_block(const Problem& pr, Scratch& sc, int gi, const uint8_t* const* m
     sub[r] = top[r] == -INF ? 0.0f : top[r];  // no key yet: p = exp(-inf) = 0 and alpha = 0
   }
   const vf alpha = vexp(old - sub);
+  for (int r = 0; r < MR; ++r) sc.alpha[gi * MR + r] = alpha[r];
   for (int r = 0; r < MR; ++r) {
     vf sum = vf{};
     for (int c = 0; c < nlive; ++c)
@@ -226,12 +229,18 @@ void group_block(const Problem& pr, Scratch& sc, int gi, const uint8_t* const* m
       }
     total[r] = total[r] * alpha[r] + hsum(sum);
   }
-  float a[W];
-  store(a, alpha);
+}
+
+// o += p v for one group and key block, after group_scores.
+void group_values(const Problem& pr, Scratch& sc, int gi, const float* v, int64_t b0) {
+  const int64_t hd = pr.hd, keys = std::min<int64_t>(KB, pr.s - b0);
+  if (!sc.nlive[gi]) return;
   float* o = sc.o.data() + gi * MR * hd;
+  const float* p = sc.p.data() + gi * MR * KB;
+  const float* alpha = sc.alpha + gi * MR;
   int64_t d0 = 0;
-  for (; d0 + 2 * W <= hd; d0 += 2 * W) values<2>(o, hd, d0, a, p, live, nlive, v + b0 * hd, keys);
-  if (d0 < hd) values<1>(o, hd, d0, a, p, live, nlive, v + b0 * hd, keys);
+  for (; d0 + 2 * W <= hd; d0 += 2 * W) values<2>(o, hd, d0, alpha, p, sc.live[gi], sc.nlive[gi], v + b0 * hd, keys);
+  if (d0 < hd) values<1>(o, hd, d0, alpha, p, sc.live[gi], sc.nlive[gi], v + b0 * hd, keys);
 }
 
 // Item -> (row block, n, h): the last row blocks, which a causal mask makes the longest, come first. The GB groups
@@ -259,8 +268,10 @@ void run_item(const Problem& pr, int64_t item, Scratch& sc) {
   std::fill(sc.o.begin(), sc.o.end(), 0.0f);
   std::fill(sc.top, sc.top + GB * MR, -INF);
   std::fill(sc.total, sc.total + GB * MR, 0.0f);
-  for (int64_t b0 = 0; b0 < s; b0 += KB)
-    for (int gi = 0; gi < groups; ++gi) group_block(pr, sc, gi, mrow + gi * MR, kt, v, b0);
+  for (int64_t b0 = 0; b0 < s; b0 += KB) {  // the groups take the block's keys, then its values, while cached
+    for (int gi = 0; gi < groups; ++gi) group_scores(pr, sc, gi, mrow + gi * MR, kt, b0);
+    for (int gi = 0; gi < groups; ++gi) group_values(pr, sc, gi, v, b0);
+  }
   std::vector<float> mean;  // [hd]: the mean of all values, for rows that may attend to no key
   for (int64_t r = 0; r < rows; ++r) {
     float* out = pr.out + ((n * pr.tq + t0 + r) * pr.h + head) * hd;
