@@ -46,7 +46,8 @@ def sources(root: str, folder: str) -> set[str]:
 
 def test_wheel_holds_jaxflow_only_with_the_converter_inside(tmp_path):
     """A wheel built from a clone holding the demo's output: one top-level package, jaxflow, with every module of
-    jaxflow/ and convert/ (the latter as jaxflow/convert/); importable from the unpacked wheel."""
+    jaxflow/ and convert/ (the latter as jaxflow/convert/) and the CPU attention's C++ source; importable from the
+    unpacked wheel."""
     src = tmp_path / "src"
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
     for name in ("jaxflow", "convert"):
@@ -70,14 +71,16 @@ def test_wheel_holds_jaxflow_only_with_the_converter_inside(tmp_path):
     expected = {f"jaxflow/{p}" for p in sources(str(src), "jaxflow")}
     expected |= {f"jaxflow/convert/{p}" for p in sources(str(src), "convert")}
     assert packaged == expected  # a subpackage missing from pyproject's list fails here
+    assert "jaxflow/nn/cpu_attention.cc" in names  # compiled at first use (jaxflow.nn.cpu_attention)
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     where = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(site)!r}); "
                             "import jaxflow.convert.converter as c, jaxflow.convert as jc; "
-                            "print(c.__file__); print(jc.convert.__module__)"],
+                            "import jaxflow.nn.cpu_attention as a; "
+                            "print(c.__file__); print(jc.convert.__module__); print(a.enabled())"],
                            check=True, capture_output=True, text=True, env=ENV, timeout=300).stdout.split()
-    assert where == [str(site / "jaxflow" / "convert" / "converter.py"), "jaxflow.convert.converter"]
+    assert where == [str(site / "jaxflow" / "convert" / "converter.py"), "jaxflow.convert.converter", "True"]
 
 
 def test_installed_converter_is_the_clones_convert_folder():

@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxflow.config import TextConfig
 from jaxflow.knockout import KnockoutMasks
+from jaxflow.nn import cpu_attention
 from jaxflow.nn.layers import Embed, Linear, RMSNorm
 from jaxflow.patching import SiteEdit
 
@@ -114,15 +115,70 @@ def _tiles(n: int, size: int):
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def attention(q, blocks, tile: int | None = None, own: bool = True):
+def attention(q, blocks, own: bool = True):
     """Exact softmax attention of q [B, Tq, H, hd] over key blocks [(k, v, mask)]: k, v [B, K, Sb, hd], mask
     [B, 1|H, Tq, Sb] True = may attend. With `own`, the last block holds the queries' own keys and its mask
-    is causal (own key j is masked for query i < j), so tiles above its diagonal are skipped.
+    is causal (own key j is masked for query i < j). Returns out [B, Tq, H, hd] in q's dtype and the weights
+    [B, H, Tq, S] (f32), which XLA drops when the caller does not use them.
+
+    On CPU in float32, a call over its own keys (own, Tq > 1) whose prefix is no longer than Tq (the blocks are
+    concatenated) runs the fused kernel (`cpu_attention`); everything else, decoding included, runs
+    `tiled_attention`. Both give the same up to float32 rounding, except a row that may attend to no key: the
+    kernel averages all values, as a softmax over equal scores does, `tiled_attention` the keys of its tiles."""
+    prefix = sum(kb.shape[2] for kb, _, _ in blocks[:-1])
+    arrays = [q, *(a for kb, vb, _ in blocks for a in (kb, vb))]
+    if (own and q.shape[1] > 1 and prefix <= q.shape[1] and all(a.dtype == jnp.float32 for a in arrays)
+            and cpu_attention.enabled()):
+        return _fused_attention(q, tuple(tuple(block) for block in blocks))
+    return tiled_attention(q, blocks, own=own)
+
+
+@jax.custom_vjp
+def _fused_attention(q, blocks):
+    """`attention` by the fused CPU kernel over the concatenated blocks; the gradient is tiled_attention's."""
+    b, t, h, _ = q.shape
+    masks = [mb for _, _, mb in blocks]
+    if len({mb.shape[1] for mb in masks}) > 1:  # per-head and shared masks: all per head
+        masks = [jnp.broadcast_to(mb, (b, h, *mb.shape[2:])) for mb in masks]
+    cat = lambda xs, axis: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis)  # noqa: E731
+    k, v = (cat([block[n] for block in blocks], 2) for n in (0, 1))  # [B, K, S, hd]
+    out, top, total = cpu_attention.attention(q, k, v, cat(masks, 3))  # [B, Tq, H, hd], [B, H, Tq] x 2
+    return out.astype(q.dtype), _weights(q, blocks, top, total)
+
+
+def _weights(q, blocks, top, total):
+    """The weights [B, H, Tq, S] f32 from each row's max score and sum (top, total [B, H, Tq]), like
+    tiled_attention's: exp(score - top) / total, masked scores at NEG."""
+    b, t, h, hd = q.shape
+    kvh = blocks[0][0].shape[1]
+    q = q.reshape(b, t, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, -1, hd)  # [B, K, G * Tq, hd]
+    scores = [jnp.where(mb, jnp.einsum("BKQd,BKSd->BKQS", q, kb, preferred_element_type=jnp.float32)
+                        .reshape(b, h, t, -1) * hd**-0.5, NEG) for kb, _, mb in blocks]
+    return jnp.exp(jnp.concatenate(scores, axis=-1) - top[..., None]) / total[..., None]
+
+
+def _fused_attention_fwd(q, blocks):
+    return _fused_attention(q, blocks), (q, blocks)
+
+
+def _fused_attention_bwd(res, cotangents):
+    q, blocks = res
+    kv = [(kb, vb) for kb, vb, _ in blocks]
+    _, vjp = jax.vjp(lambda q, kv: tiled_attention(q, [(*x, mb) for x, (_, _, mb) in zip(kv, blocks, strict=True)]),
+                     q, kv)
+    dq, dkv = vjp(cotangents)
+    return dq, tuple((dk, dv, None) for dk, dv in dkv)  # masks: no cotangent
+
+
+_fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
+
+
+def tiled_attention(q, blocks, tile: int | None = None, own: bool = True):
+    """`attention` in XLA. With `own`, tiles above the own block's diagonal are skipped.
 
     The scores are computed in tiles of at most `tile` elements (default `score_tile()`) with an online
     softmax (running max and sum per query), so no [B, H, Tq, S] score buffer is materialised for the
-    output. Returns out [B, Tq, H, hd] in q's dtype and the weights [B, H, Tq, S] (f32), recomputed tile by
-    tile from the final max and sum: XLA drops them when the caller does not use them."""
+    output. The weights are recomputed tile by tile from the final max and sum."""
     b, t, h, hd = q.shape
     kvh = blocks[0][0].shape[1]
     g = h // kvh
