@@ -407,7 +407,8 @@ def flops_per_sample(cfg, sample: Sample, k: int) -> dict:
 
 
 def xla_decoder_flops(model, t: int) -> float:
-    """XLA's own count (`cost_analysis`) of jaxflow's decoder over a T-position prompt (batch 1)."""
+    """XLA's own count (`cost_analysis`) of jaxflow's decoder over a T-position prompt (batch 1), attention on XLA's
+    path (the fused CPU kernel is a custom call, whose work XLA does not count)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -421,7 +422,15 @@ def xla_decoder_flops(model, t: int) -> float:
 
     x = jax.ShapeDtypeStruct((1, t, model.config.text.hidden_size), dtype)
     pos, valid = jax.ShapeDtypeStruct((1, t), jnp.int32), jax.ShapeDtypeStruct((1, t), jnp.bool_)
-    cost = jax.jit(forward).lower(state, x, pos, valid).compile().cost_analysis()
+    before = os.environ.get("JAXFLOW_CPU_ATTENTION")
+    os.environ["JAXFLOW_CPU_ATTENTION"] = "0"  # read while tracing
+    try:
+        cost = jax.jit(forward).lower(state, x, pos, valid).compile().cost_analysis()
+    finally:
+        if before is None:
+            del os.environ["JAXFLOW_CPU_ATTENTION"]
+        else:
+            os.environ["JAXFLOW_CPU_ATTENTION"] = before
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 
@@ -457,7 +466,8 @@ def compiled_memory(model, data: str, images: str, batch: int, k: int) -> list[d
                  "argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes}
         if args is not None:
             n, suffix = len(args[3].layers), args[4].shape[-1]
-            entry.update(configurations=n, row_layers=sum(len(r) for r in args[-1].rows),
+            plan = next(a for a in args if isinstance(a, engine.RowPlan))
+            entry.update(configurations=n, row_layers=sum(len(r) for r in plan.rows),
                          temp_per_configuration=m.temp_size_in_bytes / n,
                          budget_per_configuration=engine.configuration_bytes(model.module, batch, t, suffix))
         out.append(entry)
