@@ -143,9 +143,10 @@ def test_run_with_cache_matches_transformers_hooks(twins):
                                          pixel_values=pv, image_sizes=isz)
     out = model.forward(ids, pv, isz, knockouts=knock, return_hidden_states=True, return_attentions=True)
     assert list(few) == ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"]
-    np.testing.assert_allclose(few["blocks.1.hook_resid_post"], out.hidden_states[:, 2], atol=1e-6)
-    np.testing.assert_allclose(few["blocks.0.attn.hook_pattern"], out.attentions[:, 0], atol=1e-6)
-    np.testing.assert_allclose(logits_k, out.logits, atol=1e-6)
+    # two compiled programs (different outputs, different fusions): float32 rounding apart
+    np.testing.assert_allclose(few["blocks.1.hook_resid_post"], out.hidden_states[:, 2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(few["blocks.0.attn.hook_pattern"], out.attentions[:, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits_k, out.logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="layer 9 out of range"):
         model.run_with_cache(ids, ["blocks.9.hook_resid_pre"], pixel_values=pv, image_sizes=isz)
     with pytest.raises(ValueError, match="unknown activation 'blocks.0.hook_q'"):
