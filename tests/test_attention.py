@@ -69,37 +69,16 @@ def test_tiled_model_equals_untiled_and_transformers_with_knockouts(twins, monke
     scores per (batch, head) gives transformers' logits and attention weights, zero on cut edges."""
     import tiny
 
-    from jaxflow import Knockout
-    from jaxflow.reference import dense_cut, embeddings, run_layers
-    from jaxflow.sweep import engine
-
     hf, model = twins("llava", "llava-hf", kv_heads=2)
-    ids, pv, isz, _ = tiny.make_inputs(model.config, num_text=6)
-    cfg = model.config.text
-    t = ids.shape[1]
-    image = np.flatnonzero(ids[0] == tiny.IMAGE_TOKEN).tolist()
-    question, last = list(range(image[-1] + 1, t - 1)), [t - 1]
-    kos = [Knockout(source=image, target=question, layers=[0, 1]), Knockout(source=question, target=last)]
-    knock = model.knockout_masks(kos, *ids.shape)
-    inputs_ = model.prepare(ids, pv, isz)
-    lengths = np.full(len(ids), t)
-
-    def run():
-        out = model.forward(ids, pv, isz, knockouts=kos, return_attentions=True)
-        base = engine.base_run(model.module, inputs_, lengths - 1)
-        token = np.asarray(base.probs).argmax(-1)
-        inc = engine.knockout_probs(model.module, inputs_, knock, lengths - 1, token, base=base)[0]
-        full = engine.knockout_probs(model.module, inputs_, knock, lengths - 1, token, method="full")[0]
-        return np.asarray(out.logits), np.asarray(out.attentions), inc, full
-
+    ids, pv, isz, kos = tiny.knockout_case(model)
     monkeypatch.setenv("JAXFLOW_CPU_ATTENTION", "0")
     jax.clear_caches()
-    untiled = run()
-    monkeypatch.setattr(llama, "score_tile", lambda: len(ids) * cfg.num_heads * 16)
+    untiled = tiny.run_case(model, ids, pv, isz, kos)
+    monkeypatch.setattr(llama, "score_tile", lambda: len(ids) * model.config.text.num_heads * 16)
     jax.clear_caches()
     try:
-        assert len(llama._tiles(t, 4)) > 2  # the tiny sequence really is cut into tiles
-        tiled = run()
+        assert len(llama._tiles(ids.shape[1], 4)) > 2  # the tiny sequence really is cut into tiles
+        tiled = tiny.run_case(model, ids, pv, isz, kos)
     finally:
         monkeypatch.undo()
         jax.clear_caches()
@@ -107,10 +86,4 @@ def test_tiled_model_equals_untiled_and_transformers_with_knockouts(twins, monke
         np.testing.assert_allclose(a, b, atol=2e-5)
     logits, attn, inc, full = tiled
     np.testing.assert_allclose(inc, full, atol=1e-6)
-    embeds = embeddings(hf, ids, pv, isz)
-    for k, ko in enumerate(kos):
-        cut = dense_cut(ko.source, ko.target, ko.layers, ko.heads, *ids.shape, cfg.num_layers, cfg.num_heads)
-        ref_logits, ref_attn = run_layers(hf, embeds, cut)
-        assert np.abs(logits[k] - ref_logits).max() < 1e-4
-        assert np.abs(attn[k] - ref_attn).max() < 1e-5
-        assert (attn[k][cut] == 0).all()
+    tiny.check_case(hf, model, ids, pv, isz, kos, logits, attn)

@@ -136,36 +136,13 @@ def test_model_with_the_kernel_equals_transformers_with_knockouts(twins, monkeyp
     transformers' logits and attention weights; incremental and full recomputation agree to 1e-6."""
     import tiny
 
-    from jaxflow import Knockout
-    from jaxflow.reference import dense_cut, embeddings, run_layers
-    from jaxflow.sweep import engine
-
     hf, model = twins("llava", "llava-hf", kv_heads=2)
-    ids, pv, isz, _ = tiny.make_inputs(model.config, num_text=6)
-    cfg = model.config.text
-    t = ids.shape[1]
-    image = np.flatnonzero(ids[0] == tiny.IMAGE_TOKEN).tolist()
-    question, last = list(range(image[-1] + 1, t - 1)), [t - 1]
-    kos = [Knockout(source=image, target=question, layers=[0, 1]), Knockout(source=question, target=last)]
-    knock = model.knockout_masks(kos, *ids.shape)
-    inputs_ = model.prepare(ids, pv, isz)
-    lengths = np.full(len(ids), t)
+    ids, pv, isz, kos = tiny.knockout_case(model)
     calls = []
     kernel = cpu_attention.attention
     monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(1) or kernel(*a))
     jax.clear_caches()
-    out = model.forward(ids, pv, isz, knockouts=kos, return_attentions=True)
-    base = engine.base_run(model.module, inputs_, lengths - 1)
-    token = np.asarray(base.probs).argmax(-1)
-    inc = engine.knockout_probs(model.module, inputs_, knock, lengths - 1, token, base=base)[0]
-    full = engine.knockout_probs(model.module, inputs_, knock, lengths - 1, token, method="full")[0]
-    assert len(calls) >= 3 * cfg.num_layers  # traced by the forward, the base run and both recomputations
+    logits, attn, inc, full = tiny.run_case(model, ids, pv, isz, kos)
+    assert len(calls) >= 3 * model.config.text.num_layers  # traced by the forward, base run and recomputations
     np.testing.assert_allclose(inc, full, atol=1e-6)
-    embeds = embeddings(hf, ids, pv, isz)
-    logits, attn = np.asarray(out.logits), np.asarray(out.attentions)
-    for k, ko in enumerate(kos):
-        cut = dense_cut(ko.source, ko.target, ko.layers, ko.heads, *ids.shape, cfg.num_layers, cfg.num_heads)
-        ref_logits, ref_attn = run_layers(hf, embeds, cut)
-        assert np.abs(logits[k] - ref_logits).max() < 1e-4
-        assert np.abs(attn[k] - ref_attn).max() < 1e-5
-        assert (attn[k][cut] == 0).all()
+    tiny.check_case(hf, model, ids, pv, isz, kos, logits, attn)

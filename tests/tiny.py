@@ -315,3 +315,46 @@ def task_subset(root, n: int, task: str = "ChooseAttr", seed: int = 0, edit=None
         pixels = rng.integers(0, 255, (int(r["image_h"]), int(r["image_w"]), 3), dtype=np.uint8)
         Image.fromarray(pixels).save(os.path.join(images, f"{r['img_id']}.jpg"))
     return data, images
+
+
+def knockout_case(model):
+    """A tiny LLaVA-1.5 batch with two knockouts (image -> question in layers 0-1; question -> last everywhere):
+    (ids, pixel_values, image_sizes, knockouts)."""
+    from jaxflow import Knockout
+
+    ids, pv, isz, _ = make_inputs(model.config, num_text=6)
+    t = ids.shape[1]
+    image = np.flatnonzero(ids[0] == IMAGE_TOKEN).tolist()
+    question, last = list(range(image[-1] + 1, t - 1)), [t - 1]
+    kos = [Knockout(source=image, target=question, layers=[0, 1]), Knockout(source=question, target=last)]
+    return ids, pv, isz, kos
+
+
+def run_case(model, ids, pv, isz, kos):
+    """The case through the model: (logits [K, B, T, V], attentions [K, L, B, H, T, T], and the answer's probability
+    under each knockout by incremental and by full recomputation [K, B])."""
+    from jaxflow.sweep import engine
+
+    inputs = model.prepare(ids, pv, isz)
+    knock = model.knockout_masks(kos, *ids.shape)
+    last = np.full(len(ids), ids.shape[1] - 1)
+    out = model.forward(ids, pv, isz, knockouts=kos, return_attentions=True)
+    base = engine.base_run(model.module, inputs, last)
+    token = np.asarray(base.probs).argmax(-1)
+    inc = engine.knockout_probs(model.module, inputs, knock, last, token, base=base)[0]
+    full = engine.knockout_probs(model.module, inputs, knock, last, token, method="full")[0]
+    return np.asarray(out.logits), np.asarray(out.attentions), inc, full
+
+
+def check_case(hf, model, ids, pv, isz, kos, logits, attn):
+    """Asserts the case's logits and attention weights are transformers' under each knockout, zero on cut edges."""
+    from jaxflow.reference import dense_cut, embeddings, run_layers
+
+    cfg = model.config.text
+    embeds = embeddings(hf, ids, pv, isz)
+    for k, ko in enumerate(kos):
+        cut = dense_cut(ko.source, ko.target, ko.layers, ko.heads, *ids.shape, cfg.num_layers, cfg.num_heads)
+        ref_logits, ref_attn = run_layers(hf, embeds, cut)
+        assert np.abs(logits[k] - ref_logits).max() < 1e-4
+        assert np.abs(attn[k] - ref_attn).max() < 1e-5
+        assert (attn[k][cut] == 0).all()
