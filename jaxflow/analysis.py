@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxflow.geometry import CELL
-from jaxflow.knockout import KnockoutMasks
+from jaxflow.knockout import Knockout
 from jaxflow.model import Model
 from jaxflow.sample import Batch, Sample
 from jaxflow.sweep import engine
@@ -175,17 +175,9 @@ def patch_sweep(model: Model, sample: Sample, target="last", layers: Sequence[in
     if layers.size == 0 or (layers < 0).any() or (layers >= n).any():
         raise ValueError(f"layers: expected layers in [0, {n}), got {layers.tolist()}")
     members = patch_groups(sample, groups)
-    t = len(sample)
-    source = np.zeros((len(members), 1, t), bool)
-    for g, pos in enumerate(members):
-        source[g, 0, pos] = True
-    target_mask = np.zeros((1, t), bool)
-    target_mask[0, _positions(sample, target)[0]] = True
-    layer_mask = np.zeros(n, bool)
-    layer_mask[layers] = True
-    g = len(members)
-    knock = KnockoutMasks(source, np.broadcast_to(target_mask, (g, 1, t)), np.broadcast_to(layer_mask, (g, n)),
-                          np.ones((g, model.config.text.num_heads), bool))
+    target = target if isinstance(target, str) else _positions(sample, target)[0]
+    knock = model.knockout_masks([Knockout(pos, target, layers) for pos in members], 1, len(sample),
+                                 regions=[sample.regions])
     inputs = model.prepare(sample)
     base = engine.base_run(model.module, inputs, jnp.asarray(sample.last))
     token = int(jnp.argmax(base.logits[0])) if token is None else int(token)

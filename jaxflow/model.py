@@ -463,10 +463,8 @@ class Model:
         names = tl_names.all_names(n) if names is None else list(names)
         plan = tl_names.collect_plan(names, n)
         inputs = self.prepare(sample, pixel_values, image_sizes, attention_mask)
-        knock = None
-        if knockouts is not None:
-            knock = self.knockout_masks(knockouts, *inputs.input_ids.shape, regions=_regions(sample))
-        logits, arrays = _forward(self.module, inputs, sharding.shard_leading(knock, self.mesh), plan)
+        knock, *_ = self.interventions(inputs, _regions(sample), knockouts)
+        logits, arrays = _forward(self.module, inputs, knock, plan)
         return logits, dict(zip(names, arrays, strict=True))
 
     def prefill(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
