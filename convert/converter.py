@@ -51,7 +51,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxflow import checkpoint
-from jaxflow.config import LLAVA_MODEL_TYPES, LlavaConfig
+from jaxflow.config import MODEL_TYPES, ModelConfig
 from jaxflow.convert import mapping
 from jaxflow.convert.sources import CheckpointError, PickleSource, Source, mapped_empty, open_source
 
@@ -115,7 +115,7 @@ NOT_LLAVA = {
 def refuse_architecture(raw: dict, where: str) -> None:
     """Refuses a config.json whose model is not LLaVA-style (NOT_LLAVA) or of no model type jaxflow knows, in one
     line naming the model type (or vision_config.model_type) and what it has that jaxflow does not implement."""
-    supported = (f"jaxflow supports {', '.join(LLAVA_MODEL_TYPES)} (llava-hf layout) and "
+    supported = (f"jaxflow supports {', '.join(MODEL_TYPES)} (llava-hf layout) and "
                  f"{', '.join(ORIGINAL_MODEL_TYPES)} (original LLaVA layout)")
     kind = raw.get("model_type")
     vision = raw.get("vision_config")
@@ -126,7 +126,7 @@ def refuse_architecture(raw: dict, where: str) -> None:
     if vision in NOT_LLAVA:
         raise ConversionError(f"{where}: vision_config.model_type={vision!r} is not supported: {NOT_LLAVA[vision]}; "
                               f"{supported}")
-    if kind not in LLAVA_MODEL_TYPES and kind not in ORIGINAL_MODEL_TYPES:
+    if kind not in MODEL_TYPES and kind not in ORIGINAL_MODEL_TYPES:
         raise ConversionError(f"{where}: model_type={kind!r} is not supported: not a LLaVA-style model jaxflow "
                               f"knows; {supported}")
 
@@ -288,7 +288,7 @@ def convert(src: str, out: str, clip: str | None = None, dtype: str = "float32",
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=1)
         try:
-            cfg = LlavaConfig.from_pretrained(tmp)
+            cfg = ModelConfig.from_pretrained(tmp)
         except ValueError as e:  # it names the temporary copy; the user knows the source's config.json
             raise ConversionError(f"{config_path}: {str(e).removeprefix(os.path.join(tmp, 'config.json') + ': ')}"
                                   ) from e
@@ -365,7 +365,7 @@ def _open(path: str, allow_pickle: bool) -> Source:
         raise ConversionError(str(e)) from e
 
 
-def _original_sources(cfg: LlavaConfig, raw: dict, main: Source, src: str, clip: str, allow_pickle: bool,
+def _original_sources(cfg: ModelConfig, raw: dict, main: Source, src: str, clip: str, allow_pickle: bool,
                       choice: str):
     """Where the vision tower of an original-layout checkpoint comes from (see the module docstring):
     the `_plan` sources, and the jaxflow.json record of the choice."""
@@ -485,7 +485,7 @@ def _fast_tokenizer(src_dir: str, tmp: str) -> str | None:
     return "built"
 
 
-def _plan(cfg: LlavaConfig, sources) -> dict[str, tuple[Source, str, str]]:
+def _plan(cfg: ModelConfig, sources) -> dict[str, tuple[Source, str, str]]:
     """jaxflow parameter -> (source, on-disk name, transform), after checking every name and shape.
 
     sources: (layout, source, canonical prefixes not to take from this source) in order."""

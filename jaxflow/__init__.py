@@ -19,7 +19,7 @@ from jaxflow.analysis import (
     patch_sweep,
     relative_change,
 )
-from jaxflow.config import LlavaConfig, TextConfig, UnsupportedConfigError, VisionConfig
+from jaxflow.config import ModelConfig, TextConfig, UnsupportedConfigError, VisionConfig
 from jaxflow.knockout import DenseKnockout, Knockout, KnockoutMasks
 from jaxflow.model import ForwardOutput, GenerateOutput, Model, load
 from jaxflow.patching import Noise, Patch, PatchMasks
@@ -28,7 +28,7 @@ from jaxflow.sweep.flows import window
 from jaxflow.toy import toy_model
 
 __all__ = [
-    "Batch", "DenseKnockout", "ForwardOutput", "GenerateOutput", "Knockout", "KnockoutMasks", "Lens", "LlavaConfig",
+    "Batch", "DenseKnockout", "ForwardOutput", "GenerateOutput", "Knockout", "KnockoutMasks", "Lens", "ModelConfig",
     "Model", "Noise", "Patch", "PatchMasks", "PatchSweep", "Sample", "TextConfig", "UnsupportedConfigError",
     "VisionConfig", "answer_prob", "attention_on_image", "batch", "greedy_token", "load", "logit_lens", "patch_groups",
     "patch_sweep", "plot", "relative_change", "toy_model", "window",

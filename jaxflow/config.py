@@ -54,8 +54,8 @@ _REQUIRED_TOP = {"projector_hidden_act": "gelu"}
 # LlavaNext for llava-hf checkpoints, LLaVA's own code for original-layout ones. The converter writes
 # `jaxflow_image_geometry` into config.json for the latter; absent means "transformers".
 IMAGE_GEOMETRIES = ("transformers", "llava")
-# Top-level model types of llava-hf (transformers) checkpoints jaxflow reads.
-LLAVA_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+# Top-level model types (transformers' `model_type`) of the checkpoints jaxflow reads.
+MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
 
 
 def _check(section: str, d: dict, handled: set[str], required: dict[str, Any]) -> None:
@@ -130,7 +130,7 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Llama-arithmetic decoder (RMSNorm, RoPE, MHA or GQA, SwiGLU): Llama, Mistral, Qwen2 (`TEXT_TYPES`).
+    """The decoder: Llama arithmetic (RMSNorm, RoPE, MHA or GQA, SwiGLU) for Llama, Mistral and Qwen2 (`TEXT_TYPES`).
 
     sliding_window: query q attends key k only if q - k < sliding_window (transformers' sliding-window
     mask), in every layer; None: no window. qkv_bias: the q/k/v projections carry a bias (Qwen2).
@@ -147,6 +147,7 @@ class TextConfig:
     rope_theta: float = 10000.0
     sliding_window: int | None = None
     qkv_bias: bool = False
+    model_type: str = "llama"  # one of TEXT_TYPES
 
     @classmethod
     def from_hf(cls, d: dict) -> TextConfig:
@@ -174,7 +175,7 @@ class TextConfig:
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         return cls(d["vocab_size"], d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"],
                    heads, kv_heads, head_dim, d.get("rms_norm_eps", 1e-6), float(rope["rope_theta"]),
-                   _sliding_window(kind, d), TEXT_TYPES[kind]["qkv_bias"])
+                   _sliding_window(kind, d), TEXT_TYPES[kind]["qkv_bias"], kind)
 
 
 def _sliding_window(kind: str, d: dict) -> int | None:
@@ -208,33 +209,54 @@ ANYRES_MAX_PREFIX = "anyres_max_"  # OneVision's vision_aspect_ratio: at most N 
 
 
 @dataclasses.dataclass(frozen=True)
-class LlavaConfig:
-    """LLaVA-1.5 (`kind="llava"`), LLaVA-NeXT anyres (`kind="llava_next"`) or LLaVA-OneVision
-    (`kind="llava_onevision"`: anyres whose unpadded grid is downsampled past `max_grid_crops` crops)."""
+class ProjectorConfig:
+    """The connector from the vision tower to the decoder. kind "mlp": LLaVA's linear -> GELU -> linear over the
+    selected tower layers' states, concatenated; select_strategy "default" drops the tower's first token."""
 
-    kind: str
-    vision: VisionConfig
-    text: TextConfig
-    image_token_id: int
-    vision_feature_layers: tuple[int, ...] = (-2,)
+    kind: str = "mlp"
+    feature_layers: tuple[int, ...] = (-2,)
     select_strategy: str = "default"
-    projector_bias: bool = True
-    tie_word_embeddings: bool = False
-    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # (height, width) in pixels, NeXT only
-    image_geometry: str = "transformers"  # one of IMAGE_GEOMETRIES
-    max_grid_crops: int | None = None  # OneVision's anyres_max_N: N; None: the grid is never downsampled
+    bias: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageConfig:
+    """How an image becomes crops and image-token slots (`jaxflow.geometry` reads it). layout "single": one
+    crop (LLaVA-1.5); "anyres": a base crop and a grid of crops from `pinpoints` (height, width), unpadded, one
+    image_newline per row (LLaVA-NeXT), downsampled past `max_grid_crops` crops when set (OneVision's
+    anyres_max_N). geometry: whose arithmetic the features follow (one of IMAGE_GEOMETRIES)."""
+
+    layout: str = "single"
+    pinpoints: tuple[tuple[int, int], ...] = ()
+    geometry: str = "transformers"
+    max_grid_crops: int | None = None
 
     @functools.cached_property
-    def is_next(self) -> bool:
-        """Has an anyres grid (base crop, grid crops, image_newline): LLaVA-NeXT and LLaVA-OneVision."""
-        return self.kind in ("llava_next", "llava_onevision")
+    def anyres(self) -> bool:
+        """A base crop plus a grid of crops, and image_newline tokens."""
+        return self.layout == "anyres"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A vision-language model: a vision tower, a projector and a decoder, each chosen from config.json, and how
+    images become tokens. model_type: transformers' top-level type (`MODEL_TYPES`): "llava" (LLaVA-1.5),
+    "llava_next" (anyres), "llava_onevision" (anyres whose unpadded grid is downsampled)."""
+
+    model_type: str
+    vision: VisionConfig
+    projector: ProjectorConfig
+    text: TextConfig
+    image: ImageConfig
+    image_token_id: int
+    tie_word_embeddings: bool = False
 
     @functools.cached_property
     def patch_offset(self) -> int:
         """The patch index of a crop's first image feature (-1: the CLS token). As transformers does, strategy
         "default" drops the tower's first token: CLIP's CLS (0), but for SigLIP, which has none, its first patch
         (1); "full" keeps every token: CLIP's CLS first (-1), SigLIP's patches alone (0)."""
-        return (self.select_strategy == "default") - self.vision.has_cls
+        return (self.projector.select_strategy == "default") - self.vision.has_cls
 
     @functools.cached_property
     def features_per_crop(self) -> int:
@@ -243,13 +265,13 @@ class LlavaConfig:
         return self.vision.grid**2 - self.patch_offset
 
     @classmethod
-    def from_hf(cls, d: dict) -> LlavaConfig:
+    def from_hf(cls, d: dict) -> ModelConfig:
         """Builds the config from a transformers config dict with every default filled in."""
         kind = d.get("model_type")
-        if kind not in LLAVA_MODEL_TYPES:
+        if kind not in MODEL_TYPES:
             raise UnsupportedConfigError(
                 f"config attribute model_type={kind!r} is not supported "
-                f"(jaxflow implements {', '.join(map(repr, LLAVA_MODEL_TYPES))})")
+                f"(jaxflow implements {', '.join(map(repr, MODEL_TYPES))})")
         handled = {"image_token_index", "vision_feature_layer", "vision_feature_select_strategy",
                    "multimodal_projector_bias", "image_grid_pinpoints", "jaxflow_image_geometry"}
         if kind == "llava_onevision":  # videos are not run: their token id is only metadata here
@@ -276,11 +298,12 @@ class LlavaConfig:
         if geometry not in IMAGE_GEOMETRIES:
             raise UnsupportedConfigError(f"config attribute jaxflow_image_geometry={geometry!r} is not supported "
                                          f"(jaxflow implements {', '.join(map(repr, IMAGE_GEOMETRIES))})")
-        return cls(kind, vision, text, image_token, layers, strategy,
-                   bool(d.get("multimodal_projector_bias", True)), tie, pinpoints, geometry, max_crops)
+        projector = ProjectorConfig("mlp", layers, strategy, bool(d.get("multimodal_projector_bias", True)))
+        image = ImageConfig("single" if kind == "llava" else "anyres", pinpoints, geometry, max_crops)
+        return cls(kind, vision, projector, text, image, image_token, tie)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> LlavaConfig:
+    def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
         """Reads `config.json` in `path` (a directory) through transformers' own parser."""
         from transformers import AutoConfig
 
@@ -289,13 +312,13 @@ class LlavaConfig:
             raise FileNotFoundError(f"{config_file}: no config.json in the checkpoint directory")
         with open(config_file) as f:
             model_type = json.load(f).get("model_type")
-        if model_type not in LLAVA_MODEL_TYPES:
+        if model_type not in MODEL_TYPES:
             raise UnsupportedConfigError(
                 f"{config_file}: model_type={model_type!r} is not supported "
-                f"(jaxflow implements {', '.join(map(repr, LLAVA_MODEL_TYPES))})")
+                f"(jaxflow implements {', '.join(map(repr, MODEL_TYPES))})")
         return cls.from_hf(AutoConfig.from_pretrained(path).to_dict())
 
     def vision_layers_needed(self) -> int:
         """How many vision tower layers must run to produce every selected hidden state."""
         n = self.vision.num_layers
-        return max(layer % (n + 1) for layer in self.vision_feature_layers)
+        return max(layer % (n + 1) for layer in self.projector.feature_layers)

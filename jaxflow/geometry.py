@@ -13,7 +13,7 @@
   crops, and per-patch facts mapped onto the feature slots.
 
 The arithmetic is transformers' LlavaNext, or LLaVA's own code (llava-torch 1.2.2) when
-`cfg.image_geometry == "llava"` (original-layout checkpoints): they differ only in how unpadding turns the
+`cfg.image.geometry == "llava"` (original-layout checkpoints): they differ only in how unpadding turns the
 scaled image side into whole patches (`KEPT_SIDE`). Sizes are (height, width) throughout, as in
 transformers' LlavaNext; boxes are (x, y, w, h) in original image pixels, rectangles (x0, y0, x1, y1).
 """
@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 
 Box = tuple[float, float, float, float]  # (x, y, w, h) in original image pixels
 Rect = tuple[float, float, float, float]  # (x0, y0, x1, y1)
@@ -48,9 +48,9 @@ def select_best_resolution(size: tuple[int, int], pinpoints) -> tuple[int, int]:
     return best
 
 
-def grid_shape(cfg: LlavaConfig, size: tuple[int, int]) -> tuple[int, int]:
+def grid_shape(cfg: ModelConfig, size: tuple[int, int]) -> tuple[int, int]:
     """Number of crops (rows, cols) of the anyres grid for an image of `size` (height, width)."""
-    ph, pw = select_best_resolution(size, cfg.image_grid_pinpoints)
+    ph, pw = select_best_resolution(size, cfg.image.pinpoints)
     return ph // cfg.vision.image_size, pw // cfg.vision.image_size
 
 
@@ -71,14 +71,14 @@ def fit_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
     return th, min(math.ceil(w * scale_h), tw)
 
 
-def anyres_geometry(cfg: LlavaConfig, size: tuple[int, int]):
+def anyres_geometry(cfg: ModelConfig, size: tuple[int, int]):
     """Best resolution (h, w), resized content size (h, w) and paste offset (y, x) of the anyres canvas."""
-    if not cfg.is_next:
+    if not cfg.image.anyres:
         raise ValueError("the anyres grid exists only for LLaVA-NeXT configs")
-    if not cfg.image_grid_pinpoints:
+    if not cfg.image.pinpoints:
         raise ValueError("LLaVA-NeXT config has no image_grid_pinpoints")
     s = cfg.vision.image_size
-    best = select_best_resolution(size, cfg.image_grid_pinpoints)
+    best = select_best_resolution(size, cfg.image.pinpoints)
     if best[0] % s or best[1] % s:
         raise ValueError(f"pinpoint {best} is not a multiple of the vision image_size {s}")
     fit = fit_size(size, best)
@@ -86,7 +86,7 @@ def anyres_geometry(cfg: LlavaConfig, size: tuple[int, int]):
     return best, fit, paste
 
 
-def crop_boxes(cfg: LlavaConfig, best: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+def crop_boxes(cfg: ModelConfig, best: tuple[int, int]) -> list[tuple[int, int, int, int]]:
     """(x0, y0, x1, y1) of each grid crop in the best-resolution canvas of (height, width) `best`, row-major."""
     s = cfg.vision.image_size
     return [(c * s, r * s, (c + 1) * s, (r + 1) * s) for r in range(best[0] // s) for c in range(best[1] // s)]
@@ -116,13 +116,13 @@ def unpad_box(size: tuple[int, int], grid_hw: tuple[int, int],
     return 0, gh, pad, gw - pad
 
 
-def downsampled_shape(cfg: LlavaConfig, unpadded: tuple[int, int]) -> tuple[int, int] | None:
+def downsampled_shape(cfg: ModelConfig, unpadded: tuple[int, int]) -> tuple[int, int] | None:
     """OneVision (`anyres_max_N`): the (rows, cols) an unpadded grid of `unpadded` patches is bilinearly resized
     to, when it holds more than 1.1^2 times N crops' worth of patches; None when it is kept as it is."""
-    if cfg.max_grid_crops is None:
+    if cfg.image.max_grid_crops is None:
         return None
     h, w = unpadded
-    ratio = math.sqrt(h * w / (cfg.max_grid_crops * cfg.vision.grid**2))
+    ratio = math.sqrt(h * w / (cfg.image.max_grid_crops * cfg.vision.grid**2))
     return (int(h // ratio), int(w // ratio)) if ratio > 1.1 else None
 
 
@@ -180,7 +180,7 @@ class ImageLayout:
     def is_cell(self) -> np.ndarray:
         return self.crop == CELL
 
-    def _flat(self, cfg: LlavaConfig, crop: np.ndarray, row: np.ndarray, col: np.ndarray) -> np.ndarray:
+    def _flat(self, cfg: ModelConfig, crop: np.ndarray, row: np.ndarray, col: np.ndarray) -> np.ndarray:
         """Index in the flat [crops * features_per_crop] array of patch (row, col) of `crop` (grid crops in the
         full grid frame; row -1: the CLS feature)."""
         g = cfg.vision.grid
@@ -189,13 +189,13 @@ class ImageLayout:
         within = np.where(row < 0, 0, local_r * g + local_c - cfg.patch_offset)
         return crop * cfg.features_per_crop + within
 
-    def feature_index(self, cfg: LlavaConfig, crop_offset: int) -> np.ndarray:
+    def feature_index(self, cfg: ModelConfig, crop_offset: int) -> np.ndarray:
         """Index of each feature in the flat [crops * features_per_crop (+1 newline)] array; the
         newline maps to -2 and a downsampled cell to -3 (both resolved by the caller: cells from `taps`)."""
         index = self._flat(cfg, crop_offset + np.maximum(self.crop, 0), self.row, self.col)
         return np.where(self.is_newline, -2, np.where(self.is_cell, -3, index))
 
-    def taps(self, cfg: LlavaConfig, crop_offset: int) -> tuple[np.ndarray, np.ndarray]:
+    def taps(self, cfg: ModelConfig, crop_offset: int) -> tuple[np.ndarray, np.ndarray]:
         """The bilinear sources of the downsampled cells, in sequence order: flat feature indices [M, 4] (as
         `feature_index`) and weights [M, 4] float32, taps ordered (top-left, top-right, bottom-left,
         bottom-right). Empty when the grid is not downsampled."""
@@ -211,7 +211,7 @@ class ImageLayout:
         weight = rw[rows][:, [0, 0, 1, 1]] * cw[cols][:, [0, 1, 0, 1]]
         return self._flat(cfg, crop, r, c), weight.astype(np.float32)
 
-    def rects(self, cfg: LlavaConfig) -> np.ndarray:
+    def rects(self, cfg: ModelConfig) -> np.ndarray:
         """[F, 4] (x0, y0, x1, y1) of each feature's patch in pixels of its frame (the base crop for crop 0, the
         padded best-resolution canvas for grid patches and cells); NaN for CLS and newline features. A crop's
         patches cover its first grid * patch_size pixels (384 px crops of 14 px patches leave 6 px unseen)."""
@@ -237,18 +237,18 @@ class ImageLayout:
         return out
 
 
-def image_layout(cfg: LlavaConfig, size: tuple[int, int] | None = None) -> ImageLayout:
+def image_layout(cfg: ModelConfig, size: tuple[int, int] | None = None) -> ImageLayout:
     """The feature plan of one image; `size` (height, width) is needed for LLaVA-NeXT."""
     g = cfg.vision.grid
     patch = np.arange(cfg.features_per_crop) + cfg.patch_offset  # -1: the CLS token
     rows, cols = np.where(patch >= 0, patch // g, -1), np.where(patch >= 0, patch % g, -1)
     base = (np.zeros(len(rows), int), rows, cols)
-    if not cfg.is_next:
+    if not cfg.image.anyres:
         return ImageLayout(*base, num_crops=1)
     if size is None:
         raise ValueError("image_sizes: LLaVA-NeXT needs each image's (height, width)")
     nh, nw = grid_shape(cfg, size)
-    r0, r1, c0, c1 = unpad_box(size, (nh * g, nw * g), cfg.image_geometry)
+    r0, r1, c0, c1 = unpad_box(size, (nh * g, nw * g), cfg.image.geometry)
     cells = downsampled_shape(cfg, (r1 - r0, c1 - c0))
     down = None if cells is None else Downsampling((r0, c0), (r1 - r0, c1 - c0), cells)
     if down is not None:  # cell rows and columns, each row ending in a newline slot
@@ -264,19 +264,19 @@ def image_layout(cfg: LlavaConfig, size: tuple[int, int] | None = None) -> Image
 # ---- boxes -> slots ------------------------------------------------------------------------------------------------
 
 
-def box_in_base(box: Box, size: tuple[int, int], cfg: LlavaConfig, resize: str = "shortest_edge") -> Rect:
+def box_in_base(box: Box, size: tuple[int, int], cfg: ModelConfig, resize: str = "shortest_edge") -> Rect:
     """(x0, y0, x1, y1) of `box` in the pixel frame of the base crop (S x S); `resize`: the processor's
     (`ProcessorSettings.resize`: "exact" squashes a LLaVA-1.5 image too, as SigLIP's processor does)."""
     x, y, w, h = box
     s = cfg.vision.image_size
-    if cfg.is_next or resize == "exact":  # squash resize
+    if cfg.image.anyres or resize == "exact":  # squash resize
         ih, iw = size
         return x * s / iw, y * s / ih, (x + w) * s / iw, (y + h) * s / ih
     side, ox, oy = pad_geometry(size)  # pad to square, resize to S x S (the center crop is then a no-op)
     return (x + ox) * s / side, (y + oy) * s / side, (x + w + ox) * s / side, (y + h + oy) * s / side
 
 
-def box_in_grid(box: Box, size: tuple[int, int], cfg: LlavaConfig) -> Rect:
+def box_in_grid(box: Box, size: tuple[int, int], cfg: ModelConfig) -> Rect:
     """(x0, y0, x1, y1) of `box` in the padded best-resolution frame of the anyres grid (LLaVA-NeXT)."""
     x, y, w, h = box
     _, (fh, fw), (py, px) = anyres_geometry(cfg, size)
@@ -284,7 +284,7 @@ def box_in_grid(box: Box, size: tuple[int, int], cfg: LlavaConfig) -> Rect:
     return x * fw / iw + px, y * fh / ih + py, (x + w) * fw / iw + px, (y + h) * fh / ih + py
 
 
-def original_rects(cfg: LlavaConfig, size: tuple[int, int], resize: str = "shortest_edge") -> np.ndarray:
+def original_rects(cfg: ModelConfig, size: tuple[int, int], resize: str = "shortest_edge") -> np.ndarray:
     """[F, 4] (x0, y0, x1, y1) in original image pixels of what each image feature (order of `image_layout(cfg,
     size)`) sees: its patch (or OneVision cell) carried back through the crop's geometry (`box_in_base`,
     `box_in_grid` inverted) and clipped to the image. NaN for CLS and newline features and for a patch that
@@ -295,12 +295,12 @@ def original_rects(cfg: LlavaConfig, size: tuple[int, int], resize: str = "short
     s = cfg.vision.image_size
     out = np.full_like(rect, np.nan)
     base = layout.crop == 0
-    if cfg.is_next or resize == "exact":  # the base crop is the image squashed to S x S
+    if cfg.image.anyres or resize == "exact":  # the base crop is the image squashed to S x S
         out[base] = rect[base] * np.asarray([w, h, w, h]) / s
     else:  # padded to a square of `side`, then resized to S x S
         side, ox, oy = pad_geometry(size)
         out[base] = rect[base] * side / s - np.asarray([ox, oy, ox, oy])
-    if cfg.is_next:
+    if cfg.image.anyres:
         grid = ~base
         _, (fh, fw), (py, px) = anyres_geometry(cfg, size)
         out[grid] = (rect[grid] - np.asarray([px, py, px, py])) * np.asarray([w / fw, h / fh, w / fw, h / fh])
@@ -315,7 +315,7 @@ def _clip_to_image(box: Box, size: tuple[int, int]) -> Box:
     return x0, y0, min(x + w, size[1]) - x0, min(y + h, size[0]) - y0
 
 
-def overlap_features(cfg: LlavaConfig, size: tuple[int, int], boxes: Iterable[Box],
+def overlap_features(cfg: ModelConfig, size: tuple[int, int], boxes: Iterable[Box],
                      resize: str = "shortest_edge") -> np.ndarray:
     """The "overlap" rule, per image feature (order of `image_layout(cfg, size)`): does its patch overlap any
     box with positive area? Boxes are (x, y, w, h) in original pixels, clipped to the image first; `resize` as
@@ -328,7 +328,7 @@ def overlap_features(cfg: LlavaConfig, size: tuple[int, int], boxes: Iterable[Bo
         return related
     patches = layout.rects(cfg)  # [F, 4], NaN rows never overlap
     frames = [(layout.crop == 0, [box_in_base(b, size, cfg, resize) for b in boxes])]
-    if cfg.is_next:
+    if cfg.image.anyres:
         frames.append((layout.crop != 0, [box_in_grid(b, size, cfg) for b in boxes]))
     for sel, rects in frames:
         r, q = np.asarray(rects, np.float64), patches[sel, None]  # [B, 4], [n, 1, 4]
@@ -338,7 +338,7 @@ def overlap_features(cfg: LlavaConfig, size: tuple[int, int], boxes: Iterable[Bo
     return related
 
 
-def patch_features(cfg: LlavaConfig, size: tuple[int, int], per_patch: np.ndarray) -> np.ndarray:
+def patch_features(cfg: ModelConfig, size: tuple[int, int], per_patch: np.ndarray) -> np.ndarray:
     """Per image feature (order of `image_layout(cfg, size)`): the value of `per_patch` [crops, g, g] bool
     (one value per patch of each crop the vision tower sees) at the patch that feeds it; False for CLS and
     newline features. A downsampled cell (OneVision) is True when every patch it blends with a positive

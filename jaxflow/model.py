@@ -18,13 +18,13 @@ import numpy as np
 from flax import nnx
 
 from jaxflow import checkpoint, sharding
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 from jaxflow.geometry import image_layout
 from jaxflow.inputs.images import ProcessorSettings
 from jaxflow.inputs.prompts import default_template, read_chat_template
 from jaxflow.knockout import DenseKnockout, Knockout, KnockoutMasks, stack_knockouts
-from jaxflow.nn.llama import KVCache
-from jaxflow.nn.llava import Llava
+from jaxflow.nn.decoder import KVCache
+from jaxflow.nn.vlm import VisionLanguageModel
 from jaxflow.patching import SITES, Noise, Patch, PatchMasks, SiteEdit, noise_offset, sites_used, stack_patches
 from jaxflow.sample import Batch, ImageLike, Sample
 
@@ -57,7 +57,7 @@ class GenerateOutput:
     finished: np.ndarray  # [B] bool: the row emitted an eos token within max_new_tokens
 
 
-def prepare_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, image_sizes=None,
+def prepare_inputs(cfg: ModelConfig, input_ids, pixel_values=None, image_sizes=None,
                    attention_mask=None, position_ids=None) -> ModelInputs:
     """Host-side: checks the arrays and builds the crop batch and the feature plan."""
     input_ids = np.asarray(input_ids)
@@ -67,7 +67,7 @@ def prepare_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, image_sizes=N
     crops, indices, taps = None, [], []
     if pixel_values is not None:
         pixel_values = np.asarray(pixel_values)
-        if cfg.is_next:
+        if cfg.image.anyres:
             if pixel_values.ndim != 5:
                 raise ValueError(f"pixel_values: LLaVA-NeXT expects [images, crops, C, H, W], got {pixel_values.shape}")
             if image_sizes is None or len(image_sizes) != len(pixel_values):
@@ -121,7 +121,7 @@ def prepare_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, image_sizes=N
 # output per crop).
 
 
-def embed_inputs(module: Llava, inputs: ModelInputs, offset=None, features=None):
+def embed_inputs(module: VisionLanguageModel, inputs: ModelInputs, offset=None, features=None):
     """The decoder's input embeddings [B, T, D], plus `offset` [B, T, D] (a `Noise`) when given."""
     x = module.embed(inputs.input_ids, inputs.crops, inputs.feature_index, inputs.taps, inputs.tap_weights, features)
     return x if offset is None else x + offset.astype(x.dtype)
@@ -133,7 +133,7 @@ def patch_edits(lm, patch, source, q_pos) -> list | None:
 
 
 @functools.partial(nnx.jit, graph=False, static_argnames=("collect",))
-def _forward(module: Llava, inputs: ModelInputs, knock: KnockoutMasks | None, collect: tuple = (),
+def _forward(module: VisionLanguageModel, inputs: ModelInputs, knock: KnockoutMasks | None, collect: tuple = (),
              patch: PatchMasks | None = None, source: dict | None = None, offset=None):
     """logits [(K,) B, T, V] and one array per (kind, layer) pair of `collect` (kinds above), [(K,) B, ...]
     ("image_embeds": [N, F, D], never cut). Only what is collected leaves the computation.
@@ -181,7 +181,7 @@ class Prefill:
 
 
 @functools.partial(nnx.jit, graph=False, static_argnames=("collect_hidden",))
-def prefill_forward(module: Llava, inputs: ModelInputs, last: jax.Array, collect_hidden: bool = False,
+def prefill_forward(module: VisionLanguageModel, inputs: ModelInputs, last: jax.Array, collect_hidden: bool = False,
                     offset=None) -> Prefill:
     """Runs the prompt once; `last` [B] is each row's last position; offset [B, T, D]: added to the input
     embeddings (a `Noise`)."""
@@ -205,7 +205,7 @@ def decode_phases(slots: int) -> tuple[int, ...]:
 
 
 @functools.partial(nnx.jit, graph=False, static_argnames=("size",), donate_argnames=("tokens",))
-def decode_phase(module: Llava, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], lengths: jax.Array,
+def decode_phase(module: VisionLanguageModel, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], lengths: jax.Array,
                  eos: jax.Array, step: jax.Array, tokens: jax.Array, done: jax.Array,
                  k_new: tuple[jax.Array, ...], v_new: tuple[jax.Array, ...], size: int):
     """Greedy decoding on the device, from step `step` until every row is done or `size` tokens have been fed.
@@ -248,7 +248,7 @@ class Model:
     `.metadata` (jaxflow.json: source layout, dtype) of the converted directory; `.no_anyres`: a LLaVA-NeXT
     checkpoint run with LLaVA-1.5 image handling (see `load`)."""
 
-    def __init__(self, module: Llava, config: LlavaConfig, tokenizer=None, path: str | None = None,
+    def __init__(self, module: VisionLanguageModel, config: ModelConfig, tokenizer=None, path: str | None = None,
                  metadata: dict | None = None, mesh: jax.sharding.Mesh | None = None, no_anyres: bool = False):
         self.module, self.config, self.tokenizer = module, config, tokenizer
         self.path, self.metadata, self.mesh, self.no_anyres = path, metadata or {}, mesh, no_anyres
@@ -294,7 +294,8 @@ class Model:
                              object_names=list(named) if isinstance(boxes, dict) else (),
                              related_patches=related_patches, settings=self.processor)
         size = built.image_size
-        return Sample(built.input_ids[None], built.pixel_values, np.asarray([size]) if self.config.is_next else None,
+        sizes = np.asarray([size]) if self.config.image.anyres else None
+        return Sample(built.input_ids[None], built.pixel_values, sizes,
                       built.regions, built.prompt, picture, named, image_layout(self.config, size),
                       original_rects(self.config, size, self.processor.resize), related_patches)
 
@@ -531,7 +532,7 @@ def _pair(knock: KnockoutMasks, patch: PatchMasks):
 
 
 @functools.partial(nnx.jit, graph=False, static_argnames=("sites",))
-def _attribution(module: Llava, inputs: ModelInputs, offset, last, token, source: dict, sites: tuple):
+def _attribution(module: VisionLanguageModel, inputs: ModelInputs, offset, last, token, source: dict, sites: tuple):
     """(a_source - a_target) . dp/da_target per site: [B, L, T] ("z": [B, L, T, H]). dp/da is the gradient of p
     (token [B] at last [B]) with respect to zero offsets added at every site and layer (one backward pass)."""
     lm = module.language_model
@@ -556,7 +557,7 @@ def _attribution(module: Llava, inputs: ModelInputs, offset, last, token, source
 
 
 @nnx.jit(graph=False)
-def _image_features(module: Llava, crops):
+def _image_features(module: VisionLanguageModel, crops):
     return module.image_features(crops)
 
 
@@ -565,11 +566,11 @@ def _regions(inputs) -> list | None:
     return [row.regions for row in inputs.rows] if isinstance(inputs, Sample | Batch) else None
 
 
-def abstract_module(cfg: LlavaConfig, dtype) -> Llava:
-    return nnx.eval_shape(lambda: Llava(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+def abstract_module(cfg: ModelConfig, dtype) -> VisionLanguageModel:
+    return nnx.eval_shape(lambda: VisionLanguageModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-def param_shapes(cfg: LlavaConfig, dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
+def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat parameter name -> ShapeDtypeStruct of the Flax model built from `cfg`."""
     _, state = nnx.split(abstract_module(cfg, dtype))
     return {checkpoint.path_str(path): var.get_value() for path, var in nnx.to_flat_state(state)}
@@ -591,7 +592,7 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
     A damaged model raises `checkpoint.CheckpointIntegrityError` naming the group and the file.
     """
     path = os.fspath(path)
-    cfg = LlavaConfig.from_pretrained(path)
+    cfg = ModelConfig.from_pretrained(path)
     meta = checkpoint.read_metadata(path)
     if verify:
         checkpoint.verify(path)
@@ -610,7 +611,8 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
 
         tokenizer = AutoTokenizer.from_pretrained(path)
     if no_anyres:
-        if cfg.kind != "llava_next":  # OneVision appends a newline even to a single crop: not LLaVA-1.5's geometry
-            raise ValueError(f"{path}: no_anyres applies to LLaVA-NeXT checkpoints; this one is {cfg.kind!r}")
-        cfg = dataclasses.replace(cfg, kind="llava", image_grid_pinpoints=())  # image_newline stays, unused
+        if cfg.model_type != "llava_next":  # OneVision appends a newline even to one crop: not LLaVA-1.5's geometry
+            raise ValueError(f"{path}: no_anyres applies to LLaVA-NeXT checkpoints; this one is {cfg.model_type!r}")
+        # one crop, as LLaVA-1.5 (the module keeps its image_newline, unused)
+        cfg = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, layout="single", pinpoints=()))
     return Model(nnx.merge(graphdef, state), cfg, tokenizer, path, meta, mesh, no_anyres)

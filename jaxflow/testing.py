@@ -12,7 +12,7 @@ import os
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 from jaxflow.convert import mapping
 
 _DISK_PREFIX = {"text.": "language_model.model.", "lm_head.": "language_model.lm_head.",
@@ -42,7 +42,7 @@ def write_random_checkpoint(path: str, hf_config: dict, seed: int = 0, scale: fl
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=1)
-    cfg = LlavaConfig.from_pretrained(path)
+    cfg = ModelConfig.from_pretrained(path)
     rng = np.random.default_rng(seed)
     shards, current, size = [], {}, 0
     for param, spec in param_shapes(cfg).items():

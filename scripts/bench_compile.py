@@ -20,16 +20,16 @@ def build(layers: int, hidden: int, heads: int, t: int, batch: int, seed: int = 
     import numpy as np
     from flax import nnx
 
-    from jaxflow.config import LlavaConfig
+    from jaxflow.config import ModelConfig
     from jaxflow.knockout import KnockoutMasks
     from jaxflow.model import ModelInputs
-    from jaxflow.nn.llava import Llava
+    from jaxflow.nn.vlm import VisionLanguageModel
     from jaxflow.sweep.flows import window
     from jaxflow.testing import tiny_hf_config
 
-    cfg = LlavaConfig.from_hf(tiny_hf_config(layers=layers, hidden=hidden, heads=heads, kv_heads=heads,
+    cfg = ModelConfig.from_hf(tiny_hf_config(layers=layers, hidden=hidden, heads=heads, kv_heads=heads,
                                              vocab=32064, image_size=336))
-    module = Llava(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+    module = VisionLanguageModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
     ids = jnp.asarray(rng.integers(3, 30000, (batch, t)), jnp.int32)  # text only: the tower is not timed
     inputs = ModelInputs(ids, None, jnp.full((batch, t), -1, jnp.int32), jnp.ones((batch, t), bool),

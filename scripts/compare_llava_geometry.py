@@ -123,9 +123,9 @@ def llava_side(work: str) -> None:
 
 
 def converted_config(next_: bool, side: int, work: str):
-    """The LlavaConfig jaxflow builds for an original LLaVA-1.6 (or 1.5) config, through the converter's
+    """The ModelConfig jaxflow builds for an original LLaVA-1.6 (or 1.5) config, through the converter's
     config translation and transformers' parser."""
-    from jaxflow.config import LlavaConfig
+    from jaxflow.config import ModelConfig
     from jaxflow.convert.converter import original_to_hf_config
 
     original = {
@@ -145,7 +145,7 @@ def converted_config(next_: bool, side: int, work: str):
     os.makedirs(out)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(original_to_hf_config(original, clip, "config.json"), f)
-    return LlavaConfig.from_pretrained(out)
+    return ModelConfig.from_pretrained(out)
 
 
 def jaxflow_origins(cfg, size_hw) -> np.ndarray:
@@ -214,7 +214,7 @@ def main() -> None:
     sizes = task_sizes()
     with tempfile.TemporaryDirectory() as work:
         cfg = converted_config(True, 336, work)
-        assert cfg.image_geometry == "llava", cfg.image_geometry
+        assert cfg.image.geometry == "llava", cfg.image.geometry
 
         def grid_of(h, w):
             nh, nw = grid_shape(cfg, (h, w))
@@ -232,7 +232,8 @@ def main() -> None:
                     cases.append({"name": f"{mode}-{s}-{w}x{h}", "png": png, "mode": mode, "image_size": s,
                                   "pinpoints_wh": scaled_pinpoints(s), "min_side": min(w, h)})
         # sizes (W, H) up to the sweep bound where the two rules give different features, for the order check
-        rules = {rule: dataclasses.replace(cfg, image_geometry=rule) for rule in IMAGE_GEOMETRIES}
+        rules = {rule: dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, geometry=rule))
+                 for rule in IMAGE_GEOMETRIES}
         rule_diff = [(w, h) for w in range(1, args.sweep + 1) for h in range(1, args.sweep + 1)
                      if unpad_box((h, w), grid_of(h, w), "llava") != unpad_box((h, w), grid_of(h, w), "transformers")]
         order = sorted({(w, h) for h, w in sizes} | set(rule_diff))

@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 from jaxflow.inputs import gqa
 from jaxflow.inputs.images import overlap_features, study_features
 from jaxflow.testing import tiny_hf_config
@@ -30,11 +30,11 @@ GEOMETRIES = {"LLaVA-1.5 (pad)": "llava", "LLaVA-NeXT (anyres)": "llava_next"}
 BINS = [(0, 0), (1, 2), (3, 5), (6, 10), (11, 20), (21, None)]
 
 
-def geometry(kind: str) -> LlavaConfig:
+def geometry(kind: str) -> ModelConfig:
     """The real models' image geometry; the language-model sizes do not matter here."""
-    cfg = LlavaConfig.from_hf(tiny_hf_config(kind, image_size=336))
+    cfg = ModelConfig.from_hf(tiny_hf_config(kind, image_size=336))
     assert cfg.vision.patch_size == 14 and cfg.vision.image_size == 336
-    assert not cfg.is_next or [list(p) for p in cfg.image_grid_pinpoints] == PINPOINTS
+    assert not cfg.image.anyres or [list(p) for p in cfg.image.pinpoints] == PINPOINTS
     return cfg
 
 

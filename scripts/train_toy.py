@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxflow.config import LlavaConfig  # noqa: E402
+from jaxflow.config import ModelConfig  # noqa: E402
 from jaxflow.model import Model  # noqa: E402
 from jaxflow.world import TASKS, examples  # noqa: E402
 from jaxflow.world import train as T  # noqa: E402
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     head_only = args.head_only_embedding_stages if arch.tie_word_embeddings else []
     tokenizer = build_tokenizer()
     hf_cfg = T.hf_config(tokenizer, arch)
-    cfg = LlavaConfig.from_hf(hf_cfg)
+    cfg = ModelConfig.from_hf(hf_cfg)
     log(f"arch {arch}; vocab {len(tokenizer)}; image tokens {cfg.features_per_crop}")
 
     def encode(items: list) -> T.Data | None:
@@ -259,7 +259,7 @@ def export_check(module, cfg, tokenizer, out, data) -> float:
     return float(np.abs(ours - theirs)[mask.astype(bool)].max())
 
 
-def model_card(m: dict, cfg: LlavaConfig, tokenizer) -> str:
+def model_card(m: dict, cfg: ModelConfig, tokenizer) -> str:
     v, t, a = cfg.vision, cfg.text, m["args"]
     rows = "\n".join(f"| {task} | {m['accuracy'][task]:.3f} |" for task in TASKS)
     focus = ", ".join(a["focus_tasks"].split(","))
@@ -304,7 +304,7 @@ What `jaxflow demo` finds in it, next to the study's findings: [FINDINGS.md](FIN
 | --- | --- |
 | vision (CLIP ViT, quick_gelu) | {v.image_size} px, patch {v.patch_size} ({v.grid}x{v.grid} patches + CLS), hidden \
 {v.hidden_size}, {v.num_layers} layers, {v.num_heads} heads |
-| feature layer | {cfg.vision_feature_layers[0]} (CLS dropped: {cfg.features_per_crop} image tokens); the last CLIP \
+| feature layer | {cfg.projector.feature_layers[0]} (CLS dropped: {cfg.features_per_crop} image tokens); the last CLIP \
 layer is never run by LLaVA and is stored untrained |
 | projector | Linear {v.hidden_size}->{t.hidden_size}, GELU, Linear {t.hidden_size}->{t.hidden_size} |
 | language model (Llama) | hidden {t.hidden_size}, {t.num_layers} layers, {t.num_heads} heads ({t.num_kv_heads} kv \

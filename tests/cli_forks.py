@@ -58,9 +58,9 @@ def serve(model_dir: str) -> None:
 
     import jaxflow.cli  # noqa: F401
     import jaxflow.sweep.run  # noqa: F401
-    from jaxflow.config import LlavaConfig
+    from jaxflow.config import ModelConfig
 
-    LlavaConfig.from_pretrained(model_dir)  # transformers' lazily imported config modules (and torch)
+    ModelConfig.from_pretrained(model_dir)  # transformers' lazily imported config modules (and torch)
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(model_dir)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxflow.nn import llama
+from jaxflow.nn import decoder
 
 
 def dense(q, blocks):
@@ -38,7 +38,7 @@ def inputs(seed, b=2, t=13, h=4, kvh=2, hd=8, prefix=0, per_head=False):
 
 
 def dots(tile, q, blocks):
-    jaxpr = jax.make_jaxpr(lambda q, blocks: llama.tiled_attention(q, blocks, tile))(q, blocks)
+    jaxpr = jax.make_jaxpr(lambda q, blocks: decoder.tiled_attention(q, blocks, tile))(q, blocks)
     return sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)
 
 
@@ -49,7 +49,7 @@ def test_tiles_equal_dense_softmax(prefix, per_head, kvh):
     q, blocks = inputs(prefix + kvh, kvh=kvh, prefix=prefix, per_head=per_head)
     ref_out, ref_w = dense(q, blocks)
     for tile in (None, 2 * 4 * 16, 2 * 4 * 30):  # one tile; tiles of 4 x 4 scores; 5 or 6 queries
-        out, w = llama.tiled_attention(q, blocks, tile)
+        out, w = decoder.tiled_attention(q, blocks, tile)
         np.testing.assert_allclose(np.asarray(out), ref_out, atol=2e-6)
         np.testing.assert_allclose(np.asarray(w), ref_w, atol=2e-6)
     # the small tiles do tile: more score and value matmuls than one tile per block
@@ -60,7 +60,7 @@ def test_tiles_skip_the_causal_upper_triangle():
     """Own keys after a query tile are never scored: with 4 query tiles of 4, the own block has 1+2+3+4 tiles."""
     q, blocks = inputs(0, t=16)
     assert dots(2 * 4 * 16, q, blocks) == 2 * (1 + 2 + 3 + 4)
-    out, w = llama.tiled_attention(q, blocks, 2 * 4 * 16)
+    out, w = decoder.tiled_attention(q, blocks, 2 * 4 * 16)
     assert (np.asarray(w)[..., np.triu_indices(16, 1)[0], np.triu_indices(16, 1)[1]] == 0).all()
 
 
@@ -74,10 +74,10 @@ def test_tiled_model_equals_untiled_and_transformers_with_knockouts(twins, monke
     monkeypatch.setenv("JAXFLOW_CPU_ATTENTION", "0")
     jax.clear_caches()
     untiled = tiny.run_case(model, ids, pv, isz, kos)
-    monkeypatch.setattr(llama, "score_tile", lambda: len(ids) * model.config.text.num_heads * 16)
+    monkeypatch.setattr(decoder, "score_tile", lambda: len(ids) * model.config.text.num_heads * 16)
     jax.clear_caches()
     try:
-        assert len(llama._tiles(ids.shape[1], 4)) > 2  # the tiny sequence really is cut into tiles
+        assert len(decoder._tiles(ids.shape[1], 4)) > 2  # the tiny sequence really is cut into tiles
         tiled = tiny.run_case(model, ids, pv, isz, kos)
     finally:
         monkeypatch.undo()

@@ -16,7 +16,7 @@ import zipfile
 import pytest
 
 from jaxflow import cli
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 from jaxflow.demo import ASSET
 from jaxflow.sweep.flows import WindowWarning, check_window
 
@@ -166,7 +166,7 @@ def no_images(tmp_path):
 
 
 def test_a_run_that_records_nothing_exits_1(capsys, tmp_path, no_images, toy_model_dir):
-    layers = LlavaConfig.from_pretrained(toy_model_dir).text.num_layers
+    layers = ModelConfig.from_pretrained(toy_model_dir).text.num_layers
     common = ["--model", toy_model_dir, "--data", "ChooseAttr", "--images", no_images, "--limit", "2"]
     for command, extra in (("sweep", ["--window", str(layers - 1)]), ("lens", [])):
         out = tmp_path / command
@@ -180,7 +180,7 @@ def test_a_run_that_records_nothing_exits_1(capsys, tmp_path, no_images, toy_mod
 
 
 def test_a_window_as_wide_as_the_model_warns_once(capsys, tmp_path, no_images, toy_model_dir):
-    layers = LlavaConfig.from_pretrained(toy_model_dir).text.num_layers
+    layers = ModelConfig.from_pretrained(toy_model_dir).text.num_layers
     args = ["sweep", "--model", toy_model_dir, "--data", "ChooseAttr", "--images", no_images, "--limit", "2",
             "--out", str(tmp_path / "run"), "--window", str(layers)]
     assert cli.main(args) == 1

@@ -22,7 +22,7 @@ from test_parity import hf_forward, jf_ids
 
 import jaxflow
 from jaxflow import checkpoint
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 from jaxflow.convert import ConversionError, convert, mapping
 from jaxflow.convert.sources import PickleSource
 from jaxflow.geometry import grid_shape, image_layout
@@ -224,23 +224,23 @@ def real_geometry(tmp_path_factory):
     src, clip = tiny.save_original(twin, str(root / "src"), str(root / "clip"))
     with open(os.path.join(src, "config.json")) as f:
         assert json.load(f)["image_grid_pinpoints"] == LLAVA_16_PINPOINTS  # the saver writes LLaVA's convention
-    return src, clip, LlavaConfig.from_pretrained(convert(src, str(root / "out"), clip=clip, progress=False))
+    return src, clip, ModelConfig.from_pretrained(convert(src, str(root / "out"), clip=clip, progress=False))
 
 
 @pytest.mark.parametrize("size_wh, grid, features", TIES, ids=[f"{w}x{h}" for (w, h), _, _ in TIES])
 def test_tied_pinpoints_give_llava_grid(real_geometry, size_wh, grid, features):
     *_, cfg = real_geometry
-    assert cfg.image_grid_pinpoints == tuple((h, w) for w, h in LLAVA_16_PINPOINTS)
+    assert cfg.image.pinpoints == tuple((h, w) for w, h in LLAVA_16_PINPOINTS)
     w, h = size_wh
     layout = image_layout(cfg, (h, w))
     assert layout.grid == grid
     assert len(layout) == features
     # reading LLaVA's pairs as (height, width), as before, transposes the grid
-    unswapped = LlavaConfig.from_hf({**_hf(cfg), "image_grid_pinpoints": LLAVA_16_PINPOINTS})
+    unswapped = ModelConfig.from_hf({**_hf(cfg), "image_grid_pinpoints": LLAVA_16_PINPOINTS})
     assert grid_shape(unswapped, (h, w)) == grid[::-1]
 
 
-def _hf(cfg: LlavaConfig) -> dict:
+def _hf(cfg: ModelConfig) -> dict:
     """A transformers config dict for `cfg` (the converted config.json is one; rebuilt here to vary a key)."""
     from transformers import AutoConfig
 
@@ -260,8 +260,8 @@ def test_pinpoints_string_literal(real_geometry, tmp_path):
     src, clip, want = real_geometry
     src = shutil.copytree(src, str(tmp_path / "src"))
     edit_config(src, lambda c: c.update(image_grid_pinpoints=str([tuple(p) for p in LLAVA_16_PINPOINTS])))
-    cfg = LlavaConfig.from_pretrained(convert(src, str(tmp_path / "out"), clip=clip, progress=False))
-    assert cfg.image_grid_pinpoints == want.image_grid_pinpoints
+    cfg = ModelConfig.from_pretrained(convert(src, str(tmp_path / "out"), clip=clip, progress=False))
+    assert cfg.image.pinpoints == want.image.pinpoints
 
 
 @pytest.mark.parametrize("value, needle", [

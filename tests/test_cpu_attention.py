@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_attention import dense
 
-from jaxflow.nn import cpu_attention, llama
+from jaxflow.nn import cpu_attention, decoder
 
 
 def inputs(seed, b=2, t=45, h=4, kvh=2, hd=32, prefix=0, per_head=False):
@@ -47,13 +47,13 @@ def test_kernel_is_built_and_used(monkeypatch):
     """No g++ or a failed build must fail here, not skip: the other tests would compare XLA with itself."""
     assert cpu_attention.enabled()
     q, blocks = inputs(0)
-    assert uses_kernel(llama.attention, q, blocks)
-    assert not uses_kernel(lambda q, blocks: llama.attention(q, blocks, own=False), q, blocks)  # decoding
+    assert uses_kernel(decoder.attention, q, blocks)
+    assert not uses_kernel(lambda q, blocks: decoder.attention(q, blocks, own=False), q, blocks)  # decoding
     one = [(k[:, :, :1], v[:, :, :1], m[:, :, :1, :1]) for k, v, m in blocks]
-    assert not uses_kernel(llama.attention, q[:, :1], one)  # one query
-    assert not uses_kernel(llama.attention, q.astype(jnp.bfloat16), blocks)
+    assert not uses_kernel(decoder.attention, q[:, :1], one)  # one query
+    assert not uses_kernel(decoder.attention, q.astype(jnp.bfloat16), blocks)
     monkeypatch.setenv("JAXFLOW_CPU_ATTENTION", "0")
-    assert not uses_kernel(llama.attention, q, blocks)
+    assert not uses_kernel(decoder.attention, q, blocks)
 
 
 @pytest.mark.parametrize("hd", [8, 32, 40, 64])
@@ -63,11 +63,11 @@ def test_kernel_is_built_and_used(monkeypatch):
 def test_kernel_equals_dense_softmax_and_xla(hd, kvh, per_head, prefix):
     q, blocks = inputs(hd + kvh, hd=hd, kvh=kvh, per_head=per_head, prefix=prefix)
     ref_out, ref_w = dense(q, blocks)
-    out, w = jax.jit(llama.attention)(q, blocks)
+    out, w = jax.jit(decoder.attention)(q, blocks)
     np.testing.assert_allclose(np.asarray(out), ref_out, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(w), ref_w, atol=1e-5, rtol=1e-5)
     # XLA's tiles agree except on rows that may attend to nothing (it averages the values of its tiles' keys)
-    xla_out, xla_w = llama.tiled_attention(q, blocks)
+    xla_out, xla_w = decoder.tiled_attention(q, blocks)
     some = ~no_key(blocks, q.shape[2])  # [B, H, Tq]
     np.testing.assert_allclose(np.asarray(out).transpose(0, 2, 1, 3)[some],
                                np.asarray(xla_out).transpose(0, 2, 1, 3)[some], atol=1e-5, rtol=1e-5)
@@ -79,18 +79,18 @@ def test_rows_do_not_depend_on_the_other_rows():
     """Rows [a:] recomputed alone, with keys [0, a) as a prefix block, give the full call's results (the knockout
     engine's partial recomputation relies on it)."""
     q, [(k, v, m)] = inputs(1, t=70, h=8, kvh=2, per_head=True)
-    full_out, full_w = llama.attention(q, [(k, v, m)])
+    full_out, full_w = decoder.attention(q, [(k, v, m)])
     for a in (1, 8, 13, 33):
         blocks = [(k[:, :, :a], v[:, :, :a], m[:, :, a:, :a]), (k[:, :, a:], v[:, :, a:], m[:, :, a:, a:])]
-        assert uses_kernel(llama.attention, q[:, a:], blocks)
-        out, w = llama.attention(q[:, a:], blocks)
+        assert uses_kernel(decoder.attention, q[:, a:], blocks)
+        out, w = decoder.attention(q[:, a:], blocks)
         np.testing.assert_allclose(np.asarray(out), np.asarray(full_out)[:, a:], atol=1e-6, rtol=0)
         np.testing.assert_allclose(np.asarray(w), np.asarray(full_w)[:, :, a:], atol=1e-6, rtol=0)
 
 
 def test_rows_that_attend_to_nothing_average_all_values():
     q, blocks = inputs(2, prefix=9)
-    out, w = llama.attention(q, blocks)
+    out, w = decoder.attention(q, blocks)
     b, h, t = np.nonzero(no_key(blocks, q.shape[2]))
     v = np.concatenate([np.asarray(vb) for _, vb, _ in blocks], axis=2)  # [B, K, S, hd]
     g = q.shape[2] // v.shape[1]
@@ -103,7 +103,7 @@ def test_vmap_over_masks_and_leading_dims():
     q, [(k, v, m)] = inputs(3, per_head=True)
     r = np.random.RandomState(3)
     masks = jnp.asarray(np.asarray(m)[None, None] & (r.rand(2, 3, *m.shape) > 0.2))  # [2, 3, B, H, Tq, S]
-    fn = jax.jit(jax.vmap(jax.vmap(lambda m: llama.attention(q, [(k, v, m)]))))
+    fn = jax.jit(jax.vmap(jax.vmap(lambda m: decoder.attention(q, [(k, v, m)]))))
     assert cpu_attention.TARGET in fn.lower(masks).as_text()
     out, w = fn(masks)
     for i in range(2):
@@ -119,7 +119,7 @@ def test_gradient_is_xla_attentions(monkeypatch):
     out_w = jnp.asarray(r.randn(*q.shape).astype(np.float32))
 
     def loss(q, kv):
-        out, w = llama.attention(q, [(*x, m) for x, (_, _, m) in zip(kv, blocks, strict=True)])
+        out, w = decoder.attention(q, [(*x, m) for x, (_, _, m) in zip(kv, blocks, strict=True)])
         return (out * out_w).sum() + (w**2).sum()
 
     kv = [(k, v) for k, v, _ in blocks]

@@ -14,7 +14,7 @@ from test_knockout import cut_tensor, specs
 from test_parity import hf_forward, hf_greedy
 
 import jaxflow
-from jaxflow.config import LlavaConfig, UnsupportedConfigError
+from jaxflow.config import ModelConfig, UnsupportedConfigError
 from jaxflow.convert import ConversionError, convert
 from jaxflow.reference import embeddings, run_layers
 
@@ -226,15 +226,15 @@ def test_unsupported_text_configs_are_named(text, match):
     base = tiny.hf_config("llava", text_type=family).to_dict()
     base["text_config"] = {**base["text_config"], **text}
     with pytest.raises(UnsupportedConfigError, match=match):
-        LlavaConfig.from_hf(base)
+        ModelConfig.from_hf(base)
 
 
 def test_qwen2_sliding_window_in_every_layer_is_read():
     d = tiny.hf_config("llava", text_type="qwen2", sliding_window=8).to_dict()
     assert d["text_config"]["layer_types"] == ["sliding_attention"] * 3
-    assert LlavaConfig.from_hf(d).text.sliding_window == 8
+    assert ModelConfig.from_hf(d).text.sliding_window == 8
     d["text_config"].update(use_sliding_window=False, sliding_window=8, layer_types=None)  # no window at all
-    assert LlavaConfig.from_hf(d).text.sliding_window is None
+    assert ModelConfig.from_hf(d).text.sliding_window is None
 
 
 def test_missing_and_unexpected_biases_are_named(twins, tmp_path):

@@ -18,7 +18,7 @@ from transformers.image_processing_utils import select_best_resolution as hf_sel
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 from jaxflow.geometry import image_layout
 from jaxflow.inputs.images import (
     OPENAI_CLIP_MEAN,
@@ -37,14 +37,14 @@ SIZES = [(5, 7), (7, 5), (1, 1), (336, 336), (337, 673), (500, 300), (300, 500),
          (2, 1000), (1000, 3), (480, 640), (641, 479), (333, 1000), (1200, 1200), (99, 1001)]
 
 
-def _config(kind: str, strategy: str = "default") -> LlavaConfig:
+def _config(kind: str, strategy: str = "default") -> ModelConfig:
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   image_size=S, patch_size=P, hidden_act="quick_gelu")
     text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     common = dict(vision_config=vision, text_config=text, vision_feature_select_strategy=strategy)
     if kind == "llava_next":
-        return LlavaConfig.from_hf(transformers.LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common).to_dict())
-    return LlavaConfig.from_hf(transformers.LlavaConfig(**common).to_dict())
+        return ModelConfig.from_hf(transformers.LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common).to_dict())
+    return ModelConfig.from_hf(transformers.LlavaConfig(**common).to_dict())
 
 
 CFG15 = _config("llava")
@@ -288,7 +288,7 @@ def _tint_planes(pixels, cfg, size):
     rgb = (pixels.reshape(-1, 3, S, S) * std + mean) * 255  # [crops, 3, S, S]
     tint = rgb[:, 0] - rgb[:, 1]
     planes = {0: tint[0]}
-    if cfg.is_next:
+    if cfg.image.anyres:
         nh, nw = image_layout(cfg, size).grid
         planes[1] = tint[1:].reshape(nh, nw, S, S).transpose(0, 2, 1, 3).reshape(nh * S, nw * S)
     return planes

@@ -17,7 +17,7 @@ import tiny
 import torch
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from jaxflow.config import LlavaConfig, UnsupportedConfigError
+from jaxflow.config import ModelConfig, UnsupportedConfigError
 from jaxflow.convert import convert
 from jaxflow.geometry import image_layout
 from jaxflow.model import prepare_inputs
@@ -72,12 +72,12 @@ def transformers_count(w: int, h: int) -> int:
     return G * G + kept.shape[1] * (kept.shape[2] + 1)
 
 
-def config(geometry: str | None) -> LlavaConfig:
+def config(geometry: str | None) -> ModelConfig:
     d = tiny.hf_config("llava_next", image_size=SIDE,
                        pinpoints=[[ph, pw] for pw, ph in LLAVA_16_PINPOINTS_WH]).to_dict()
     if geometry is not None:
         d["jaxflow_image_geometry"] = geometry
-    return LlavaConfig.from_hf(d)
+    return ModelConfig.from_hf(d)
 
 
 def test_known_llava_counts():
@@ -91,10 +91,10 @@ def test_feature_counts_follow_the_geometry(size_wh):
     w, h = size_wh
     llava, transformers = llava_count(w, h), transformers_count(w, h)
     assert (llava != transformers) == (size_wh in DIFFERING_WH)
-    assert config("llava").image_geometry == "llava"
+    assert config("llava").image.geometry == "llava"
     assert len(image_layout(config("llava"), (h, w))) == llava
     assert len(image_layout(config("transformers"), (h, w))) == transformers
-    assert config(None).image_geometry == "transformers"  # llava-hf configs carry no attribute
+    assert config(None).image.geometry == "transformers"  # llava-hf configs carry no attribute
     assert len(image_layout(config(None), (h, w))) == transformers
 
 
@@ -118,14 +118,14 @@ def test_llava_feature_order(size_wh):
 def test_unknown_geometry_is_refused():
     d = tiny.hf_config("llava_next").to_dict()
     with pytest.raises(UnsupportedConfigError, match="jaxflow_image_geometry='pytorch'"):
-        LlavaConfig.from_hf({**d, "jaxflow_image_geometry": "pytorch"})
+        ModelConfig.from_hf({**d, "jaxflow_image_geometry": "pytorch"})
 
 
 def test_converted_checkpoints_name_their_geometry(twins):
     _, original = twins("llava_next", "original")
     _, hf = twins("llava_next", "llava-hf")
-    assert original.config.image_geometry == "llava"
-    assert hf.config.image_geometry == "transformers"
+    assert original.config.image.geometry == "llava"
+    assert hf.config.image.geometry == "transformers"
     with open(os.path.join(original.path, "config.json")) as f:
         assert json.load(f)["jaxflow_image_geometry"] == "llava"
 
@@ -134,8 +134,8 @@ def test_converted_original_model_takes_llavas_feature_count(tmp_path):
     """An original LLaVA-1.6-geometry checkpoint, converted: a 55 x 176 image needs LLaVA's 1296 image tokens."""
     twin = tiny.hf_model("llava_next", image_size=SIDE, pinpoints=[[ph, pw] for pw, ph in LLAVA_16_PINPOINTS_WH])
     src, clip = tiny.save_original(twin, str(tmp_path / "src"), str(tmp_path / "clip"))
-    cfg = LlavaConfig.from_pretrained(convert(src, str(tmp_path / "out"), clip=clip, progress=False))
-    assert cfg.image_geometry == "llava"
+    cfg = ModelConfig.from_pretrained(convert(src, str(tmp_path / "out"), clip=clip, progress=False))
+    assert cfg.image.geometry == "llava"
     pixels = np.zeros((1, 3, 3, SIDE, SIDE), np.float32)  # base + 2 x 1 crops
     for n, ok in ((1296, True), (1392, False)):
         ids = np.array([[1] + [cfg.image_token_id] * n + [2]])

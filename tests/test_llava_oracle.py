@@ -180,7 +180,7 @@ class Oracle:
             ids[i, : len(x)], mask[i, : len(x)] = x.input_ids, 1
         pixels = [x.pixel_values[0] for x in rows]
         sizes = None
-        if model.config.is_next:  # crops padded to the most any row has; each row uses its own count
+        if model.config.image.anyres:  # crops padded to the most any row has; each row uses its own count
             crops = max(len(p) for p in pixels)
             pixels = [np.concatenate([p, np.zeros((crops - len(p),) + p.shape[1:], p.dtype)]) for p in pixels]
             sizes = np.asarray([x.image_size for x in rows])
@@ -356,7 +356,7 @@ def test_image_feature_order(oracle, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_input_embeddings(oracle, variant):
-    """Llava.embed on jaxflow's own inputs == prepare_inputs_labels_for_multimodal's inputs_embeds."""
+    """VisionLanguageModel.embed on jaxflow's own inputs == prepare_inputs_labels_for_multimodal's inputs_embeds."""
     model = oracle.model(variant)
     inputs, lengths = oracle.jaxflow_batch(variant)
     embeds = np.asarray(model.module.embed(inputs.input_ids, inputs.crops, inputs.feature_index))  # [B, T, D]

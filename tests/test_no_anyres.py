@@ -24,7 +24,7 @@ def test_no_anyres_is_llava_1_5_on_the_next_weights(twins):
     hf_next, next_model = twins("llava_next", "llava-hf")
     model = jaxflow.load(next_model.path, no_anyres=True)
     cfg = model.config
-    assert model.no_anyres and cfg.kind == "llava" and not cfg.is_next
+    assert model.no_anyres and cfg.model_type == "llava_next" and not cfg.image.anyres
     size = (30, 100)  # (H, W): anyres would give a base crop, a grid and newline rows
     assert len(image_layout(cfg, size)) == cfg.vision.grid ** 2 == 9 < len(image_layout(next_model.config, size))
 

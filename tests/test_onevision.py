@@ -30,7 +30,7 @@ from transformers.models.llava_onevision.processing_llava_onevision import Llava
 
 import jaxflow
 from jaxflow import Knockout, geometry
-from jaxflow.config import LlavaConfig, UnsupportedConfigError
+from jaxflow.config import ModelConfig, UnsupportedConfigError
 from jaxflow.convert import ConversionError, convert
 from jaxflow.inputs import images
 from jaxflow.reference import dense_cut, embeddings, run_layers
@@ -81,12 +81,12 @@ def test_bilinear_taps_equal_torch_interpolate(src, dst):
     assert np.abs(ours - ref).max() < 1e-6
 
 
-def _real_geometry(strategy="default") -> LlavaConfig:
+def _real_geometry(strategy="default") -> ModelConfig:
     """OneVision-7B geometry (384 px crops of 27 x 27 patches, its 36 pinpoints) on a CLIP tower."""
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=384, patch_size=14, hidden_act="quick_gelu")
-    return LlavaConfig.from_hf(ov_config(vision_config=vision.to_dict(), vision_feature_select_strategy=strategy,
-                                         image_grid_pinpoints=LlavaOnevisionImageProcessorPil.image_grid_pinpoints)
+    return ModelConfig.from_hf(ov_config(vision_config=vision.to_dict(), vision_feature_select_strategy=strategy,
+                                         image_grid_pinpoints=LlavaOnevisionImageProcessorPil.image.pinpoints)
                                .to_dict())
 
 
@@ -95,7 +95,7 @@ def test_feature_counts_equal_the_processor():
     geometry, for sizes with and without downsampling."""
     cfg = _real_geometry()
     proc = types.SimpleNamespace(image_processor=types.SimpleNamespace(
-        image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints]), num_image_tokens=27 * 27,
+        image_grid_pinpoints=[list(p) for p in cfg.image.pinpoints]), num_image_tokens=27 * 27,
         vision_aspect_ratio="anyres_max_9")
     proc._get_unpadded_features = types.MethodType(LlavaOnevisionProcessor._get_unpadded_features, proc)
     down = 0
@@ -115,7 +115,7 @@ def test_full_strategy_with_a_cls_tower_is_refused():
 def test_pixels_equal_the_pil_processor():
     proc = LlavaOnevisionImageProcessorPil(size={"height": S, "width": S}, image_grid_pinpoints=PIN)
     settings = images.ProcessorSettings.from_dict(proc.to_dict())
-    cfg = LlavaConfig.from_hf(ov_config().to_dict())
+    cfg = ModelConfig.from_hf(ov_config().to_dict())
     rng = np.random.default_rng(1)
     for h, w in SIZES + ((3, 500), (7, 5)):
         image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
@@ -278,7 +278,7 @@ def test_sweep_incremental_equals_full(ov_model_dir, tmp_path):
     from jaxflow.sweep.flows import parse_flow
 
     model = jaxflow.load(ov_model_dir)
-    assert model.config.kind == "llava_onevision" and model.config.max_grid_crops == 9
+    assert model.config.model_type == "llava_onevision" and model.config.image.max_grid_crops == 9
     data, image_dir = tiny.task_subset(tmp_path, 3)
     with open(data, newline="") as f:
         for r in csv.DictReader(f):  # GQA sizes are downsampled

@@ -15,7 +15,7 @@ import toy_tokenizers
 import transformers
 from test_images import HFNEXT, PINPOINTS, _expected_related, _local_tokenizer
 
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 from jaxflow.geometry import image_layout
 from jaxflow.inputs import gqa, prompts
 from jaxflow.inputs.regions import locate
@@ -30,8 +30,8 @@ def _config(kind, image_token):
     text = dict(vocab_size=2000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     common = dict(vision_config=vision, text_config=text, image_token_index=image_token)
     if kind == "llava_next":
-        return LlavaConfig.from_hf(transformers.LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common).to_dict())
-    return LlavaConfig.from_hf(transformers.LlavaConfig(**common).to_dict())
+        return ModelConfig.from_hf(transformers.LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common).to_dict())
+    return ModelConfig.from_hf(transformers.LlavaConfig(**common).to_dict())
 
 
 def _norm(text):

@@ -16,7 +16,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from jaxflow import cli
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 from jaxflow.geometry import image_layout
 from jaxflow.inputs import gqa, images
 from jaxflow.inputs.images import ProcessorSettings, overlap_features, related_features, study_mask
@@ -101,11 +101,11 @@ def test_study_rule_equals_transformers_on_the_mask(kind):
     base = {(0, r, c) for r in (1, 2) for c in (1, 2)}
     grid = {(1, r, c) for r in (1, 2) for c in (13, 14)}  # the 336 x 336 image sits at x = 168 of a 336 x 672 canvas
     assert patches(related_features(cfg, (336, 336), [(14, 14, 14, 14)], "study")) == \
-        (base | grid if cfg.is_next else base)
+        (base | grid if cfg.image.anyres else base)
     assert patches(related_features(cfg, (336, 336), [(14, 14, 14, 14)], "overlap")) == \
-        ({(0, 1, 1), (1, 1, 13)} if cfg.is_next else {(0, 1, 1)})
+        ({(0, 1, 1), (1, 1, 13)} if cfg.image.anyres else {(0, 1, 1)})
     truncated = related_features(cfg, (336, 336), [(14.9, 14.9, 13.9, 13.9)], "study")
-    assert truncated.sum() == (2 if cfg.is_next else 1)
+    assert truncated.sum() == (2 if cfg.image.anyres else 1)
 
 
 def test_pad_and_canvas_are_never_red():
@@ -121,7 +121,7 @@ def test_pad_and_canvas_are_never_red():
 def _tokenizer_and_configs():
     tok = toy_tokenizers.llama2_tokenizer()
     image = tok.convert_tokens_to_ids("<image>")
-    return tok, {kind: LlavaConfig.from_hf(tiny_hf_config(kind, vocab=len(tok), image_token_index=image))
+    return tok, {kind: ModelConfig.from_hf(tiny_hf_config(kind, vocab=len(tok), image_token_index=image))
                  for kind in ("llava", "llava_next")}
 
 

@@ -20,7 +20,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 import jaxflow
 from jaxflow import Knockout
-from jaxflow.config import LlavaConfig, UnsupportedConfigError
+from jaxflow.config import ModelConfig, UnsupportedConfigError
 from jaxflow.convert import ConversionError, convert
 from jaxflow.geometry import image_layout
 from jaxflow.inputs import gqa, images
@@ -68,7 +68,7 @@ def _inputs(model, kind, **kw):
 
 def test_so400m_config_and_parameters():
     """so400m-patch14-384 as llava-interleave / OneVision configure it: 27 x 27 patches, no CLS, no pre-layernorm."""
-    cfg = LlavaConfig.from_hf(_siglip_llava())
+    cfg = ModelConfig.from_hf(_siglip_llava())
     v = cfg.vision
     assert (v.kind, v.hidden_size, v.num_layers, v.grid, v.layer_norm_eps, v.has_cls) == ("siglip", 1152, 27, 27,
                                                                                              1e-6, False)
@@ -82,16 +82,16 @@ def test_so400m_config_and_parameters():
     assert len(lay) == 729 and (lay.row >= 0).all() and (lay.row[-1], lay.col[-1]) == (26, 26)
 
     # "default" drops the tower's first token as transformers does: for SigLIP a real patch, (0, 0)
-    default = LlavaConfig.from_hf(_siglip_llava("default", -2))
+    default = ModelConfig.from_hf(_siglip_llava("default", -2))
     lay = image_layout(default)
     assert default.features_per_crop == 728 and (lay.row[0], lay.col[0]) == (0, 1)
     assert default.vision_layers_needed() == 26
     np.testing.assert_array_equal(lay.feature_index(default, 2), 2 * 728 + np.arange(728))
 
     # LLaVA-NeXT packs each crop's features as its patch grid: SigLIP needs "full" there
-    assert LlavaConfig.from_hf(_siglip_llava(kind="llava_next")).features_per_crop == 729
+    assert ModelConfig.from_hf(_siglip_llava(kind="llava_next")).features_per_crop == 729
     with pytest.raises(UnsupportedConfigError, match="vision_feature_select_strategy='default'.*siglip"):
-        LlavaConfig.from_hf(_siglip_llava("default", kind="llava_next"))
+        ModelConfig.from_hf(_siglip_llava("default", kind="llava_next"))
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -104,7 +104,7 @@ def test_unsupported_vision_configs_are_named(key, value, match):
     d = _siglip_llava()
     d["vision_config"][key] = value
     with pytest.raises(UnsupportedConfigError, match=match):
-        LlavaConfig.from_hf(d)
+        ModelConfig.from_hf(d)
 
 
 # ---------------------------------------------------------------- the model against transformers
@@ -139,20 +139,20 @@ def test_image_features_match_and_skip_the_post_layernorm(twins, kind, kw):
     ours = np.asarray(model.module.image_features(crops))
     with torch.no_grad():
         out = hf.model.vision_tower(torch.tensor(crops), output_hidden_states=True)
-        layer = cfg.vision_feature_layers[0]
+        layer = cfg.projector.feature_layers[0]
         selected = out.hidden_states[layer]
-        if cfg.select_strategy == "default":
+        if cfg.projector.select_strategy == "default":
             selected = selected[:, 1:]
         ref = hf.model.multi_modal_projector(selected).numpy()
         normed = hf.model.multi_modal_projector(hf.model.vision_tower.post_layernorm(selected)).numpy()
     assert ours.shape == ref.shape == (3, cfg.features_per_crop, cfg.text.hidden_size)
-    assert cfg.features_per_crop == 9 - (cfg.select_strategy == "default")
+    assert cfg.features_per_crop == 9 - (cfg.projector.select_strategy == "default")
     assert np.abs(ours - ref).max() < 1e-5
     assert np.abs(normed - ref).max() > 0.1
     if kind == "llava":  # LlavaModel's own selection agrees
         with torch.no_grad():
             theirs = hf.model.get_image_features(torch.tensor(crops), vision_feature_layer=layer,
-                                                 vision_feature_select_strategy=cfg.select_strategy).pooler_output
+                                                 vision_feature_select_strategy=cfg.projector.select_strategy).pooler_output
         assert np.abs(ours - torch.stack(list(theirs)).numpy()).max() < 1e-5
 
 
@@ -217,9 +217,9 @@ def test_384_px_crops_end_to_end(twins, kind):
         pv, size = images.preprocess(image, cfg, settings)
         theirs = np.asarray(processor(image)["pixel_values"])
         assert pv.shape == theirs.shape and np.abs(pv - theirs).max() <= 1e-6
-        lay = image_layout(cfg, size) if cfg.is_next else image_layout(cfg)
+        lay = image_layout(cfg, size) if cfg.image.anyres else image_layout(cfg)
         ids = np.concatenate([[1], np.full(len(lay), tiny.IMAGE_TOKEN), rng.integers(2, 120, 5)])[None]
-        sizes = np.asarray([size]) if cfg.is_next else None
+        sizes = np.asarray([size]) if cfg.image.anyres else None
         ours = np.asarray(model.logits(ids, pv, sizes))
         ref = hf_forward(hf, ids, pv, sizes).logits.numpy()
         err = np.abs(ours - ref).max()
@@ -304,7 +304,7 @@ SIZES = [(5, 7), (1, 1), (384, 384), (385, 767), (500, 300), (300, 500), (1500, 
 
 
 def test_pixels_match_siglip_image_processor():
-    cfg = LlavaConfig.from_hf(_siglip_llava())
+    cfg = ModelConfig.from_hf(_siglip_llava())
     settings = images.ProcessorSettings.from_dict(_preprocessor_config(384))
     assert settings == images.ProcessorSettings(SIGLIP_MEAN, SIGLIP_STD, 384, None, 3, "exact")
     hf = _siglip_processor(384)
@@ -351,7 +351,7 @@ def _transformers_related(size_hw, boxes, side, grid, patch, offset):
 
 @pytest.mark.parametrize("strategy", ["full", "default"])
 def test_study_rule_goes_through_the_squash(strategy):
-    cfg = LlavaConfig.from_hf(_siglip_llava(strategy, -1 if strategy == "full" else -2))
+    cfg = ModelConfig.from_hf(_siglip_llava(strategy, -1 if strategy == "full" else -2))
     settings = images.ProcessorSettings.from_dict(_preprocessor_config(384))
     rng = np.random.default_rng(0)
     checked = 0

@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 
 import jaxflow
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 from jaxflow.convert import convert
 from jaxflow.inputs import images
 from jaxflow.inputs.regions import build_sample
@@ -34,7 +34,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
     hf_cfg = T.hf_config(tokenizer, TINY)
-    cfg = LlavaConfig.from_hf(hf_cfg)
+    cfg = ModelConfig.from_hf(hf_cfg)
     data = T.encode_examples(examples(4, 0), cfg, tokenizer)
     return hf_cfg, cfg, data
 
@@ -113,7 +113,7 @@ def test_embedding_input_grad_off_reaches_the_matrix_only_through_the_head(tiny,
     the layers do), a tied one's gets the head's share only."""
     _, cfg, data = tiny
     if tie:
-        cfg = LlavaConfig.from_hf(T.hf_config(tokenizer, dataclasses.replace(TINY, tie_word_embeddings=1)))
+        cfg = ModelConfig.from_hf(T.hf_config(tokenizer, dataclasses.replace(TINY, tie_word_embeddings=1)))
     module = T.init_module(cfg, 0)
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     arrays = T.Source("qa", data, T.image_states(module, cfg, data.pixel_values)).batch(np.arange(4))
@@ -141,7 +141,7 @@ def test_export_is_a_faithful_llava_hf_checkpoint(tiny, tokenizer, tmp_path, tie
     hf_cfg, cfg, data = tiny
     if tie:
         hf_cfg = T.hf_config(tokenizer, dataclasses.replace(TINY, tie_word_embeddings=1))
-        cfg = LlavaConfig.from_hf(hf_cfg)
+        cfg = ModelConfig.from_hf(hf_cfg)
         assert cfg.tie_word_embeddings
     module = T.init_module(cfg, 3)
     src = T.export(module, hf_cfg, tokenizer, tmp_path / "hf", seed=3)

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 import jaxflow
 from jaxflow import checkpoint, cli
 from jaxflow.checkpoint import CheckpointIntegrityError
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 from jaxflow.convert import ConversionError, convert
 from jaxflow.model import param_shapes
 from jaxflow.testing import tiny_hf_config, write_random_checkpoint
@@ -77,7 +77,7 @@ def cli_line(args: list[str]) -> tuple[int, list[str]]:
 def test_intact_model_verifies(model_dir, capsys):
     meta = checkpoint.read_metadata(model_dir)
     summary = checkpoint.verify(model_dir)
-    shapes = param_shapes(LlavaConfig.from_pretrained(model_dir)).values()
+    shapes = param_shapes(ModelConfig.from_pretrained(model_dir)).values()
     expected_bytes = sum(int(np.prod(s.shape)) * 4 for s in shapes)  # float32
     assert summary == {"groups": len(meta["groups"]), "bytes": expected_bytes}
     assert cli.main(["verify", model_dir]) == 0
@@ -261,7 +261,7 @@ def test_sigkill_convert_leaves_nothing_or_the_complete_model(tmp_path):
     src = write_random_checkpoint(str(tmp_path / "src"), tiny_hf_config(layers=8, hidden=128),
                                   max_shard_bytes=3 << 20)  # 6.8 MB in 3 shards
     out = tmp_path / "model"
-    n_groups = len({checkpoint.group_of(p) for p in param_shapes(LlavaConfig.from_pretrained(src))})
+    n_groups = len({checkpoint.group_of(p) for p in param_shapes(ModelConfig.from_pretrained(src))})
     cmd = [sys.executable, "-m", "jaxflow.cli", "convert", src, str(out)]
     rng = np.random.default_rng(19)
     seen, digests = Counter(), None

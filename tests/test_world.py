@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 from jaxflow.inputs import gqa
 from jaxflow.inputs.regions import build_sample
 from jaxflow.world import TASKS, examples, generate, image_of, load_scenes
@@ -168,7 +168,7 @@ def test_task_files_load_and_questions_tokenize(dataset, tokenizer):
     out, paths, _ = dataset
     from jaxflow.world.train import hf_config
 
-    cfg = LlavaConfig.from_hf(hf_config(tokenizer))
+    cfg = ModelConfig.from_hf(hf_config(tokenizer))
     image_dir = os.path.join(out, "images")
     for task in TASKS:
         path = paths[task]

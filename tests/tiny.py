@@ -89,7 +89,7 @@ def make_inputs(cfg, num_text=6, image_sizes=((42, 42),), batch=None, seed=0, im
     rows, pixels = [], []
     counts = [num_text] * len(image_sizes) if np.isscalar(num_text) else num_text
     for size, count in zip(image_sizes, counts, strict=True):
-        lay = image_layout(cfg, size) if cfg.is_next else image_layout(cfg)
+        lay = image_layout(cfg, size) if cfg.image.anyres else image_layout(cfg)
         text = rng.integers(2, 120, count)
         rows.append(np.concatenate([[1], np.full(len(lay), image_token), text]))
         crops = lay.num_crops
@@ -100,7 +100,7 @@ def make_inputs(cfg, num_text=6, image_sizes=((42, 42),), batch=None, seed=0, im
     for i, r in enumerate(rows):
         input_ids[i, : len(r)] = r
         mask[i, : len(r)] = 1
-    if cfg.is_next:
+    if cfg.image.anyres:
         p = max(len(x) for x in pixels)
         pv = np.zeros((len(pixels), p, 3, size_px, size_px), np.float32)
         for i, x in enumerate(pixels):

@@ -37,7 +37,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 from jaxflow.geometry import (  # box_in_base, box_in_grid: re-exported for callers of this module
     Box,
     anyres_geometry,
@@ -124,7 +124,7 @@ class ProcessorSettings:
         return cls()
 
 
-def _check_settings(settings: ProcessorSettings, cfg: LlavaConfig) -> None:
+def _check_settings(settings: ProcessorSettings, cfg: ModelConfig) -> None:
     s = cfg.vision.image_size
     for key in ("size", "crop_size"):
         value = getattr(settings, key)
@@ -164,7 +164,7 @@ def normalize(crops: np.ndarray, settings: ProcessorSettings) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def vision_crops(image: PIL.Image.Image, cfg: LlavaConfig,
+def vision_crops(image: PIL.Image.Image, cfg: ModelConfig,
                  settings: ProcessorSettings | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """The crops the vision tower sees, as uint8 pixels [N, S, S, 3] before rescale and normalize, and the
     image's (height, width).
@@ -179,7 +179,7 @@ def vision_crops(image: PIL.Image.Image, cfg: LlavaConfig,
     image = _to_rgb(image)
     s = cfg.vision.image_size
     size_hw = (image.height, image.width)
-    if not cfg.is_next:
+    if not cfg.image.anyres:
         side, ox, oy = pad_geometry(size_hw)
         if settings.resize == "shortest_edge" and (side != image.width or side != image.height):
             fill = tuple(int(x * 255) for x in settings.image_mean)  # truncation, as LLaVA / transformers
@@ -195,7 +195,7 @@ def vision_crops(image: PIL.Image.Image, cfg: LlavaConfig,
     return np.stack([_resize_crop(c, s, settings) for c in crops]), size_hw
 
 
-def preprocess(image: PIL.Image.Image, cfg: LlavaConfig,
+def preprocess(image: PIL.Image.Image, cfg: ModelConfig,
                settings: ProcessorSettings | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """Pixel values of one image for `cfg` and its (height, width).
 
@@ -205,7 +205,7 @@ def preprocess(image: PIL.Image.Image, cfg: LlavaConfig,
     settings = settings or ProcessorSettings()
     crops, size_hw = vision_crops(image, cfg, settings)
     x = normalize(crops, settings)  # [N, 3, S, S]
-    return (x[None] if cfg.is_next else x), size_hw
+    return (x[None] if cfg.image.anyres else x), size_hw
 
 
 def study_mask(size_hw: tuple[int, int], boxes: Iterable[Box]) -> PIL.Image.Image:
@@ -223,7 +223,7 @@ def study_mask(size_hw: tuple[int, int], boxes: Iterable[Box]) -> PIL.Image.Imag
     return mask
 
 
-def study_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[Box],
+def study_features(cfg: ModelConfig, size_hw: tuple[int, int], boxes: Iterable[Box],
                    settings: ProcessorSettings | None = None) -> np.ndarray:
     """The "study" rule, per image feature (order of `image_layout(cfg, size_hw)`): does its patch, in the crops
     the vision tower sees of the `study_mask`, hold a pixel that is exactly pure red?"""
@@ -238,7 +238,7 @@ def study_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[B
     return patch_features(cfg, size_hw, red.reshape(len(crops), g, p, g, p).any(axis=(2, 4)))  # [N, g, g]
 
 
-def related_features(cfg: LlavaConfig, size_hw: tuple[int, int], boxes: Iterable[Box], rule: str = "study",
+def related_features(cfg: ModelConfig, size_hw: tuple[int, int], boxes: Iterable[Box], rule: str = "study",
                      settings: ProcessorSettings | None = None) -> np.ndarray:
     """Per image feature (order of `image_layout(cfg, size_hw)`): is it a related image patch of `boxes` under
     `rule` ("study" or "overlap", see the module docstring)? `settings`: the model's processor settings.

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from jaxflow import geometry
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 from jaxflow.geometry import image_layout
 from jaxflow.inputs import gqa, images, prompts
 
@@ -75,13 +75,13 @@ class RegionError(ValueError):
 default_template = prompts.default_template  # re-exported: callers import it from here
 
 
-def check_region_names(names: Collection[str], cfg: LlavaConfig) -> None:
+def check_region_names(names: Collection[str], cfg: ModelConfig) -> None:
     """ValueError for a name that is not a region (`REGIONS`), or a LLaVA-NeXT region with a LLaVA-1.5 config."""
     unknown = sorted(set(names) - set(REGIONS))
     if unknown:
         raise ValueError(f"unknown region(s) {', '.join(unknown)}; known: {', '.join(REGIONS)}")
     next_only = sorted(set(names) & set(NEXT_REGIONS))
-    if next_only and not cfg.is_next:
+    if next_only and not cfg.image.anyres:
         raise ValueError(f"region(s) {', '.join(next_only)} exist only for LLaVA-NeXT (anyres) models")
 
 
@@ -100,7 +100,7 @@ def _span(encoded, start: int, end: int, what: str) -> np.ndarray:
     return np.asarray(prompts.token_span(encoded, start, end), np.int64)
 
 
-def box_region(cfg: LlavaConfig, size: tuple[int, int], encoded, boxes: Sequence[Box], related_patches: str = "study",
+def box_region(cfg: ModelConfig, size: tuple[int, int], encoded, boxes: Sequence[Box], related_patches: str = "study",
                settings: images.ProcessorSettings | None = None) -> np.ndarray:
     """Image positions of the patches related to `boxes` (after the image's own geometry), by `related_patches`."""
     related = images.related_features(cfg, size, list(boxes), related_patches, settings)
@@ -134,7 +134,7 @@ def _names_region(prompt: prompts.Prompt, encoded, names: Sequence[str]) -> tupl
     return np.unique(np.concatenate(spans)).astype(np.int64), None
 
 
-def locate(cfg: LlavaConfig, tokenizer, size: tuple[int, int], question: str, *, mode: str = "llava-hf",
+def locate(cfg: ModelConfig, tokenizer, size: tuple[int, int], question: str, *, mode: str = "llava-hf",
            template: str | None = None, boxes: Sequence[Box] = (), option_spans=(None, None),
            object_names: Sequence[str] = (), related_patches: str = "study",
            settings: images.ProcessorSettings | None = None):
@@ -175,7 +175,7 @@ def locate(cfg: LlavaConfig, tokenizer, size: tuple[int, int], question: str, *,
     related = images.related_features(cfg, size, list(boxes), related_patches, settings)
     regions["related_image_patches"] = image_pos[related]
     regions["other_image_patches"] = image_pos[~related & ~lay.is_newline]
-    if cfg.is_next:
+    if cfg.image.anyres:
         grid = lay.crop != 0  # everything after the base image: grid patches and newline slots
         regions["image_base"] = image_pos[~grid]
         regions["image_grid"] = image_pos[grid]
@@ -187,7 +187,7 @@ def locate(cfg: LlavaConfig, tokenizer, size: tuple[int, int], question: str, *,
     return prompt, encoded, Regions({k: np.sort(v) for k, v in regions.items()}, undefined)
 
 
-def build_sample(cfg: LlavaConfig, tokenizer, image: Image.Image, question: str, *, mode: str = "llava-hf",
+def build_sample(cfg: ModelConfig, tokenizer, image: Image.Image, question: str, *, mode: str = "llava-hf",
                  template: str | None = None, boxes: Sequence[Box] = (), option_spans=(None, None),
                  object_names: Sequence[str] = (), related_patches: str = "study",
                  settings: images.ProcessorSettings | None = None, required: Collection[str] = ()) -> SampleInputs:
@@ -203,7 +203,7 @@ def build_sample(cfg: LlavaConfig, tokenizer, image: Image.Image, question: str,
                         related_patches)
 
 
-def render(sample: SampleInputs, cfg: LlavaConfig, boxes: Sequence[Box], path: str,
+def render(sample: SampleInputs, cfg: ModelConfig, boxes: Sequence[Box], path: str,
            settings: images.ProcessorSettings | None = None) -> str:
     """Draws what the vision tower sees (the base crop; for LLaVA-NeXT also the anyres grid) with the
     related image patches shaded and the transformed boxes outlined. Saves a PNG at `path`."""
@@ -215,7 +215,7 @@ def render(sample: SampleInputs, cfg: LlavaConfig, boxes: Sequence[Box], path: s
 
     settings = settings or images.ProcessorSettings()
     mean, std = np.asarray(settings.image_mean)[:, None, None], np.asarray(settings.image_std)[:, None, None]
-    crops = sample.pixel_values[0] if cfg.is_next else sample.pixel_values  # [crops, 3, S, S]
+    crops = sample.pixel_values[0] if cfg.image.anyres else sample.pixel_values  # [crops, 3, S, S]
     pictures = np.clip((crops * std + mean).transpose(0, 2, 3, 1), 0, 1)  # [crops, S, S, 3]
     lay = image_layout(cfg, sample.image_size)
     related = np.isin(sample.encoded.image_positions, sample.regions["related_image_patches"])
@@ -223,7 +223,7 @@ def render(sample: SampleInputs, cfg: LlavaConfig, boxes: Sequence[Box], path: s
     rects_px = lay.rects(cfg)  # [F, 4] each feature's patch (or OneVision cell) in its panel's pixels
     panels = [("base image (crop 0)", pictures[0], lay.crop == 0,
                [geometry.box_in_base(b, sample.image_size, cfg, settings.resize) for b in boxes])]
-    if cfg.is_next:
+    if cfg.image.anyres:
         nh, nw = lay.grid
         grid = pictures[1:1 + nh * nw].reshape(nh, nw, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(nh * s, nw * s, 3)
         panels.append((f"anyres grid {nh}x{nw} crops", grid, lay.crop != 0,

@@ -61,5 +61,5 @@ def stack_inputs(model: Model, group: list[Prepared], batch: int, t: int):
     rows = group + [group[0]] * (batch - len(group))
     ids, mask, pixels = pad_rows([p.inputs.input_ids for p in rows], [p.inputs.pixel_values[0] for p in rows], t,
                                  model.tokenizer.pad_token_id or 0)
-    sizes = np.asarray([p.inputs.image_size for p in rows]) if model.config.is_next else None
+    sizes = np.asarray([p.inputs.image_size for p in rows]) if model.config.image.anyres else None
     return model.prepare(ids, pixels, sizes, mask), mask.sum(1)

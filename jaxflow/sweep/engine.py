@@ -35,8 +35,8 @@ from flax import nnx
 from jaxflow import sharding
 from jaxflow.knockout import KnockoutMasks
 from jaxflow.model import ModelInputs, Prefill, embed_inputs, patch_edits, prefill_forward
-from jaxflow.nn.llama import KVCache
-from jaxflow.nn.llava import Llava
+from jaxflow.nn.decoder import KVCache
+from jaxflow.nn.vlm import VisionLanguageModel
 from jaxflow.patching import PatchMasks
 
 
@@ -74,14 +74,14 @@ def _answer_prob(lm, h, token):
     return jnp.take_along_axis(probs, idx, axis=-1)[..., 0], jnp.argmax(probs, axis=-1)
 
 
-def base_run(module: Llava, inputs: ModelInputs, last, offset=None) -> BaseRun:
+def base_run(module: VisionLanguageModel, inputs: ModelInputs, last, offset=None) -> BaseRun:
     """The uncut forward with hidden states, keys and values; the prefill that `Model.generate` continues from.
     offset [B, T, D]: added to the input embeddings (a `Noise` on the target)."""
     return prefill_forward(module, inputs, jnp.asarray(last), collect_hidden=True, offset=offset)
 
 
 @nnx.jit(graph=False)
-def knockout_full(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token,
+def knockout_full(module: VisionLanguageModel, inputs: ModelInputs, knock: KnockoutMasks, last, token,
                   patch: PatchMasks | None = None, source: dict | None = None, offset=None):
     """knock (and patch, from `source`'s activations site -> [L, B, T, ...]) with a leading axis K -> (p [K, B],
     top1 [K, B]) by full recomputation; offset [B, T, D] is added to the input embeddings."""
@@ -161,7 +161,8 @@ def _take(a, idx: np.ndarray):
 
 
 @functools.partial(nnx.jit, graph=False, static_argnames=("plan",))
-def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMasks, q_pos, q_valid, last_in_suffix,
+def knockout_incremental(module: VisionLanguageModel, base: BaseRun, valid, knock: KnockoutMasks, q_pos, q_valid,
+                         last_in_suffix,
                          token, plan: RowPlan, patch: PatchMasks | None = None, source: dict | None = None):
     """Exact partial recomputation (see the module docstring).
 
@@ -220,7 +221,7 @@ def knockout_incremental(module: Llava, base: BaseRun, valid, knock: KnockoutMas
 
 
 @nnx.jit(graph=False)
-def logit_lens(module: Llava, hidden, last, tokens):
+def logit_lens(module: VisionLanguageModel, hidden, last, tokens):
     """hidden (L + 1 x [B, T, D], `Prefill.hidden`), tokens [B, N] -> probabilities [2, L + 1, B, N]: raw
     (no final norm, as the study did) and with the final norm."""
     lm = module.language_model
@@ -275,7 +276,7 @@ def memory_budget() -> int:
     return int(0.5 * psutil.virtual_memory().available)
 
 
-def configuration_bytes(module: Llava, batch: int, t: int, suffix: int | None) -> int:
+def configuration_bytes(module: VisionLanguageModel, batch: int, t: int, suffix: int | None) -> int:
     """Memory one configuration of a knockout call may need, as `auto_chunk` budgets it: the activations of one
     layer over the recomputed queries (all T, or the suffix), its attention scores and the answer's logits, twice
     over."""
@@ -289,7 +290,8 @@ def configuration_bytes(module: Llava, batch: int, t: int, suffix: int | None) -
     return 2 * per  # headroom for XLA's temporaries
 
 
-def auto_chunk(module: Llava, batch: int, t: int, suffix: int | None, k: int, budget: int | None = None) -> int:
+def auto_chunk(module: VisionLanguageModel, batch: int, t: int, suffix: int | None, k: int,
+               budget: int | None = None) -> int:
     """Configurations per call (at most k) that fit `budget` bytes (default `memory_budget()`)."""
     budget = memory_budget() if budget is None else budget
     return int(max(1, min(k, budget // configuration_bytes(module, batch, t, suffix))))
@@ -305,7 +307,7 @@ def _chunks(k: int, chunk: int):
         yield np.minimum(idx, k - 1), min(chunk, k - start)  # pad the last chunk: one shape, one compile
 
 
-def knockout_probs(module: Llava, inputs: ModelInputs, knock: KnockoutMasks | None, last, token, *,
+def knockout_probs(module: VisionLanguageModel, inputs: ModelInputs, knock: KnockoutMasks | None, last, token, *,
                    method="incremental", chunk: int | None = None, budget: int | None = None,
                    base: BaseRun | None = None, mesh: jax.sharding.Mesh | None = None,
                    patch: PatchMasks | None = None, source: dict | None = None, offset=None):
@@ -346,7 +348,8 @@ def uncut(patch: PatchMasks, num_heads: int) -> KnockoutMasks:
     return KnockoutMasks(empty, empty, np.zeros_like(np.asarray(patch.layers)), np.zeros((k, num_heads), bool))
 
 
-def full_calls(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token, *, chunk: int | None = None,
+def full_calls(module: VisionLanguageModel, inputs: ModelInputs, knock: KnockoutMasks, last, token, *,
+               chunk: int | None = None,
                budget: int | None = None, mesh: jax.sharding.Mesh | None = None, patch: PatchMasks | None = None,
                source: dict | None = None, offset=None):
     """The `knockout_full` calls of `knockout_probs(method="full")`, as `incremental_calls` gives them."""
@@ -361,7 +364,7 @@ def full_calls(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, t
         yield idx[:n], (module, inputs, sub, last, token, sub_patch, source, offset)
 
 
-def incremental_calls(module: Llava, inputs: ModelInputs, knock: KnockoutMasks, last, token, *,
+def incremental_calls(module: VisionLanguageModel, inputs: ModelInputs, knock: KnockoutMasks, last, token, *,
                       chunk: int | None = None, budget: int | None = None, base: BaseRun | None = None,
                       mesh: jax.sharding.Mesh | None = None, patch: PatchMasks | None = None,
                       source: dict | None = None, offset=None):

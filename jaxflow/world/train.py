@@ -1,6 +1,6 @@
 """Training the toy LLaVA on the toy world: data, losses, the jitted AdamW step, evaluation and export.
 
-The model is jaxflow's own `Llava` NNX module built from a transformers `LlavaConfig(...).to_dict()`.
+The model is jaxflow's own `VisionLanguageModel` NNX module built from a transformers `LlavaConfig(...).to_dict()`.
 Images go through the code a sweep uses (`jaxflow.inputs.images.preprocess` on the decoded JPEG), prompts
 through `jaxflow.inputs.prompts` (the study's vicuna_v1 template, llava-hf tokenization). The vision tower
 is pretrained on patch labels, then frozen (`image_states` caches its features); the projector and the
@@ -28,11 +28,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
 from jaxflow.inputs import images, prompts
 from jaxflow.model import Model
-from jaxflow.nn.llama import KVCache
-from jaxflow.nn.llava import Llava
+from jaxflow.nn.decoder import KVCache
+from jaxflow.nn.vlm import VisionLanguageModel
 from jaxflow.world.generate import image_of
 from jaxflow.world.questions import TASKS, Example, caption
 from jaxflow.world.scene import ATTRIBUTES, SHAPES, Scene
@@ -84,10 +84,10 @@ def hf_config(tokenizer, arch: Arch = Arch()) -> dict:
     return cfg.to_dict()
 
 
-def init_module(cfg: LlavaConfig, seed: int) -> Llava:
+def init_module(cfg: ModelConfig, seed: int) -> VisionLanguageModel:
     """The Flax module with jaxflow's initialisation (normal(0.02) kernels), CLS and position embeddings
     drawn from normal(0.02) too (jaxflow zero-fills them, which only suits loading)."""
-    module = Llava(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+    module = VisionLanguageModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
     key = jax.random.key(seed + 1)
     vt = module.vision_tower
     k1, k2 = jax.random.split(key)
@@ -96,7 +96,8 @@ def init_module(cfg: LlavaConfig, seed: int) -> Llava:
     return module
 
 
-def deepen(module: Llava, cfg: LlavaConfig, n_new: int, at: int, seed: int) -> tuple[Llava, LlavaConfig]:
+def deepen(module: VisionLanguageModel, cfg: ModelConfig, n_new: int, at: int,
+           seed: int) -> tuple[VisionLanguageModel, ModelConfig]:
     """`module` with `n_new` decoder layers inserted before layer `at`. The new layers' attention output and
     MLP down projections are zero, so each adds nothing to the residual stream and the deeper model computes
     exactly what `module` did until training moves them (depth growth, as in progressive stacking)."""
@@ -167,7 +168,7 @@ def caption_text(ex: Example) -> tuple[str, list[tuple[int, int]]]:
     return head + cap + "</s>", [(len(head), len(head) + len(cap))]
 
 
-def encode_text(cfg: LlavaConfig, tokenizer, text: str, spans: list[tuple[int, int]],
+def encode_text(cfg: ModelConfig, tokenizer, text: str, spans: list[tuple[int, int]],
                 context: tuple[int, int] | None = None, context_weight: float = 0.0):
     """(ids, prompt length, positions, targets, weights): targets are the tokens of each span and the `</s>` after
     it (weight 1), then the tokens of the `context` span after its first (weight `context_weight`)."""
@@ -192,7 +193,7 @@ def encode_text(cfg: LlavaConfig, tokenizer, text: str, spans: list[tuple[int, i
 LABEL_VALUES = {"shape": SHAPES, **ATTRIBUTES}  # patch label columns, in this order
 
 
-def patch_labels(scene: Scene, cfg: LlavaConfig) -> np.ndarray:
+def patch_labels(scene: Scene, cfg: ModelConfig) -> np.ndarray:
     """[g*g, 4] per image patch (row-major): the (shape, colour, material, size) indices + 1 of the object whose
     centre lies in the patch (0: none). The image must be square at the vision image size (no resize between
     scene pixels and patches)."""
@@ -208,12 +209,12 @@ def patch_labels(scene: Scene, cfg: LlavaConfig) -> np.ndarray:
     return labels
 
 
-def _render(chunk: Sequence[Example], cfg: LlavaConfig) -> tuple[np.ndarray, np.ndarray]:
+def _render(chunk: Sequence[Example], cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     pixels = np.concatenate([images.preprocess(image_of(ex), cfg)[0] for ex in chunk])
     return pixels, np.stack([patch_labels(ex.scene, cfg) for ex in chunk])
 
 
-def encode_examples(items: Sequence[Example], cfg: LlavaConfig, tokenizer, workers: int = 1,
+def encode_examples(items: Sequence[Example], cfg: ModelConfig, tokenizer, workers: int = 1,
                     captions: bool = False, images_from: Data | None = None, question_weight: float = 0.0) -> Data:
     """Renders, preprocesses and tokenizes `items`: each question in the study's prompt with its answer, or with
     `captions` the scene's caption (`caption_text`). question_weight > 0 also trains next-token prediction on
@@ -249,16 +250,17 @@ def encode_examples(items: Sequence[Example], cfg: LlavaConfig, tokenizer, worke
                 [ex.answer for ex in items])
 
 
-def image_states(module: Llava, cfg: LlavaConfig, pixel_values: np.ndarray, batch: int = 256) -> np.ndarray:
+def image_states(module: VisionLanguageModel, cfg: ModelConfig, pixel_values: np.ndarray,
+                 batch: int = 256) -> np.ndarray:
     """[N, F, Dv]: the CLIP tower's selected feature layer (CLS dropped), what the projector reads. The tower is
     frozen after its pretraining (as LLaVA freezes CLIP), so training computes it once per image."""
-    layer = cfg.vision_feature_layers[0] % (cfg.vision.num_layers + 1)
+    layer = cfg.projector.feature_layers[0] % (cfg.vision.num_layers + 1)
     run = nnx.jit(lambda tower, px: tower(px)[layer][:, 1:])
     return np.concatenate([np.asarray(run(module.vision_tower, jnp.asarray(pixel_values[i:i + batch])))
                            for i in range(0, len(pixel_values), batch)])
 
 
-def image_start(data: Data, cfg: LlavaConfig) -> int:
+def image_start(data: Data, cfg: ModelConfig) -> int:
     """Position of the first image token, checked to be the same in every row, the F image tokens in a row."""
     start = int(np.argmax(data.input_ids[0] == cfg.image_token_id))
     f = cfg.features_per_crop
@@ -267,7 +269,7 @@ def image_start(data: Data, cfg: LlavaConfig) -> int:
     return start
 
 
-def answer_logits(module: Llava, states, input_ids, seq_lengths, positions, start: int,
+def answer_logits(module: VisionLanguageModel, states, input_ids, seq_lengths, positions, start: int,
                   embedding_input_grad: bool = True):
     """[B, A, V] logits at `positions` [B, A].
 
@@ -295,7 +297,8 @@ def answer_logits(module: Llava, states, input_ids, seq_lengths, positions, star
     return lm.unembed(h).astype(jnp.float32)
 
 
-def answer_loss(module: Llava, states, input_ids, seq_lengths, positions, targets, target_mask, start: int,
+def answer_loss(module: VisionLanguageModel, states, input_ids, seq_lengths, positions, targets, target_mask,
+                start: int,
                 embedding_input_grad: bool = True):
     """Mean cross-entropy of the answer tokens (and each `</s>` closing one) and their accuracy."""
     logits = answer_logits(module, states, input_ids, seq_lengths, positions, start, embedding_input_grad)
@@ -305,7 +308,8 @@ def answer_loss(module: Llava, states, input_ids, seq_lengths, positions, target
     return loss, acc
 
 
-def pretrain_vision(module: Llava, cfg: LlavaConfig, data: Data, *, steps: int, batch: int, lr: float = 3e-3,
+def pretrain_vision(module: VisionLanguageModel, cfg: ModelConfig, data: Data, *, steps: int, batch: int,
+                    lr: float = 3e-3,
                     seed: int = 0, log: Callable[[str], None] | None = print, log_every: int = 100):
     """Trains the CLIP tower alone to tell, patch by patch, the shape, colour, material and size of the object
     centred in it (a linear probe on the selected feature layer, thrown away afterwards), and each patch's
@@ -321,7 +325,7 @@ def pretrain_vision(module: Llava, cfg: LlavaConfig, data: Data, *, steps: int, 
     graphdef, params = nnx.split((module.vision_tower, probe), nnx.Param)
     tx = make_optimizer(steps, lr, min(50, steps // 10))
     opt_state = tx.init(params)
-    layer = cfg.vision_feature_layers[0] % (cfg.vision.num_layers + 1)
+    layer = cfg.projector.feature_layers[0] % (cfg.vision.num_layers + 1)
     bounds = np.cumsum([0] + sizes)
     column = jnp.tile(jnp.arange(g), g)  # [g*g] row-major
 
@@ -381,14 +385,14 @@ class Source:
 
 @dataclasses.dataclass
 class TrainResult:
-    module: Llava
+    module: VisionLanguageModel
     losses: dict[str, list[float]]
     wall_s: float
 
 
-def train(module: Llava, cfg: LlavaConfig, plan: Callable[[int], Source], *, steps: int, batch: int,
+def train(module: VisionLanguageModel, cfg: ModelConfig, plan: Callable[[int], Source], *, steps: int, batch: int,
           lr: float = 2e-3, warmup: int = 100, seed: int = 0, log: Callable[[str], None] | None = print,
-          log_every: int = 250, on_log: Callable[[int, Llava], None] | None = None,
+          log_every: int = 250, on_log: Callable[[int, VisionLanguageModel], None] | None = None,
           embedding_input_grad: bool = True) -> TrainResult:
     """AdamW (cosine schedule, warmup) on the projector and the language model; the CLIP tower stays frozen.
     Step i draws a random batch from `plan(i)` (one source, or a mix over steps).
@@ -435,7 +439,8 @@ def train(module: Llava, cfg: LlavaConfig, plan: Callable[[int], Source], *, ste
 # --- evaluation ------------------------------------------------------------------------------------
 
 
-def first_token_accuracy(module: Llava, cfg: LlavaConfig, source: Source, batch: int = 200) -> dict[str, float]:
+def first_token_accuracy(module: VisionLanguageModel, cfg: ModelConfig, source: Source, batch: int = 200) -> dict[str,
+                         float]:
     """Teacher-forced accuracy of each row's first answer token, per task and overall (a cheap training
     monitor; `predict` + `accuracy` decode for real)."""
     run = nnx.jit(answer_logits, static_argnames="start")
@@ -493,7 +498,7 @@ def _to_disk(value: np.ndarray, transform: str, patch: int) -> np.ndarray:
     return np.ascontiguousarray(value)
 
 
-def unused_vision_layers(cfg: LlavaConfig, seed: int) -> dict[str, np.ndarray]:
+def unused_vision_layers(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
     """Flat jaxflow-named parameters of the CLIP layers after the feature layer (LLaVA never runs them; a
     llava-hf checkpoint still carries them): freshly initialised, like the rest of the model before training."""
     from jaxflow.nn.vision import VisionLayer
@@ -506,7 +511,7 @@ def unused_vision_layers(cfg: LlavaConfig, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def state_dict(module: Llava, cfg: LlavaConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+def state_dict(module: VisionLanguageModel, cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
     """The llava-hf on-disk tensors of `module`: every parameter through the converter's table inverted, plus
     what a transformers checkpoint holds that LLaVA never reads (CLIP post_layernorm, CLIP layers after the
     feature layer)."""
@@ -526,7 +531,7 @@ def state_dict(module: Llava, cfg: LlavaConfig, seed: int = 0, dtype=np.float32)
     return tensors
 
 
-def preprocessor_config(cfg: LlavaConfig) -> dict:
+def preprocessor_config(cfg: ModelConfig) -> dict:
     """transformers' CLIPImageProcessor settings of LLaVA-1.5 at the toy image size (what
     `jaxflow.inputs.images.preprocess` does by default: pad to square, resize, center crop, normalise)."""
     s = cfg.vision.image_size
@@ -538,7 +543,7 @@ def preprocessor_config(cfg: LlavaConfig) -> dict:
             "do_convert_rgb": True, "do_pad": True}
 
 
-def export(module: Llava, hf_cfg: dict, tokenizer, out: str | os.PathLike, *, seed: int = 0,
+def export(module: VisionLanguageModel, hf_cfg: dict, tokenizer, out: str | os.PathLike, *, seed: int = 0,
            dtype=np.float32, extra_files: dict[str, str] | None = None) -> str:
     """Writes the llava-hf checkpoint directory `out`: config.json, model.safetensors, tokenizer files,
     generation_config.json, preprocessor_config.json (and `extra_files`: name -> text)."""
@@ -546,7 +551,7 @@ def export(module: Llava, hf_cfg: dict, tokenizer, out: str | os.PathLike, *, se
 
     out = os.fspath(out)
     os.makedirs(out, exist_ok=True)
-    cfg = LlavaConfig.from_hf(hf_cfg)
+    cfg = ModelConfig.from_hf(hf_cfg)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2, sort_keys=True)
     save_file(state_dict(module, cfg, seed, dtype), os.path.join(out, "model.safetensors"), metadata={"format": "pt"})

@@ -54,7 +54,7 @@ class KVCache:
     valid: jax.Array
 
 
-class LlamaAttention(nnx.Module):
+class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.qkv_bias
@@ -224,11 +224,11 @@ def tiled_attention(q, blocks, tile: int | None = None, own: bool = True):
     return out, jnp.concatenate(weights, axis=3).reshape(b, h, t, keys)
 
 
-class LlamaLayer(nnx.Module):
+class DecoderLayer(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
-        self.self_attn = LlamaAttention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
         self.gate_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "mlp"))
         self.up_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs, axes=("embed", "mlp"))
@@ -266,11 +266,11 @@ class DecoderOutput:
     z: tuple[jax.Array, ...] | None = None  # L x [B, Tq, H, hd]: each attention's per-head output before o_proj
 
 
-class LlamaModel(nnx.Module):
+class Decoder(nnx.Module):
     def __init__(self, cfg: TextConfig, *, tie_word_embeddings: bool, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([LlamaLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = (None if tie_word_embeddings
                         else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs,

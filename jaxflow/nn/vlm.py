@@ -1,4 +1,5 @@
-"""LLaVA: vision tower (CLIP or SigLIP) -> projector -> image features placed at the image-token positions -> Llama.
+"""A vision-language model: vision tower -> projector -> image features placed at the image-token positions ->
+decoder, each part chosen from the config (`TOWERS`, `PROJECTORS`, `DECODERS`).
 
 `feature_index` [B, T] (built on the host from `jaxflow.geometry.image_layout`) says, per sequence position,
 which image feature fills it (-1: a text token keeps its embedding). One gather serves LLaVA-1.5 (features
@@ -13,39 +14,49 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxflow.config import LlavaConfig
+from jaxflow.config import ModelConfig
+from jaxflow.nn.decoder import Decoder
 from jaxflow.nn.layers import Linear, param
-from jaxflow.nn.llama import LlamaModel
 from jaxflow.nn.vision import VisionTower
 
 
-class Projector(nnx.Module):
-    def __init__(self, cfg: LlavaConfig, *, dtype, rngs):
-        d_in = cfg.vision.hidden_size * len(cfg.vision_feature_layers)
-        d = cfg.text.hidden_size
-        self.linear_1 = Linear(d_in, d, bias=cfg.projector_bias, dtype=dtype, rngs=rngs, axes=(None, "embed"))
-        self.linear_2 = Linear(d, d, bias=cfg.projector_bias, dtype=dtype, rngs=rngs, axes=("embed", "embed"))
+class MlpProjector(nnx.Module):
+    """LLaVA's projector: linear -> GELU -> linear, from the selected tower states (concatenated) to the decoder's
+    width."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs):
+        d_in = cfg.vision.hidden_size * len(cfg.projector.feature_layers)
+        d, bias = cfg.text.hidden_size, cfg.projector.bias
+        self.linear_1 = Linear(d_in, d, bias=bias, dtype=dtype, rngs=rngs, axes=(None, "embed"))
+        self.linear_2 = Linear(d, d, bias=bias, dtype=dtype, rngs=rngs, axes=("embed", "embed"))
 
     def __call__(self, x):
         return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
 
 
-class Llava(nnx.Module):
-    def __init__(self, cfg: LlavaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+# the module class of each part, by the config's kind (VisionConfig.kind, ProjectorConfig.kind,
+# TextConfig.model_type)
+TOWERS = {"clip": VisionTower, "siglip": VisionTower}
+PROJECTORS = {"mlp": MlpProjector}
+DECODERS = {"llama": Decoder, "mistral": Decoder, "qwen2": Decoder}
+
+
+class VisionLanguageModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
         self.cfg = cfg
-        self.vision_tower = VisionTower(cfg.vision, cfg.vision_layers_needed(), dtype=dtype, rngs=rngs)
-        self.projector = Projector(cfg, dtype=dtype, rngs=rngs)
-        self.image_newline = param(jnp.zeros((cfg.text.hidden_size,), dtype), ("embed",)) if cfg.is_next else None
-        self.language_model = LlamaModel(cfg.text, tie_word_embeddings=cfg.tie_word_embeddings,
-                                         dtype=dtype, rngs=rngs)
+        self.vision_tower = TOWERS[cfg.vision.kind](cfg.vision, cfg.vision_layers_needed(), dtype=dtype, rngs=rngs)
+        self.projector = PROJECTORS[cfg.projector.kind](cfg, dtype=dtype, rngs=rngs)
+        self.image_newline = param(jnp.zeros((cfg.text.hidden_size,), dtype), ("embed",)) if cfg.image.anyres else None
+        self.language_model = DECODERS[cfg.text.model_type](cfg.text, tie_word_embeddings=cfg.tie_word_embeddings,
+                                                            dtype=dtype, rngs=rngs)
 
     def image_features(self, crops):
         """crops [N, C, S, S] -> projected features [N, F, D] (F = features per crop)."""
         states = self.vision_tower(crops)  # [Lv + 1, N, 1 + g*g, Dv]
         n = self.cfg.vision.num_layers
-        selected = [states[layer % (n + 1)] for layer in self.cfg.vision_feature_layers]
-        if self.cfg.select_strategy == "default":
+        selected = [states[layer % (n + 1)] for layer in self.cfg.projector.feature_layers]
+        if self.cfg.projector.select_strategy == "default":
             selected = [s[:, 1:] for s in selected]
         return self.projector(jnp.concatenate(selected, axis=-1))
 
