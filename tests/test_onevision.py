@@ -86,7 +86,7 @@ def _real_geometry(strategy="default") -> ModelConfig:
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=384, patch_size=14, hidden_act="quick_gelu")
     return ModelConfig.from_hf(ov_config(vision_config=vision.to_dict(), vision_feature_select_strategy=strategy,
-                                         image_grid_pinpoints=LlavaOnevisionImageProcessorPil.image.pinpoints)
+                                         image_grid_pinpoints=LlavaOnevisionImageProcessorPil.image_grid_pinpoints)
                                .to_dict())
 
 
