@@ -27,6 +27,7 @@ change is accepted only where that answer differs from the gold one and every ob
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator
 
@@ -62,19 +63,23 @@ def counterfactual(example: Example, rng: np.random.Generator | None = None) -> 
     for changes in EDITS[example.task](example.row, scene, rng):
         if not all(_in_image(scene, o) for o in changes.values()):
             continue
-        objects = tuple(_remeasure(changes.get(o.id, o), o, scene) for o in scene.objects)
+        reshaped = {o.id for o in scene.objects if o.id in changes and _outline(changes[o.id]) != _outline(o)}
+        objects = tuple(dataclasses.replace(changes[o.id], box=bounding_box(changes[o.id], scene.width, scene.height))
+                        if o.id in reshaped else changes.get(o.id, o) for o in scene.objects)
         changed = dataclasses.replace(scene, img_id=counterfactual_id(scene.img_id), objects=objects)
         new = answer(example.row, changed)
-        if new is not None and new != example.answer and _visible(changed):
+        # a new colour or material hides nothing more: only new outlines need the visibility check
+        if new is not None and new != example.answer and (not reshaped or _visible(changed)):
             return changed, new
     raise RuntimeError(f"{example.task} question {qid}: no counterfactual keeps every object visible")
 
 
-def _remeasure(new: Obj, old: Obj, scene: Scene) -> Obj:
-    """The object with its box measured again where its outline changed."""
-    if (new.shape, new.cx, new.cy, new.r) == (old.shape, old.cx, old.cy, old.r):
-        return new
-    return dataclasses.replace(new, box=bounding_box(new, scene.width, scene.height))
+def _outline(obj: Obj) -> tuple:
+    """What decides the pixels an object covers (and so its box)."""
+    return obj.shape, obj.cx, obj.cy, obj.r
+
+
+_coverage = functools.lru_cache(maxsize=64)(coverage)  # a search moves one object: the others' are reused
 
 
 def _in_image(scene: Scene, obj: Obj) -> bool:
@@ -88,7 +93,7 @@ def _visible(scene: Scene) -> bool:
     """Every object keeps MIN_VISIBLE of its pixels (up to float32 rounding, as `place` checked it)."""
     above = np.zeros((scene.height, scene.width), np.float32)  # [H, W] cover of the objects drawn later
     for obj in reversed(scene.objects):
-        cover = coverage(obj, scene.width, scene.height)
+        cover = _coverage(obj, scene.width, scene.height)
         if (cover * (1 - above)).sum() < (MIN_VISIBLE - 1e-6) * cover.sum():
             return False
         above = np.maximum(above, cover)
