@@ -240,7 +240,7 @@ def _question_ids(row, scene) -> set[str]:
 def test_counterfactuals_change_the_answer_and_only_question_objects(dataset):
     """Every question's counterfactual: same image size, background, object ids and drawing order; its answer,
     recomputed from its scene description alone, is `counterfactual_answer` and not the gold answer; only
-    objects the question names change, and their boxes as counterfactual.py says for each task."""
+    objects the question names change, and their boxes as counterfactuals.py says for each task."""
     out, paths, scenes = dataset
     largest_step = max(r[1] for r in RADIUS.values()) - min(r[0] for r in RADIUS.values())  # inward move, px
     for task, rows in _task_rows(paths).items():
@@ -292,8 +292,9 @@ def test_counterfactual_pixels_change_only_inside_the_changed_boxes(dataset):
             assert drawn[~boxes].max() == 0 and drawn[boxes].max() > 60, row["question"]
             stored = [np.asarray(Image.open(os.path.join(out, "images", f"{i}.jpg")), np.int16)
                       for i in (row["img_id"], row["counterfactual_image"])]
+            assert np.array_equal(stored[1], np.asarray(image_of(after), np.int16))  # the file shows its scene
             noise = np.abs(stored[1] - stored[0]).max(-1)
-            assert noise[~blocks].max() == 0
+            assert noise[~blocks].max() == 0 and noise[boxes].max() > 60
             ringing = noise[blocks & ~boxes]
             assert ringing.size == 0 or (ringing.mean() <= 12 and ringing.max() <= 48), row["question"]
 

