@@ -57,7 +57,7 @@ def counterfactual_id(img_id: str) -> str:
 def counterfactual(example: Example, rng: np.random.Generator | None = None) -> tuple[Scene, str]:
     """(the counterfactual scene, its answer) of a task-file question; `rng` defaults to one seeded by the
     question id, so the same question always gets the same counterfactual. Raises RuntimeError, naming the
-    question, where no change the task tries fits (none among 12,000 generated questions)."""
+    question, where no change the task tries fits (none did for the 60,000 questions of seeds 0-99)."""
     qid = example.row["question_id"]
     rng = np.random.default_rng(list(qid.encode())) if rng is None else rng
     scene = example.scene
