@@ -204,15 +204,17 @@ def trace_stats(rows: list[dict]) -> dict:
     return out
 
 
-def _heatmap(ax, site: str, regions: dict, title: str):
-    """Mean indirect effect, regions (rows) x layers (columns), on a colour scale centred on 0."""
+def _heatmap(ax, site: str, regions: dict, title: str, top: float | None = None, labels: bool = True):
+    """Mean indirect effect, regions (rows) x layers (columns), on a colour scale -top..top (default: the largest
+    |mean|), 0 white."""
     layers = sorted({int(layer) for layers, *_ in regions.values() for layer in layers})
     grid = np.full((len(regions), len(layers)), np.nan)
     for i, (layer_ids, mean, _, _) in enumerate(regions.values()):
         grid[i, [layers.index(int(layer)) for layer in layer_ids]] = mean
-    top = float(np.nanmax(np.abs(grid))) or 1.0
+    top = top or float(np.nanmax(np.abs(grid))) or 1.0
     image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-top, vmax=top, interpolation="nearest")
-    ax.set_yticks(range(len(regions)), [f"{name} (n={n})" for name, (*_, n) in regions.items()], fontsize=8)
+    ax.set_yticks(range(len(regions)), [f"{name} (n={n})" for name, (*_, n) in regions.items()] if labels else [],
+                  fontsize=8)
     ax.set_xticks(range(len(layers)), layers, fontsize=8)
     ax.set_xlabel(f"layer (centre of the restored window; {site})")
     ax.set_title(title, fontsize=9)
@@ -238,11 +240,13 @@ def trace_figure(key: tuple[str, str, str], site: str, regions: dict):
 
 
 def trace_summary_figure(key: tuple[str, str, str], sites: dict):
-    """Every site's heat map side by side, one colour scale each."""
-    fig, axes = new_figure(figsize=(5.5 * len(sites), 0.5 * max(map(len, sites.values())) + 3), ncols=len(sites),
-                           squeeze=False)
-    for ax, (site, regions) in zip(axes[0], sites.items(), strict=True):
-        fig.colorbar(_heatmap(ax, site, regions, "{} ({}, {}): ".format(*key) + site), ax=ax)
+    """Every site's heat map side by side on one colour scale (the regions in the same order in each)."""
+    top = max(float(np.abs(mean).max()) for regions in sites.values() for _, mean, _, _ in regions.values()) or 1.0
+    fig, axes = new_figure(figsize=(4.5 * len(sites) + 2, 0.5 * max(map(len, sites.values())) + 3),
+                           ncols=len(sites), squeeze=False)
+    for i, (ax, (site, regions)) in enumerate(zip(axes[0], sites.items(), strict=True)):
+        image = _heatmap(ax, site, regions, "{} ({}, {}): ".format(*key) + site, top, labels=i == 0)
+    fig.colorbar(image, ax=list(axes[0]), label="mean indirect effect (p_restored - p_corrupt)")
     return fig
 
 
