@@ -49,24 +49,22 @@ def _demo(args) -> int:
     return 0
 
 
-def _sweep(args) -> int:
+def _load_for_run(args, check_inputs):
+    """The model of a sweep, lens or trace, after `check_inputs()` (what needs no model) and joining the
+    multi-process runtime when asked."""
     import jaxflow
     from jaxflow import sharding
-    from jaxflow.sweep import flows as sweep_flows
-    from jaxflow.sweep import run
 
-    run.check_inputs(args.data, args.images)  # before the (possibly long) model load
-    flows = [sweep_flows.parse_flow(f) for f in (args.flows or list(sweep_flows.STUDY_FLOWS))]  # lens: the defaults
+    check_inputs()  # before the (possibly long) model load
     if args.distributed or args.coordinator:
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     import jax
 
     mesh = sharding.make_mesh(args.mesh) if args.mesh or len(jax.local_devices()) > 1 else None
-    model = jaxflow.load(args.model, mesh=mesh, no_anyres=args.no_anyres)
-    summary = run.sweep(model, args.data, args.out, flows=flows, window_size=args.window, batch=args.batch,
-                        method=args.method, limit=args.limit, images=args.images, template=args.template,
-                        chunk=args.chunk, lens=args.command == "lens", filter_correct=not args.keep_incorrect,
-                        max_new_tokens=args.max_new_tokens, related_patches=args.related_patches)
+    return jaxflow.load(args.model, mesh=mesh, no_anyres=args.no_anyres)
+
+
+def _summary(args, summary: dict) -> int:
     counts = f"{summary['kept']} samples recorded, {summary['skipped']} skipped"
     if summary["kept"] == 0:  # nothing to plot: a wrong --images, task file or model, not a result
         reasons = ", ".join(f"{kind} ({n})" for kind, n in summary["skip_reasons"])
@@ -77,6 +75,40 @@ def _sweep(args) -> int:
     print(f"{counts} (see skipped.csv), {len(summary['compiled_shapes'])} batch shapes {summary['compiled_shapes']}; "
           f"results in {args.out}")
     return 0
+
+
+def _common(args) -> dict:
+    """The keyword arguments a sweep, lens and trace share."""
+    return dict(batch=args.batch, limit=args.limit, images=args.images, template=args.template,
+                filter_correct=not args.keep_incorrect, max_new_tokens=args.max_new_tokens,
+                related_patches=args.related_patches)
+
+
+def _sweep(args) -> int:
+    from jaxflow.sweep import flows as sweep_flows
+    from jaxflow.sweep import run
+
+    flows = [sweep_flows.parse_flow(f) for f in (args.flows or list(sweep_flows.STUDY_FLOWS))]  # lens: the defaults
+    model = _load_for_run(args, lambda: run.check_inputs(args.data, args.images))
+    return _summary(args, run.sweep(model, args.data, args.out, flows=flows, window_size=args.window,
+                                    method=args.method, chunk=args.chunk, lens=args.command == "lens",
+                                    **_common(args)))
+
+
+def _trace(args) -> int:
+    from jaxflow.sweep import run
+    from jaxflow.sweep import trace as tracing
+
+    sites, regions = args.sites.split(","), args.regions.split(",")
+
+    def check():
+        tracing.check_trace(args.corrupt, sites, regions, args.method, args.data)
+        run.check_inputs(args.data, args.images)
+
+    model = _load_for_run(args, check)
+    return _summary(args, tracing.trace(model, args.data, args.out, corrupt=args.corrupt, sites=sites, regions=regions,
+                                        window_size=args.window, method=args.method, chunk=args.chunk,
+                                        noise_scale=args.noise_scale, noise_seed=args.noise_seed, **_common(args)))
 
 
 def _plot(args) -> int:
@@ -104,9 +136,12 @@ def _report(args) -> int:
 
 
 def _export(args) -> int:
-    from jaxflow.sweep.export import export_study
+    from jaxflow.sweep.export import export_study, export_tracing
 
-    written = export_study(args.study, args.runs, model=args.model_name)
+    if not (args.study or args.tracing):
+        raise ValueError("--study OUT (knockout sweeps) or --tracing FILE (causal tracing): say what to write")
+    written = export_study(args.study, args.runs, model=args.model_name) if args.study else []
+    written += export_tracing(args.tracing, args.runs) if args.tracing else []
     for path in written:
         print(path)
     return 0
@@ -154,8 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "it was converted")
     p.add_argument("model", help="converted model directory")
     p.set_defaults(func=_verify)
+    from jaxflow.sweep.trace import CORRUPTIONS, TRACE_REGIONS, TRACE_SITES, WINDOW
+
     for name, what in (("sweep", "attention-knockout sweep over flows x layers"),
-                       ("lens", "logit lens at the last position")):
+                       ("lens", "logit lens at the last position"),
+                       ("trace", "causal tracing: restore clean activations into a corrupted run, per site, layer "
+                        "window and region")):
         p = sub.add_parser(name, help=f"{what} on a GQA task file")
         p.add_argument("--model", required=True, help="converted model directory")
         p.add_argument("--data", required=True, help="task CSV (GQA task-file schema), or a packaged study task: "
@@ -167,14 +206,33 @@ def build_parser() -> argparse.ArgumentParser:
                            "region pairs 'source->target', optionally '@h1,h2' for a head subset (default: the six)")
             p.add_argument("--window", type=positive_int, default=9,
                            help="layers cut around each layer (default 9; at least the model's layers warns)")
+        if name == "trace":
+            p.add_argument("--corrupt", required=True, choices=list(CORRUPTIONS),
+                           help="the corrupted run: noise on the image or question embeddings (ROME), or each row's "
+                           "counterfactual image (task-file column counterfactual_image: an image id in --images)")
+            p.add_argument("--sites", default=",".join(TRACE_SITES),
+                           help=f"comma-separated sites to restore (default {','.join(TRACE_SITES)})")
+            p.add_argument("--regions", default=",".join(TRACE_REGIONS),
+                           help=f"comma-separated regions to restore at (default {','.join(TRACE_REGIONS)})")
+            p.add_argument("--window", type=positive_int, default=WINDOW,
+                           help=f"layers attn_out and mlp_out restore around each layer (default {WINDOW}, ROME's); "
+                           "resid_pre restores one layer")
+            p.add_argument("--method", choices=["exact", "attribution"], default="exact",
+                           help="'exact' (default: every restoration run, exact incremental recomputation) or "
+                           "'attribution' (attribution patching's linear estimate from one forward and backward)")
+            p.add_argument("--noise-scale", type=float, default=3.0,
+                           help="noise std in units of the modality's embedding std (default 3, ROME's)")
+            p.add_argument("--noise-seed", type=int, default=0,
+                           help="seed of the noise; each sample's is derived from it and its question_id")
         p.add_argument("--batch", type=positive_int, default=4, help="samples per compiled call (default 4)")
         if name == "sweep":
             p.add_argument("--method", choices=["incremental", "full"], default="incremental",
                            help="'incremental' (default: exact recomputation of only what a cut changes, from its "
                            "window's first layer and first target position on) or 'full' (a whole forward per "
                            "configuration: the same numbers up to rounding, slower)")
+        if name != "lens":
             p.add_argument("--chunk", type=positive_int,
-                           help="knockout configurations per call (default: what fits in memory)")
+                           help="configurations per call (default: what fits in memory)")
         p.add_argument("--limit", type=positive_int, help="only the first N rows")
         p.add_argument("--template", choices=TEMPLATES,
                        help="prompt template (default: the checkpoint's, from its chat template, vocabulary or name)")
@@ -185,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-anyres", action="store_true",
                        help="LLaVA-NeXT checkpoints: LLaVA-1.5 image handling (pad to a square, one crop, no "
                        "image_newline), as the study's --noHD_noPad")
-        if name == "sweep":
+        if name != "lens":
             p.add_argument("--related-patches", choices=RELATED_PATCH_RULES, default="study",
                            help="related image patches: 'study' (the study's rule: a patch of the preprocessed "
                                 "red-box mask stays pure red) or 'overlap' (the patch overlaps the transformed box)")
@@ -198,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num-processes", type=int, help="with --coordinator: how many processes the run has")
         p.add_argument("--process-id", type=int, help="with --coordinator: this process's index, 0 to N-1 "
                        "(process 0 writes the merged tables)")
-        p.set_defaults(func=_sweep)
+        p.set_defaults(func=_trace if name == "trace" else _sweep)
     from jaxflow.inputs.cli import add_parser as add_regions
 
     add_regions(sub)
@@ -207,10 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the figures and summary.md (created if "
                    "needed)")
     p.set_defaults(func=_plot)
-    p = sub.add_parser("export", help="sweep results as the study's CSV files (its plotting scripts read them)")
-    p.add_argument("runs", nargs="+", help="sweep result directories (searched recursively for run.json)")
-    p.add_argument("--study", required=True, metavar="OUT",
+    p = sub.add_parser("export", help="sweep results as the study's CSV files (its plotting scripts read them), "
+                       "tracing results as one CSV of means and confidence intervals")
+    p.add_argument("runs", nargs="+", help="sweep / trace result directories (searched recursively for run.json)")
+    p.add_argument("--study", metavar="OUT",
                    help="writes OUT/output/information_flow/{model}/{task}/val/{flow}/..._window{k}_{flow}.csv")
+    p.add_argument("--tracing", metavar="FILE", help="writes the tracing results' mean indirect effect per run, "
+                   "site, region and layer with its 95%% CI into the CSV file FILE")
     p.add_argument("--model-name", help="the study's model name, e.g. llava_v1_5_7b (default: the name of the "
                    "checkpoint the model was converted from, '-' and '.' as '_')")
     p.set_defaults(func=_export)

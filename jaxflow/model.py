@@ -420,8 +420,9 @@ class Model:
         token = np.broadcast_to(np.asarray(token, np.int32), (b,))
         offset = None if noise is None else self.noise_offset(noise, inputs, regions)
         acts = self.source_activations(inputs, regions, source, tuple(sites))
-        out = _attribution(self.module, inputs, offset, *sharding.replicate((jnp.asarray(last), jnp.asarray(token)),
-                                                                            self.mesh), acts, tuple(sites))
+        out = attribution_scores(self.module, inputs, offset, *sharding.replicate((jnp.asarray(last),
+                                                                                  jnp.asarray(token)), self.mesh),
+                                 acts, tuple(sites))
         return {site: np.asarray(v) for site, v in out.items()}
 
     def source_activations(self, inputs: ModelInputs, regions, source, sites: Sequence[str]) -> dict:
@@ -445,9 +446,14 @@ class Model:
         if src.input_ids.shape != inputs.input_ids.shape:
             raise ValueError(f"source: shape {tuple(src.input_ids.shape)} [batch, seq] differs from the inputs' "
                              f"{tuple(inputs.input_ids.shape)}; patching needs the same rows and positions")
+        return self.activations(src, sites, offset)
+
+    def activations(self, inputs: ModelInputs, sites: Sequence[str], offset=None) -> dict:
+        """The activations of the uncut run of `inputs` (from `prepare`; `offset` [B, T, D] added to its input
+        embeddings) at `sites` in every layer: site -> [L, B, T, D] ("z": [L, B, T, H, hd])."""
         n = self.config.text.num_layers
         kinds = ["hidden" if site == "resid_pre" else site for site in sites]
-        _, arrays = _forward(self.module, src, None, tuple((k, i) for k in kinds for i in range(n)), offset=offset)
+        _, arrays = _forward(self.module, inputs, None, tuple((k, i) for k in kinds for i in range(n)), offset=offset)
         return {site: jnp.stack(arrays[j * n:(j + 1) * n]) for j, site in enumerate(sites)}
 
     def run_with_cache(self, sample, names: Sequence[str] | None = None,
@@ -532,7 +538,8 @@ def _pair(knock: KnockoutMasks, patch: PatchMasks):
 
 
 @functools.partial(nnx.jit, graph=False, static_argnames=("sites",))
-def _attribution(module: VisionLanguageModel, inputs: ModelInputs, offset, last, token, source: dict, sites: tuple):
+def attribution_scores(module: VisionLanguageModel, inputs: ModelInputs, offset, last, token, source: dict,
+                       sites: tuple):
     """(a_source - a_target) . dp/da_target per site: [B, L, T] ("z": [B, L, T, H]). dp/da is the gradient of p
     (token [B] at last [B]) with respect to zero offsets added at every site and layer (one backward pass)."""
     lm = module.language_model

@@ -151,10 +151,12 @@ def test_plot_and_export(capsys, tmp_path):
     fails(capsys, ["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "fig")], "nope: no such directory")
     (tmp_path / "empty").mkdir()
     fails(capsys, ["plot", str(tmp_path / "empty"), "--out", str(tmp_path / "fig")],
-          "no results.csv or lens.csv found")
+          "no results.csv, lens.csv or tracing.csv found")
     fails(capsys, ["export", "--study", str(tmp_path / "study"), str(tmp_path / "nope")], "nope: not a directory")
     fails(capsys, ["export", "--study", str(tmp_path / "study"), str(tmp_path / "empty")],
           "no knockout sweep results")
+    fails(capsys, ["export", "--tracing", str(tmp_path / "t.csv"), str(tmp_path / "empty")], "no tracing results")
+    fails(capsys, ["export", str(tmp_path / "empty")], "--study OUT (knockout sweeps) or --tracing FILE")
 
 
 def test_regions(capsys, tmp_path, toy_model_dir):

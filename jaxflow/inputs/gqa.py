@@ -14,6 +14,10 @@ load. Checked per row:
 - the image (only when `images_dir` is given and `check_images`): `<images_dir>/<img_id>.jpg` must exist, open, and
   have the size the row states.
 
+An optional `counterfactual_image` column names, per row, the image id of a minimal-pair image (the same scene with
+the asked-about content changed): `<images_dir>/<id>.jpg`, in `GQASample.counterfactual_path`; a row without the
+column or with an empty cell has None there. Only `jaxflow trace --corrupt counterfactual` reads that file.
+
 Whether the question's characters map onto whole tokens depends on the tokenizer, so the caller checks that after
 tokenizing: `token_error(sample, prompt, encoded)`.
 """
@@ -74,6 +78,8 @@ class GQASample:
     box_names: tuple[str, ...]  # their names (`central object name`, `object1 name`, ...), one per box
     image_size: tuple[int, int]  # (height, width), as transformers' LlavaNext
     columns: Mapping[str, str] = dataclasses.field(repr=False, compare=False)  # the whole row, as read
+    counterfactual_image: str | None = None  # the `counterfactual_image` column's image id (None: absent or empty)
+    counterfactual_path: str | None = None  # <images_dir>/<id>.jpg, None without an images_dir or an id
 
 
 class _Bad(ValueError):
@@ -202,13 +208,21 @@ def _parse_row(task: str, index: int, columns: dict[str, str], prefixes: tuple[s
     for label, option, span in (("true", true_option, t_span), ("false", false_option, f_span)):
         if option is not None and span is None:
             raise _Bad(f"{label} option {option!r} does not occur in the question {question!r}")
-    image_file = img_id if img_id.lower().endswith(".jpg") else f"{img_id}.jpg"
+    image_file = _image_file(img_id)
     image_path = os.path.join(images_dir, image_file) if images_dir is not None else None
     if image_path is not None and check_images:
         _check_image(image_path, width, height)
+    counterfactual = columns.get("counterfactual_image", "").strip() or None
+    counterfactual_path = None if counterfactual is None or images_dir is None else \
+        os.path.join(images_dir, _image_file(counterfactual))
     return GQASample(task, index, columns["question_id"], img_id, image_file, image_path, question, answer,
                      true_option, false_option, t_span, f_span, tuple(boxes), tuple(names), (height, width),
-                     columns)
+                     columns, counterfactual, counterfactual_path)
+
+
+def _image_file(img_id: str) -> str:
+    """An image id's file name in the image folder: `<id>.jpg` (an id already ending in .jpg as it is)."""
+    return img_id if img_id.lower().endswith(".jpg") else f"{img_id}.jpg"
 
 
 def _check_image(path: str, width: int, height: int) -> None:

@@ -1,5 +1,6 @@
 """`jaxflow export --study`: sweep results as the study's own CSV files, so its plotting scripts
-(vil/merge_lineplot.py) read them unchanged.
+(vil/merge_lineplot.py) read them unchanged. `jaxflow export --tracing FILE`: causal-tracing results
+(`jaxflow trace`) as one CSV of means with 95% confidence intervals (`TRACING_COLUMNS`, `export_tracing`).
 
 The study writes one CSV per (model, task, flow):
 `output/information_flow/{model}/{task}/val/{flow}/{dataset}_window{k}_{flow}.csv` where
@@ -176,3 +177,50 @@ def export_study(out: str, run_dirs: Sequence[str], model: str | None = None) ->
         os.replace(path + ".tmp", path)
         written.append(path)
     return written
+
+
+# one row per (run directory, site, region, layer): the mean indirect effect p_restored - p_corrupt over the run's
+# samples whose region is not empty, its 95% CI (normal approximation: mean -+ 1.96 standard errors), the sample
+# count, and the run's mean p_clean and p_corrupt
+TRACING_COLUMNS = ["run", "model", "data", "task", "corrupt", "method", "site", "region", "layer", "window_layers", "n",
+                   "mean", "ci_low", "ci_high", "mean_p_clean", "mean_p_corrupt"]
+
+
+def export_tracing(path: str, run_dirs: Sequence[str]) -> list[str]:
+    """Writes the tracing results of every trace run in or under `run_dirs` into the CSV file `path`
+    (TRACING_COLUMNS); returns [path]."""
+    from jaxflow.sweep.plots import trace_stats
+
+    runs = find_runs(run_dirs, kinds=("trace",))
+    if not runs:
+        raise ExportError(f"no tracing results (run.json with kind 'trace') under {', '.join(run_dirs)}")
+    out = []
+    for run_dir in runs:
+        with open(os.path.join(run_dir, "run.json")) as f:
+            run = json.load(f)
+        table = os.path.join(run_dir, "tracing.csv")
+        if not os.path.isfile(table):
+            raise ExportError(f"{table}: missing (a multi-process run writes it when every process is done)")
+        with open(table, newline="") as f:
+            rows = list(csv.DictReader(f))
+        spans, base = {}, {}  # (site, layer) -> the restored window; question_id -> (p_clean, p_corrupt)
+        for r in rows:
+            spans[(r["site"], r["layer"])] = r["window_layers"]
+            base[r["question_id"]] = (float(r["p_clean"]), float(r["p_corrupt"]))
+        clean, corrupt = (sum(v[i] for v in base.values()) / max(1, len(base)) for i in (0, 1))
+        for (task, corruption, method), sites in sorted(trace_stats(rows).items()):
+            for site, regions in sites.items():
+                for region, (layers, mean, ci, n) in regions.items():
+                    out += [{"run": run_dir, "model": _source_of(run), "data": run["data"], "task": task,
+                             "corrupt": corruption, "method": method, "site": site, "region": region,
+                             "layer": int(layer), "window_layers": spans[(site, str(layer))], "n": n, "mean": float(m),
+                             "ci_low": float(m - c), "ci_high": float(m + c), "mean_p_clean": clean,
+                             "mean_p_corrupt": corrupt}
+                            for layer, m, c in zip(layers, mean, ci, strict=True)]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TRACING_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(out)
+    os.replace(path + ".tmp", path)
+    return [path]

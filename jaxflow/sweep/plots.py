@@ -8,7 +8,12 @@
   raw (no final norm, as the study) and normed; layers numbered as in the flow plots (layer l: after decoder
   layer l), the embeddings at "emb" before layer 0;
 - a merged figure with every task side by side; summary.md / summary.csv: per task and flow,
-  the layer with the largest mean drop, its size and the sample count.
+  the layer with the largest mean drop, its size and the sample count;
+- causal tracing (tracing.csv of `jaxflow trace`), per task, corruption and method: per site, ROME's heat map (the
+  mean indirect effect p_restored - p_corrupt over samples, layer x region) beside one line per region with its 95%
+  confidence band (normal approximation, as above), `trace_{task}_{corrupt}_{method}_{site}`; all sites' heat maps
+  side by side, `trace_{task}_{corrupt}_{method}`; trace_summary.csv: per site and region, the layer of the largest
+  mean indirect effect, its size, 95% CI half-width and sample count.
 
 Each figure is built by its own function (`flow_figure`, `all_tasks_figure`, `lens_figure`) and drawn by Agg
 outside pyplot; `plot` saves them as PNG + PDF files, `png_bytes` renders one in memory (the HTML report).
@@ -159,8 +164,10 @@ def plot(results_dir: str, out: str) -> list[str]:
     written: list[str] = []
     rows = _read(os.path.join(results_dir, "**", "results.csv"))
     lens_rows = _read(os.path.join(results_dir, "**", "lens.csv"))
-    if not rows and not lens_rows:
-        raise FileNotFoundError(f"{results_dir}: no results.csv or lens.csv found (run `jaxflow sweep` first)")
+    trace_rows = _read(os.path.join(results_dir, "**", "tracing.csv"))
+    if not rows and not lens_rows and not trace_rows:
+        raise FileNotFoundError(f"{results_dir}: no results.csv, lens.csv or tracing.csv found (run `jaxflow sweep`, "
+                                "`lens` or `trace` first)")
     curves = flow_curves(rows) if rows else {}
     task_windows = windows(results_dir)
     for task, task_curves in sorted(curves.items()):
@@ -171,7 +178,98 @@ def plot(results_dir: str, out: str) -> list[str]:
         written += _save(lens_figure(task, task_rows), out, f"lens_{task}")
     if curves:
         written += _summary(curves, out)
+    if trace_rows:
+        written += _trace_plots(trace_stats(trace_rows), out)
     return written
+
+
+def trace_stats(rows: list[dict]) -> dict:
+    """tracing.csv rows -> (task, corrupt, method) -> site -> region -> (layers, mean, ci, n): the mean indirect
+    effect per layer over the samples whose region is not empty, its 95% CI half-width, the sample count."""
+    acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
+    for r in rows:
+        if r["indirect_effect"] != "":
+            acc[(r["task"], r["corrupt"], r["method"])][r["site"]][r["region"]][int(r["layer"])].append(
+                float(r["indirect_effect"]))
+    out: dict = {}
+    for key, sites in acc.items():
+        out[key] = {}
+        for site, regions in sites.items():
+            out[key][site] = {}
+            for region, by_layer in regions.items():
+                layers = sorted(by_layer)
+                stats = [_mean_ci(by_layer[layer]) for layer in layers]
+                out[key][site][region] = (np.asarray(layers), np.asarray([m for m, _ in stats]),
+                                          np.asarray([c for _, c in stats]), len(by_layer[layers[0]]))
+    return out
+
+
+def _heatmap(ax, site: str, regions: dict, title: str, top: float | None = None, labels: bool = True):
+    """Mean indirect effect, regions (rows) x layers (columns), on a colour scale -top..top (default: the largest
+    |mean|), 0 white."""
+    layers = sorted({int(layer) for layers, *_ in regions.values() for layer in layers})
+    grid = np.full((len(regions), len(layers)), np.nan)
+    for i, (layer_ids, mean, _, _) in enumerate(regions.values()):
+        grid[i, [layers.index(int(layer)) for layer in layer_ids]] = mean
+    top = top or float(np.nanmax(np.abs(grid))) or 1.0
+    image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-top, vmax=top, interpolation="nearest")
+    ax.set_yticks(range(len(regions)), [f"{name} (n={n})" for name, (*_, n) in regions.items()] if labels else [],
+                  fontsize=8)
+    ax.set_xticks(range(len(layers)), layers, fontsize=8)
+    ax.set_xlabel(f"layer (centre of the restored window; {site})")
+    ax.set_title(title, fontsize=9)
+    return image
+
+
+def trace_figure(key: tuple[str, str, str], site: str, regions: dict):
+    """One site's trace: the heat map beside one line per region with its 95% CI band."""
+    fig, (left, right) = new_figure(figsize=(11, 0.5 * len(regions) + 3), ncols=2)
+    image = _heatmap(left, site, regions, "{} ({}, {}): {}, mean indirect effect".format(*key, site))
+    fig.colorbar(image, ax=left, label="p_restored - p_corrupt")
+    for i, (region, (layers, mean, ci, n)) in enumerate(regions.items()):
+        linestyle, marker = STYLES[i % len(STYLES)]
+        (line,) = right.plot(layers, mean, label=f"{region} (n={n})", linestyle=linestyle, marker=marker,
+                             markersize=4, markerfacecolor="none")
+        right.fill_between(layers, mean - ci, mean + ci, color=line.get_color(), alpha=0.2, linewidth=0)
+    right.axhline(0, color="black", linewidth=0.6)
+    right.set_xlabel("layer")
+    right.set_ylabel("mean indirect effect")
+    right.grid(alpha=0.3)
+    right.legend(*_legend_entries(right), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    return fig
+
+
+def trace_summary_figure(key: tuple[str, str, str], sites: dict):
+    """Every site's heat map side by side on one colour scale (the regions in the same order in each)."""
+    top = max(float(np.abs(mean).max()) for regions in sites.values() for _, mean, _, _ in regions.values()) or 1.0
+    fig, axes = new_figure(figsize=(4.5 * len(sites) + 2, 0.5 * max(map(len, sites.values())) + 3),
+                           ncols=len(sites), squeeze=False)
+    for i, (ax, (site, regions)) in enumerate(zip(axes[0], sites.items(), strict=True)):
+        image = _heatmap(ax, site, regions, "{} ({}, {}): ".format(*key) + site, top, labels=i == 0)
+    fig.colorbar(image, ax=list(axes[0]), label="mean indirect effect (p_restored - p_corrupt)")
+    return fig
+
+
+def _trace_plots(stats: dict, out: str) -> list[str]:
+    written, summary = [], []
+    for key, sites in sorted(stats.items()):
+        name = "trace_" + "_".join(key)
+        for site, regions in sites.items():
+            written += _save(trace_figure(key, site, regions), out, f"{name}_{site}")
+            for region, (layers, mean, ci, n) in regions.items():
+                i = int(np.argmax(mean))
+                summary.append({"task": key[0], "corrupt": key[1], "method": key[2], "site": site, "region": region,
+                                "largest_effect_layer": int(layers[i]), "largest_effect": round(float(mean[i]), 4),
+                                "ci95": round(float(ci[i]), 4), "samples": n})
+        written += _save(trace_summary_figure(key, sites), out, name)
+    if not summary:  # every region empty in every sample
+        return written
+    path = os.path.join(out, "trace_summary.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(summary[0]))
+        w.writeheader()
+        w.writerows(summary)
+    return written + [path]
 
 
 def _lens_ticks(last_layer: int) -> tuple[list[int], list[str]]:

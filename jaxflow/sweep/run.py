@@ -9,6 +9,7 @@ batches), `greedy` (the correct-answer filter), `engine` (the knockout runs), `r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import subprocess
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from jaxflow.inputs import gqa
 from jaxflow.inputs.prompts import build_prompt
 from jaxflow.inputs.regions import check_region_names
-from jaxflow.model import Model
+from jaxflow.model import Model, ModelInputs
 from jaxflow.sharding import barrier
 from jaxflow.sweep import engine
 from jaxflow.sweep.batching import Prepared, batches, prepare, stack_inputs
@@ -95,6 +96,135 @@ def first_prompt(data: str, template: str, mode: str) -> str | None:
     return build_prompt(samples[0].question, template, mode=mode).text if samples else None
 
 
+@dataclasses.dataclass
+class Kept:
+    """One batch after the correct-answer filter, with at least one sample kept."""
+
+    group: list[Prepared]  # the batch's samples (the padding rows beyond them repeat the first)
+    t: int  # padded length
+    inputs: ModelInputs  # [B, T]
+    lengths: np.ndarray  # [B]
+    base: engine.BaseRun  # the clean forward, greedy decoding continued it
+    token: np.ndarray  # [B] the greedy answer's first token
+    keep: list  # [(row, Prepared, predicted answer)]
+
+
+class TaskRun:
+    """One task file's run into `out`, the machinery every kind of run shares: the run lock(s), run.json (a resumed
+    run must agree on `compare`), the crash-safe result and skip tables, the task file's rows (bad rows, rows
+    `screen` refuses and samples `prepare` cannot build are skipped with their reasons; finished rows are not
+    redone), this process's shard, the progress bar, then per length-sorted batch the clean forward and the
+    correct-answer filter (`batches`); `finish` merges the process shards and summarizes. Use it as a context
+    manager: leaving it releases the locks and closes the progress bar.
+
+    flags: the run.json entries of this kind of run. table_name, columns, per_key: its results table
+    (`table_name`.csv, each sample's `per_key` rows). required: the regions a sample must have. screen(sample) ->
+    a reason to skip the row before it is prepared, or None. template: None for the checkpoint's."""
+
+    def __init__(self, model: Model, data: str, out: str, *, kind: str, flags: dict, compare: Sequence[str],
+                 table_name: str, columns: list[str], per_key: int, required: Sequence[str] = (),
+                 limit: int | None = None, images: str | None = None, template: str | None = None,
+                 max_new_tokens: int = MAX_NEW_TOKENS, image_loader=None, filter_correct: bool = True,
+                 progress: bool = True, related_patches: str = "study", screen=None):
+        check_region_names(required, model.config)
+        self.model, self.out, self.kind = model, out, kind
+        self.data = check_inputs(data, images, image_loader)
+        self.template = template or model.default_template
+        self.table_name, self.columns, self.per_key, self.required = table_name, columns, per_key, required
+        self.limit, self.images, self.image_loader, self.screen = limit, images, image_loader, screen
+        self.max_new_tokens, self.filter_correct, self.progress = max_new_tokens, filter_correct, progress
+        self.related_patches, self.compare = related_patches, compare
+        self.pid, self.procs = jax.process_index(), jax.process_count()
+        self.shard = "" if self.procs == 1 else f".process-{self.pid}-of-{self.procs}"  # each process owns a shard
+        dtype = str(model.module.language_model.embed_tokens.embedding.dtype)  # what the numbers were computed in
+        self.header = run_header(model, self.data, kind=kind, **flags, template=self.template,
+                                 prompt=first_prompt(self.data, self.template, model.prompt_mode),
+                                 max_new_tokens=max_new_tokens, images=images, filter_correct=filter_correct,
+                                 processes=self.procs, no_anyres=model.no_anyres, related_patches=related_patches,
+                                 dtype=dtype)
+        self.shapes: set[tuple[int, int]] = set()
+
+    def __enter__(self) -> TaskRun:
+        os.makedirs(self.out, exist_ok=True)
+        shard, out = self.shard, self.out
+        with contextlib.ExitStack() as stack:  # before anything in `out` is read or written
+            for name in [f"run{shard}.lock"] + (["run.lock"] if shard and self.pid == 0 else []):  # 0 merges
+                stack.enter_context(RunLock(out, name))
+            open_run(out, self.header, compare=self.compare, name=f"run{shard}.json")
+            self.skipped = Table(os.path.join(out, f"skipped{shard}.csv"), SKIP_COLUMNS, 1)
+            self.table = Table(os.path.join(out, f"{self.table_name}{shard}.csv"), self.columns, self.per_key)
+            self.prepared = self._prepare()
+            self.compiles, _ = stack.enter_context(engine.count_compiles())
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()  # the bar closes before an error propagates: the error is the last line
+
+    def skip(self, sample, reason: str) -> None:
+        self.skipped.append(sample.question_id, [skip_row(sample, reason)])
+
+    def _prepare(self) -> list[Prepared]:
+        samples, errors = gqa.load_tasks(self.data, self.images,
+                                         check_images=self.images is not None and self.image_loader is None)
+        if self.limit is not None:
+            errors = [e for e in errors if e.row < self.limit]
+        for e in errors:
+            if e.question_id not in self.skipped.done:
+                self.skip(e, e.reason)
+        if self.limit is not None:
+            samples = samples[:self.limit]
+        samples = samples[self.pid::self.procs]
+        todo = []
+        for s in samples:
+            if s.question_id in self.table.done or s.question_id in self.skipped.done:
+                continue
+            reason = self.screen(s) if self.screen else None
+            if reason:
+                self.skip(s, reason)
+            else:
+                todo.append(s)
+        prepared = []
+        for item in prepare(self.model, todo, self.template, self.image_loader, self.related_patches, self.required):
+            if isinstance(item, Prepared):
+                prepared.append(item)
+            else:
+                self.skip(*item)
+        return prepared
+
+    def batches(self, batch: int):
+        """Yields a `Kept` per batch of `batch` samples that keeps any (the others' skips are recorded), under a
+        progress bar."""
+        bar = self._stack.enter_context(tqdm(total=len(self.prepared), unit="sample", disable=not self.progress,
+                                             desc=f"{self.kind} {os.path.basename(self.data)}"))
+        for group, t in batches(self.prepared, batch):
+            self.shapes.add((batch, t))
+            inputs, lengths = stack_inputs(self.model, group, batch, t)
+            base = engine.base_run(self.model.module, inputs, np.asarray(lengths - 1))  # greedy decoding continues it
+            token, keep, wrong = greedy_filter(self.model, group, inputs, max_new_tokens=self.max_new_tokens,
+                                               filter_correct=self.filter_correct, prefill=base)
+            for p, reason in wrong:
+                self.skip(p.sample, reason)
+            if keep:
+                yield Kept(group, t, inputs, lengths, base, token, keep)
+            bar.update(len(group))
+
+    def finish(self) -> dict:
+        """Merges the process shards (process 0, once all are done) and returns the summary: rows written, samples
+        kept / skipped, skip_reasons (the most common kinds with their counts), compiled batch shapes and
+        knockout_compiles, the XLA compilations of the knockout calls this run needed."""
+        if self.procs > 1:  # every shard is complete: process 0 writes the merged tables
+            barrier(f"jaxflow-{self.kind}-done")
+            if self.pid == 0:
+                merge_shards(self.out, self.table_name, self.columns, self.per_key, self.procs)
+                merge_shards(self.out, "skipped", SKIP_COLUMNS, 1, self.procs)
+            barrier(f"jaxflow-{self.kind}-merged")
+        return {"rows": len(self.table.read()), "kept": len(self.table.done), "skipped": len(self.skipped.done),
+                "skip_reasons": common_skip_reasons(self.skipped.read()),
+                "compiled_shapes": sorted(self.shapes),
+                "knockout_compiles": sum(self.compiles[f"jit({f.__name__})"] for f in KNOCKOUT_CALLS)}
+
+
 def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_size: int = 9, batch: int = 4,
           method: str = "incremental", limit: int | None = None, images: str | None = None, template: str | None = None,
           max_new_tokens: int = MAX_NEW_TOKENS, chunk: int | None = None, lens: bool = False, image_loader=None,
@@ -103,84 +233,31 @@ def sweep(model: Model, data: str, out: str, *, flows: Sequence[Flow], window_si
     template: the prompt template (default: the checkpoint's, `Model.default_template`); run.json records it and
     the first row's rendered prompt.
     max_new_tokens: greedy-decoding limit of the correct-answer filter (an answer without EOS within it is
-    skipped). A window_size of at least the model's layers warns (WindowWarning). Returns a summary: rows written,
-    samples kept / skipped, skip_reasons (the most common kinds of skip reason with their counts), compiled batch
-    shapes and knockout_compiles, the XLA compilations of the knockout calls this run needed."""
+    skipped). A window_size of at least the model's layers warns (WindowWarning). Returns `TaskRun.finish`'s
+    summary."""
     cfg = model.config
     num_layers, num_heads = cfg.text.num_layers, cfg.text.num_heads
     required = () if lens else sorted({name for f in flows for name in (f.source, f.target)})
-    check_region_names(required, cfg)
-    data = check_inputs(data, images, image_loader)
-    template = template or model.default_template
-    kind = "lens" if lens else "sweep"
-    pid, procs = jax.process_index(), jax.process_count()
-    shard = "" if procs == 1 else f".process-{pid}-of-{procs}"  # each process owns a disjoint shard
-    dtype = str(model.module.language_model.embed_tokens.embedding.dtype)  # what the numbers were computed in
-    header = run_header(model, data, kind=kind, flows=[f.name for f in flows], window=window_size, method=method,
-                        template=template, prompt=first_prompt(data, template, model.prompt_mode),
-                        max_new_tokens=max_new_tokens, images=images, filter_correct=filter_correct,
-                        processes=procs, no_anyres=model.no_anyres,
-                        related_patches=related_patches, dtype=dtype)
-    os.makedirs(out, exist_ok=True)
-    with contextlib.ExitStack() as locks:  # before anything in `out` is read or written
-        for name in [f"run{shard}.lock"] + (["run.lock"] if shard and pid == 0 else []):  # 0 writes the merge
-            locks.enter_context(RunLock(out, name))
-        open_run(out, header, compare=RESUME_KEYS, name=f"run{shard}.json")
+    columns, per_key = (LENS_COLUMNS, 2 * (num_layers + 1)) if lens else (RESULT_COLUMNS, len(flows) * num_layers)
+    with TaskRun(model, data, out, kind="lens" if lens else "sweep",
+                 flags={"flows": [f.name for f in flows], "window": window_size, "method": method},
+                 compare=RESUME_KEYS, table_name="lens" if lens else "results", columns=columns, per_key=per_key,
+                 required=required, limit=limit, images=images, template=template, max_new_tokens=max_new_tokens,
+                 image_loader=image_loader, filter_correct=filter_correct, progress=progress,
+                 related_patches=related_patches) as task:
         if not lens:  # once the run is open: a refused run says only why
             check_window(window_size, num_layers)
-        columns, per_key = (LENS_COLUMNS, 2 * (num_layers + 1)) if lens else (RESULT_COLUMNS, len(flows) * num_layers)
-        table_name = "lens" if lens else "results"
-        skipped = Table(os.path.join(out, f"skipped{shard}.csv"), SKIP_COLUMNS, 1)
-        table = Table(os.path.join(out, f"{table_name}{shard}.csv"), columns, per_key)
-        samples, errors = gqa.load_tasks(data, images, check_images=images is not None and image_loader is None)
-        if limit is not None:
-            errors = [e for e in errors if e.row < limit]
-        for e in errors:
-            if e.question_id not in skipped.done:
-                skipped.append(e.question_id, [skip_row(e, e.reason)])
-        if limit is not None:
-            samples = samples[:limit]
-        samples, errors = samples[pid::procs], errors[pid::procs]
-        todo = [s for s in samples if s.question_id not in table.done and s.question_id not in skipped.done]
-        prepared = []
-        for item in prepare(model, todo, template, image_loader, related_patches, required):
-            if isinstance(item, Prepared):
-                prepared.append(item)
+        for b in task.batches(batch):
+            if lens:
+                _write_lens(model, task.table, task.skipped, b.base, b.lengths, b.keep)
             else:
-                s, reason = item
-                skipped.append(s.question_id, [skip_row(s, reason)])
-        shapes: set[tuple[int, int]] = set()
-        compiles, _ = locks.enter_context(engine.count_compiles())
-        with tqdm(total=len(prepared), desc=f"{kind} {os.path.basename(data)}", unit="sample",
-                  disable=not progress) as bar:  # closed before an error propagates: the error is the last line
-            for group, t in batches(prepared, batch):
-                shapes.add((batch, t))
-                inputs, lengths = stack_inputs(model, group, batch, t)
-                base = engine.base_run(model.module, inputs, np.asarray(lengths - 1))  # greedy decoding continues it
-                token, keep, wrong = greedy_filter(model, group, inputs, max_new_tokens=max_new_tokens,
-                                                   filter_correct=filter_correct, prefill=base)
-                for p, reason in wrong:
-                    skipped.append(p.sample.question_id, [skip_row(p.sample, reason)])
-                if keep and lens:
-                    _write_lens(model, table, skipped, base, lengths, keep)
-                elif keep:
-                    knock = knockout_masks(flows, group + [group[0]] * (batch - len(group)), t, num_layers, num_heads,
-                                           window_size)
-                    p_block, top1 = engine.knockout_probs(model.module, inputs, knock, lengths - 1, token,
-                                                          method=method, chunk=chunk, base=base, mesh=model.mesh)
-                    _write_knockouts(table, skipped, keep, flows, num_layers, window_size, method, token,
-                                     np.asarray(base.probs), p_block, top1)
-                bar.update(len(group))
-        if procs > 1:  # every shard is complete: process 0 writes the merged tables
-            barrier(f"jaxflow-{kind}-done")
-            if pid == 0:
-                merge_shards(out, table_name, columns, per_key, procs)
-                merge_shards(out, "skipped", SKIP_COLUMNS, 1, procs)
-            barrier(f"jaxflow-{kind}-merged")
-        return {"rows": len(table.read()), "kept": len(table.done), "skipped": len(skipped.done),
-                "skip_reasons": common_skip_reasons(skipped.read()),
-                "compiled_shapes": sorted(shapes),
-                "knockout_compiles": sum(compiles[f"jit({f.__name__})"] for f in KNOCKOUT_CALLS)}
+                knock = knockout_masks(flows, b.group + [b.group[0]] * (batch - len(b.group)), b.t, num_layers,
+                                       num_heads, window_size)
+                p_block, top1 = engine.knockout_probs(model.module, b.inputs, knock, b.lengths - 1, b.token,
+                                                      method=method, chunk=chunk, base=b.base, mesh=model.mesh)
+                _write_knockouts(task.table, task.skipped, b.keep, flows, num_layers, window_size, method, b.token,
+                                 np.asarray(b.base.probs), p_block, top1)
+        return task.finish()
 
 
 def _write_knockouts(table: Table, skipped: Table, keep, flows, num_layers: int, k: int, method: str, token, probs,

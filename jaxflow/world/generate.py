@@ -2,8 +2,11 @@
 
 `generate(out_dir, n_per_task, seed)` writes
   out_dir/<Task>.csv      one per task, the study's GQA column layout (`jaxflow.inputs.gqa.load_tasks` reads it)
-  out_dir/images/<img_id>.jpg
-  out_dir/scenes.json     every scene's objects (shape, colour, material, size, centre, box): the ground truth
+                          plus two last columns: `counterfactual_image` (the id of the question's counterfactual
+                          image, `images/<id>.jpg` like img_id) and `counterfactual_answer` (its gold answer)
+  out_dir/images/<img_id>.jpg, out_dir/images/<img_id>cf.jpg (the counterfactual, see `counterfactuals.py`)
+  out_dir/scenes.json     every scene's objects (shape, colour, material, size, centre, box), counterfactuals
+                          included: the ground truth
 so `jaxflow sweep --data out_dir/ChooseAttr.csv --images out_dir/images` runs on it unchanged.
 
 Images are stored as JPEG (quality 95, no chroma subsampling); `examples` returns the decoded JPEG,
@@ -22,10 +25,12 @@ from collections.abc import Sequence
 import numpy as np
 import PIL.Image
 
+from jaxflow.world.counterfactuals import counterfactual
 from jaxflow.world.questions import COLUMNS, TASKS, Example, make_example
 from jaxflow.world.scene import Scene, render
 
 JPEG_QUALITY = 95
+COUNTERFACTUAL_COLUMNS = ["counterfactual_image", "counterfactual_answer"]  # after the study's columns
 
 
 def jpeg_bytes(image: PIL.Image.Image) -> bytes:
@@ -74,7 +79,7 @@ def image_of(example: Example | Scene) -> PIL.Image.Image:
 
 def write_csv(path: str, task: str, rows: Sequence[dict]) -> str:
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS[task])
+        writer = csv.DictWriter(f, fieldnames=COLUMNS[task] + COUNTERFACTUAL_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     return path
@@ -86,17 +91,17 @@ def generate(out_dir: str | os.PathLike, n_per_task: int, seed: int = 0, tasks: 
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
     items = examples(n_per_task, seed, tasks)
-    scenes = {}
+    scenes, rows = {}, {task: [] for task in tasks}
     for ex in items:
-        with open(os.path.join(image_dir, f"{ex.scene.img_id}.jpg"), "wb") as f:
-            f.write(jpeg_bytes(render(ex.scene)))
-        scenes[ex.scene.img_id] = ex.scene.to_dict()
+        cf_scene, cf_answer = counterfactual(ex)
+        for scene in (ex.scene, cf_scene):
+            with open(os.path.join(image_dir, f"{scene.img_id}.jpg"), "wb") as f:
+                f.write(jpeg_bytes(render(scene)))
+            scenes[scene.img_id] = scene.to_dict()
+        rows[ex.task].append(ex.row | {"counterfactual_image": cf_scene.img_id, "counterfactual_answer": cf_answer})
     with open(os.path.join(out_dir, "scenes.json"), "w") as f:
-        json.dump(scenes, f)
-    paths = {}
-    for task in tasks:
-        paths[task] = write_csv(os.path.join(out_dir, f"{task}.csv"), task, [e.row for e in items if e.task == task])
-    return paths
+        f.write(json.dumps(scenes))  # one string: about twice as fast as json.dump
+    return {task: write_csv(os.path.join(out_dir, f"{task}.csv"), task, rows[task]) for task in tasks}
 
 
 def load_scenes(out_dir: str | os.PathLike) -> dict[str, Scene]:

@@ -13,11 +13,16 @@ GQA task files (see `COLUMNS`), or None when the random draw did not fit (the ca
 - LogicalObj: "Is there either a circle or a star that is red?" / "... that is not red?" -> yes / no; boxes:
   object1, object2 (`-` when absent).
 - QueryAttr: "On which side of the image is the star?" -> left / right; box: central object.
+
+`answer(row, scene)` asks a row's question of any scene by running the row's GQA program (`operations`); it
+gives every gold answer back and decides the answers of the counterfactual images (`counterfactuals.py`).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -378,6 +383,76 @@ def make_example(task: str, rng: np.random.Generator, index: int, question_id: s
                 raise AssertionError(f"{task}: row columns differ from the header: {missing}")
             return Example(task, scene, {c: full[c] for c in COLUMNS[task]})
     raise RuntimeError(f"{task}: no scene fits after 100 draws")
+
+
+def kind_of(value: str) -> str:
+    """The attribute kind ("color", "material", "size") a value belongs to (no value is in two kinds)."""
+    return next(kind for kind, values in ATTRIBUTES.items() if value in values)
+
+
+def _name(argument: str) -> str:
+    """The object name of a select argument: "star (100000030)" -> "star"."""
+    return argument.split(" (")[0].strip()
+
+
+def program(row: Mapping[str, str]) -> list[dict]:
+    """The row's GQA program: steps {"operation", "dependencies", "argument"}."""
+    return ast.literal_eval(row["operations"])
+
+
+def answer(row: Mapping[str, str], scene: Scene) -> str | None:
+    """The answer to the row's question about `scene`, found by running the row's GQA program (`operations`)
+    on the scene's objects, or None where the scene leaves the question open: a choice with neither or both
+    options true, a relation or a side within its margin (`REL_MARGIN`, `SIDE_MARGIN`), two objects sharing no
+    or both compared attributes, a name that picks out no single object. Objects are selected by name (their
+    ids in the program are ignored), so the question can be asked of any scene."""
+    results = []  # one per step: a list of objects, a bool or an answer word
+    for step in program(row):
+        op, arg = step["operation"], step["argument"]
+        inputs = [results[d] for d in step["dependencies"]]
+        if op == "select":
+            name = _name(arg)
+            result = list(scene.objects) if name in ("this", "shape") else [o for o in scene.objects
+                                                                           if o.shape == name]
+        elif op.startswith("filter "):
+            kind, negated = op.split()[1], arg.startswith("not(")
+            value = arg[4:-1] if negated else arg
+            result = [o for o in inputs[0] if (o.attr(kind) == value) != negated]
+        elif op == "exist":
+            result = bool(inputs[0])
+        elif op == "or":
+            result = any(inputs)
+        elif op == "choose name":
+            hits = [v for v in arg.split("|") if any(o.shape == v for o in inputs[0])]
+            result = hits[0] if len(hits) == 1 else None
+        elif op.startswith("choose ") and op.split()[1] in ATTRIBUTES:
+            kind = op.split()[1]
+            hits = [v for v in arg.split("|") if len(inputs[0]) == 1 and inputs[0][0].attr(kind) == v]
+            result = hits[0] if len(hits) == 1 else None
+        elif op == "choose rel":  # argument "subject,to the left of|to the right of,s (id)"
+            subjects = [o for o in scene.objects if o.shape == arg.split(",")[0]]
+            if len(subjects) != 1 or len(inputs[0]) != 1:
+                return None
+            dx = subjects[0].cx - inputs[0][0].cx
+            result = None if abs(dx) < REL_MARGIN else "left" if dx < 0 else "right"
+        elif op == "common":
+            if any(len(objs) != 1 for objs in inputs):
+                return None
+            (a,), (b,) = inputs
+            shared = [k for k in ("color", "material") if a.attr(k) == b.attr(k)]
+            result = shared[0] if len(shared) == 1 else None
+        elif op == "query" and arg == "hposition":
+            if len(inputs[0]) != 1:
+                return None
+            off = inputs[0][0].cx / scene.width - 0.5
+            result = None if abs(off) < SIDE_MARGIN else "left" if off < 0 else "right"
+        else:
+            raise ValueError(f"question {row.get('question_id', '?')}: unknown operation {op!r}")
+        if result is None:
+            return None
+        results.append(result)
+    final = results[-1]
+    return ("yes" if final else "no") if isinstance(final, bool) else final
 
 
 def caption(scene: Scene) -> str:
