@@ -276,9 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint the model was converted from, '-' and '.' as '_')")
     p.set_defaults(func=_export)
     p = sub.add_parser("report", help="one self-contained HTML file (figures embedded, no network requests) from "
-                       "sweep and lens result directories")
+                       "sweep, lens and trace result directories")
     p.add_argument("runs", nargs="+", metavar="RUN_DIRS",
-                   help="sweep / lens result directories (searched recursively for run.json)")
+                   help="sweep / lens / trace result directories (searched recursively for run.json)")
     p.add_argument("--out", required=True, help="the HTML file to write (its folder is created if needed)")
     p.add_argument("--title", help="the report's title (default: 'jaxflow report: ' and the models' names)")
     p.add_argument("--gallery", type=int, default=1, metavar="N",

@@ -3,7 +3,8 @@
 Steps (each resumable: an existing step's output is reused):
 1. convert the shipped llava-hf checkpoint (`jaxflow/assets/toy-llava`) into a jaxflow model;
 2. generate toy-world samples (task CSVs in the GQA schema + images; `jaxflow.world`);
-3. per task: knockout sweep of the study's six flows at every layer, and the logit lens;
+3. per task: knockout sweep of the study's six flows at every layer, and the logit lens; on one task (ChooseAttr),
+   causal tracing with the image noised (ROME's procedure: restore the clean activations per site, layer and region);
 4. plots, summary tables, `report.md` (what changes where, next to the study's findings) and `report.html`
    (`jaxflow report`: the figures and tables in one self-contained file).
 """
@@ -18,6 +19,7 @@ import time
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy-llava")
 SAMPLES_PER_TASK = 100
 SEED = 1234  # demo data: neither the training (0) nor the held-out (1) seed of the shipped model
+TRACE_TASK, TRACE_CORRUPT, TRACE_SAMPLES = "ChooseAttr", "image-noise", 40  # the demo's causal tracing
 
 
 def demo_window(num_layers: int) -> int:
@@ -47,6 +49,7 @@ def run(out: str, samples_per_task: int = SAMPLES_PER_TASK, seed: int = SEED, mo
     from jaxflow.sweep import plots
     from jaxflow.sweep import run as sweep_run
     from jaxflow.sweep.flows import STUDY_FLOWS, parse_flow
+    from jaxflow.sweep.trace import trace
     from jaxflow.world import TASKS, generate
 
     model_dir = os.path.join(out, "model")
@@ -63,12 +66,15 @@ def run(out: str, samples_per_task: int = SAMPLES_PER_TASK, seed: int = SEED, mo
     flows = [parse_flow(name) for name in STUDY_FLOWS]
     summaries = {}
     with step(3, f"sweeping {len(flows)} flows x {model.config.text.num_layers} layers (window {k}) and the logit "
-              "lens"):
+              f"lens; causal tracing of {TRACE_TASK} ({TRACE_CORRUPT})"):
         for task in TASKS:
             common = dict(flows=flows, window_size=k, batch=batch, images=os.path.join(data_dir, "images"),
                           progress=progress)
             summaries[task] = sweep_run.sweep(model, paths[task], os.path.join(out, "runs", "sweep", task), **common)
             sweep_run.sweep(model, paths[task], os.path.join(out, "runs", "lens", task), lens=True, **common)
+        trace(model, paths[TRACE_TASK], os.path.join(out, "runs", "trace", TRACE_TASK), corrupt=TRACE_CORRUPT,
+              window_size=k, limit=min(samples_per_task, TRACE_SAMPLES), images=os.path.join(data_dir, "images"),
+              batch=batch, progress=progress)
 
     plot_dir = os.path.join(out, "plots")
     with step(4, f"plotting -> {plot_dir}"):
@@ -138,7 +144,9 @@ def write_report(out: str, model, summaries: dict, k: int, n: int, seed: int, me
     lines += ["", "## Plots", ""]
     for task in sorted(curves):
         lines.append(f"- {task}: [flows](plots/flows_{task}.png), [logit lens](plots/lens_{task}.png)")
-    lines += ["- every task: [flows_all_tasks](plots/flows_all_tasks.png)", "",
+    lines += ["- every task: [flows_all_tasks](plots/flows_all_tasks.png)", ""]
+    lines += _trace_lines(out)
+    lines += [
               "## The study's findings on LLaVA, for comparison", "",
               "1. lower layers: Image -> Question matters most (general visual information enters the question);",
               "2. middle layers: Related image patches -> Question hurts far more than Other image patches ->",
@@ -150,3 +158,25 @@ def write_report(out: str, model, summaries: dict, k: int, n: int, seed: int, me
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def _trace_lines(out: str) -> list[str]:
+    """report.md's causal-tracing section: per site, the region and layer of the largest mean indirect effect."""
+    from jaxflow.sweep import plots
+
+    stats = plots.trace_stats(plots._read(os.path.join(out, "runs", "trace", "**", "tracing.csv")))
+    key = (TRACE_TASK, TRACE_CORRUPT, "exact")
+    if key not in stats:
+        return [f"## Causal tracing ({TRACE_TASK}, {TRACE_CORRUPT})", "", "No sample kept.", ""]
+    lines = [f"## Causal tracing ({TRACE_TASK}, {TRACE_CORRUPT})", "",
+             "The image embeddings noised (3x their standard deviation), then the clean run's activations restored "
+             "at one site, in one region, in a window of layers; indirect effect = p_restored - p_corrupt of the "
+             "answer. Per site, the largest mean effect:", "",
+             "| site | region | layer | mean indirect effect | samples |", "| --- | --- | --- | --- | --- |"]
+    for site, regions in stats[key].items():
+        region, (layers, mean, ci, n) = max(regions.items(), key=lambda item: item[1][1].max())
+        i = int(mean.argmax())
+        lines.append(f"| {site} | {region} | {int(layers[i])} | {mean[i]:+.3f} ± {ci[i]:.3f} | {n} |")
+    name = "trace_" + "_".join(key)
+    return lines + ["", f"Heat maps: [every site](plots/{name}.png); per site: "
+                    + ", ".join(f"[{site}](plots/{name}_{site}.png)" for site in stats[key]), ""]

@@ -1,4 +1,4 @@
-"""`jaxflow report`: one self-contained HTML file from sweep and lens result directories.
+"""`jaxflow report`: one self-contained HTML file from sweep, lens and trace result directories.
 
 The file needs nothing beside it and asks the network for nothing: inline CSS, no scripts, every figure a
 base64 `data:image/png` URI. Sections:
@@ -6,7 +6,8 @@ base64 `data:image/png` URI. Sections:
   the jaxflow version that computed it;
 - summary: per task and flow, the largest mean drop of the answer probability, its 95% CI and its layer
   (`plots.summary_rows`, as summary.md);
-- per task: the flow curves and the logit lens, drawn by `jaxflow.sweep.plots` as `jaxflow plot` draws them;
+- per task: the flow curves, the logit lens and the causal-tracing heat maps (per corruption and method, every
+  site on one colour scale), drawn by `jaxflow.sweep.plots` as `jaxflow plot` draws them;
 - gallery: the `GalleryItem`s given (omitted when there are none).
 """
 
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 from jaxflow.sweep import plots
 from jaxflow.sweep.export import find_runs
 
+TABLES = {"sweep": "results.csv", "lens": "lens.csv", "trace": "tracing.csv"}  # run kind -> its table
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -81,7 +83,8 @@ class ReportError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class _Run:
-    """One result directory: its run.json, its rows (results.csv or lens.csv) and skipped.csv's rows."""
+    """One result directory: its run.json, its rows (results.csv, lens.csv or tracing.csv) and skipped.csv's
+    rows."""
 
     path: str
     header: dict
@@ -98,17 +101,18 @@ def _csv_rows(path: str) -> list[dict]:
 
 def _load_runs(run_dirs: Sequence[str]) -> list[_Run]:
     runs = []
-    for path in find_runs(run_dirs, kinds=("sweep", "lens")):
+    for path in find_runs(run_dirs, kinds=tuple(TABLES)):
         with open(os.path.join(path, "run.json")) as f:
             header = json.load(f)
-        table = "results.csv" if header["kind"] == "sweep" else "lens.csv"
-        runs.append(_Run(path, header, _csv_rows(os.path.join(path, table)),
+        runs.append(_Run(path, header, _csv_rows(os.path.join(path, TABLES[header["kind"]])),
                          _csv_rows(os.path.join(path, "skipped.csv"))))
     where = ", ".join(run_dirs)
     if not runs:
-        raise ReportError(f"{where}: no sweep or lens results (no run.json of kind 'sweep' or 'lens' found)")
+        raise ReportError(f"{where}: no sweep, lens or trace results (no run.json of kind 'sweep', 'lens' or "
+                          "'trace' found)")
     if not any(run.rows for run in runs):
-        raise ReportError(f"{where}: no results.csv or lens.csv rows in {len(runs)} run(s) (nothing recorded yet)")
+        raise ReportError(f"{where}: no results.csv, lens.csv or tracing.csv rows in {len(runs)} run(s) (nothing "
+                          "recorded yet)")
     return runs
 
 
@@ -208,8 +212,10 @@ def _gallery(items: Sequence[GalleryItem]) -> str:
     return "\n".join(parts)
 
 
-def _task_figures(task: str, curves: dict | None, windows: list[int], lens_rows: list[dict] | None) -> str:
-    """A task's flow curves (plots.flow_curves()[task]) and logit lens (its lens.csv rows), whichever it has."""
+def _task_figures(task: str, curves: dict | None, windows: list[int], lens_rows: list[dict] | None,
+                  traces: dict | None = None) -> str:
+    """A task's flow curves (plots.flow_curves()[task]), logit lens (its lens.csv rows) and causal traces
+    ((corrupt, method) -> plots.trace_stats' site dict), whichever it has."""
     body = []
     if curves:
         body.append(_figure(plots.flow_figure(task, curves, windows),
@@ -220,6 +226,11 @@ def _task_figures(task: str, curves: dict | None, windows: list[int], lens_rows:
         body.append(_figure(plots.lens_figure(task, lens_rows),
                             "Logit lens: mean probability of the answer at the last position after each layer, "
                             "without and with the final norm; band: 95% CI of the mean."))
+    for (corrupt, method), sites in sorted((traces or {}).items()):
+        body.append(_figure(plots.trace_summary_figure((task, corrupt, method), sites),
+                            f"Causal tracing ({corrupt}, {method}): mean indirect effect (p_restored - p_corrupt of "
+                            "the answer) of restoring the clean run's activations at each site, in the region's "
+                            "positions, in a window of layers centred on each layer, into the corrupted run."))
     return "\n".join(body)
 
 
@@ -247,16 +258,20 @@ def render(run_dirs: Sequence[str], gallery: Sequence[GalleryItem] = (), title: 
             for task in _tasks(run):
                 windows[task].add(run.header.get("window"))
         lens = plots.lens_by_task([r for run in runs if run.header["kind"] == "lens" for r in run.rows])
+        traces: dict[str, dict] = defaultdict(dict)  # task -> (corrupt, method) -> site -> region -> stats
+        for (task, corrupt, method), sites in plots.trace_stats(
+                [r for run in runs if run.header["kind"] == "trace" for r in run.rows]).items():
+            traces[task][(corrupt, method)] = sites
         runs_parts.append(_runs_section(label, runs))
         if curves:
             summary_parts.append((f"<h3>{_e(label)}</h3>" if several else "") + _summary_table(curves))
         task_links = []
-        for task in sorted(set(curves) | set(lens)):
+        for task in sorted(set(curves) | set(lens) | set(traces)):
             anchor = f"task-{m + 1}-{_slug(task)}"
             heading = f"{task} ({label})" if several else task
             task_windows = sorted(w for w in windows[task] if w is not None)
             task_sections.append(_section(anchor, heading, _task_figures(task, curves.get(task), task_windows,
-                                                                         lens.get(task))))
+                                                                         lens.get(task), traces.get(task))))
             task_links.append(f'<li><a href="#{anchor}">{_e(task)}</a></li>')
         toc.append(f"<li>{_e(label)}<ul>{''.join(task_links)}</ul></li>" if several else "".join(task_links))
     if gallery:
@@ -282,7 +297,7 @@ def render(run_dirs: Sequence[str], gallery: Sequence[GalleryItem] = (), title: 
 
 def write_report(out_html: str, run_dirs: Sequence[str], gallery: Sequence[GalleryItem] = (),
                  title: str | None = None) -> str:
-    """Writes the report of the sweep and lens runs in or under `run_dirs` (searched as `jaxflow export` searches
+    """Writes the report of the sweep, lens and trace runs in or under `run_dirs` (searched as `jaxflow export` searches
     them) to `out_html`, with the gallery's items; returns its path. Raises ReportError naming the paths when
     they hold no results."""
     text = render(run_dirs, gallery, title)

@@ -50,6 +50,20 @@ def test_demo_runs_every_flow_and_the_lens(tmp_path, capsys):
         assert f"| {task} |" in report
         assert f'id="task-1-{task}"' in html
 
+    # causal tracing of one task: every kept sample traced at every (site, layer, region), or skipped with a reason
+    trace_dir = out / "runs" / "trace" / demo.TRACE_TASK
+    traced = _rows(trace_dir / "tracing.csv")
+    skipped = _rows(trace_dir / "skipped.csv")
+    assert len({r["question_id"] for r in traced}) + len(skipped) == 3
+    assert all(r["reason"] for r in skipped)
+    per_sample = 3 * num_layers * 5  # sites x layers x regions
+    assert len(traced) == per_sample * len({r["question_id"] for r in traced})
+    assert f"## Causal tracing ({demo.TRACE_TASK}, {demo.TRACE_CORRUPT})" in report
+    if traced:
+        name = f"trace_{demo.TRACE_TASK}_{demo.TRACE_CORRUPT}_exact"
+        assert (out / "plots" / f"{name}.png").stat().st_size > 0
+        assert f"Causal tracing ({demo.TRACE_CORRUPT}, exact)" in html
+
     # a second run reuses the model, the data and every finished sample
     before = {t: os.path.getsize(out / "runs" / "sweep" / t / "results.csv") for t in TASKS}
     main(["demo", "--out", str(out), "--samples-per-task", "3"])

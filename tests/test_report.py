@@ -224,8 +224,9 @@ def test_cli(runs, tmp_path, capsys):
     run_json_only = tmp_path / "nothing-yet"
     run_json_only.mkdir()
     (run_json_only / "run.json").write_text(json.dumps({"kind": "sweep", "model": "/m"}))
-    for path, message in ((tmp_path / "nope", "not a directory"), (tmp_path / "empty", "no sweep or lens results"),
-                          (run_json_only, "no results.csv or lens.csv rows")):
+    for path, message in ((tmp_path / "nope", "not a directory"),
+                          (tmp_path / "empty", "no sweep, lens or trace results"),
+                          (run_json_only, "no results.csv, lens.csv or tracing.csv rows")):
         assert main(["report", str(path), "--out", str(tmp_path / "x.html")]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"jaxflow report: error: {path}") and message in err and err.count("\n") == 1, err
