@@ -36,7 +36,7 @@ def test_hook_procedure_and_exact_agree_on_effective_restorations(run, capsys):
     result, saved = run
     a_b = result["agreement"]["a_b"]
     assert a_b["tokens_equal"] and a_b["max_abs"] <= 1e-6 and a_b["max_rel"] <= 1e-4, a_b
-    assert result["agreement"]["b_cold_warm"]["max_abs"] == 0  # the same compiled calls
+    assert result["agreement"]["b_cold_warm"]["max_abs"] <= 1e-6  # auto_chunk may split differently as memory frees
     assert result["corruption_effect"] > 1e-3 and result["largest_restoration"] > 0.1  # the check is not vacuous
     assert result["configurations_per_sample"] == 3 * 4 * 4  # sites x regions x the tiny preset's layers
     assert saved["agreement"] == result["agreement"]
