@@ -420,9 +420,8 @@ class Model:
         token = np.broadcast_to(np.asarray(token, np.int32), (b,))
         offset = None if noise is None else self.noise_offset(noise, inputs, regions)
         acts = self.source_activations(inputs, regions, source, tuple(sites))
-        out = attribution_scores(self.module, inputs, offset, *sharding.replicate((jnp.asarray(last),
-                                                                                  jnp.asarray(token)), self.mesh),
-                                 acts, tuple(sites))
+        last, token = sharding.replicate((jnp.asarray(last), jnp.asarray(token)), self.mesh)
+        out, _ = attribution_scores(self.module, inputs, offset, last, token, acts, tuple(sites))
         return {site: np.asarray(v) for site, v in out.items()}
 
     def source_activations(self, inputs: ModelInputs, regions, source, sites: Sequence[str]) -> dict:
@@ -540,8 +539,9 @@ def _pair(knock: KnockoutMasks, patch: PatchMasks):
 @functools.partial(nnx.jit, graph=False, static_argnames=("sites",))
 def attribution_scores(module: VisionLanguageModel, inputs: ModelInputs, offset, last, token, source: dict,
                        sites: tuple):
-    """(a_source - a_target) . dp/da_target per site: [B, L, T] ("z": [B, L, T, H]). dp/da is the gradient of p
-    (token [B] at last [B]) with respect to zero offsets added at every site and layer (one backward pass)."""
+    """((a_source - a_target) . dp/da_target per site: [B, L, T] ("z": [B, L, T, H]), p [B] float32). dp/da is the
+    gradient of p (token [B] at last [B]) with respect to zero offsets added at every site and layer (one backward
+    pass)."""
     lm = module.language_model
     x = embed_inputs(module, inputs, offset)
     n, (b, t, d) = len(lm.layers), x.shape
@@ -557,10 +557,10 @@ def attribution_scores(module: VisionLanguageModel, inputs: ModelInputs, offset,
                 "z": out.z}
         h = jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
         p = jax.nn.softmax(lm.unembed(h).astype(jnp.float32), axis=-1)[jnp.arange(b), token]  # [B]
-        return p.sum(), {s: jnp.stack(acts[s]) for s in sites}  # rows are independent: d sum / d row b = d p_b
+        return p.sum(), ({s: jnp.stack(acts[s]) for s in sites}, p)  # rows are independent: d sum / d p_b = 1
 
-    grads, target = jax.grad(prob, has_aux=True)(zeros)
-    return {s: jnp.moveaxis(((source[s] - target[s]).astype(jnp.float32) * grads[s]).sum(-1), 0, 1) for s in sites}
+    grads, (target, p) = jax.grad(prob, has_aux=True)(zeros)
+    return {s: jnp.moveaxis(((source[s] - target[s]).astype(jnp.float32) * grads[s]).sum(-1), 0, 1) for s in sites}, p
 
 
 @nnx.jit(graph=False)

@@ -94,21 +94,21 @@ DEVICE_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e
 # ---- the model ----------------------------------------------------------------------------------------------------
 
 
-def build(preset: Preset, root: str, device: str, seed: int = 0):
-    """A random llava-hf checkpoint written by transformers (the toy-world tokenizer, `preset`'s shape),
-    converted and loaded by jaxflow. Returns (transformers model on `device` in the preset's dtype, jaxflow Model)."""
-    import torch
-    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    import jaxflow
-    from jaxflow.convert import convert
+def tokenizer_source(root: str) -> str:
+    """`root`/src holding the shipped toy model's tokenizer (toy-world words); returns the folder."""
     from jaxflow.demo import ASSET
 
     src = os.path.join(root, "src")
     os.makedirs(src, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # the shipped toy model's tokenizer (toy-world words)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(ASSET, name), src)
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    return src
+
+
+def hf_config(preset: Preset, tokenizer):
+    """The transformers LlavaConfig of `preset`'s shape (no weights): Llama decoder, CLIP tower (quick_gelu)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
     if len(tokenizer) > preset.vocab:
         raise ValueError(f"preset vocab {preset.vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
     vision = CLIPVisionConfig(hidden_size=preset.vision_hidden, intermediate_size=4 * preset.vision_hidden,
@@ -119,8 +119,21 @@ def build(preset: Preset, root: str, device: str, seed: int = 0):
                        num_key_value_heads=preset.heads, initializer_range=preset.init, max_position_embeddings=4096,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
-    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                       image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+
+
+def build(preset: Preset, root: str, device: str, seed: int = 0):
+    """A random llava-hf checkpoint written by transformers (the toy-world tokenizer, `preset`'s shape),
+    converted and loaded by jaxflow. Returns (transformers model on `device` in the preset's dtype, jaxflow Model)."""
+    import torch
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    import jaxflow
+    from jaxflow.convert import convert
+
+    src = tokenizer_source(root)
+    config = hf_config(preset, AutoTokenizer.from_pretrained(src))
     dtype = getattr(torch, preset.dtype)
     torch.manual_seed(seed)
     with torch.device(device):  # a 7B model initialises in seconds on the accelerator
@@ -380,7 +393,6 @@ def flops_per_sample(cfg, sample: Sample, k: int) -> dict:
     only at the answer's position; one unembedding per configuration. `per_configuration_bound`: issue 17's
     bound, every configuration's whole suffix on its own."""
     from jaxflow import KnockoutMasks
-    from jaxflow.sweep import engine
 
     text = cfg.text
     t = len(sample.input_ids)
@@ -394,16 +406,29 @@ def flops_per_sample(cfg, sample: Sample, k: int) -> dict:
     for c, (_, _, source, target, layers) in enumerate(configs):
         edges[0, c, 0, source], edges[1, c, 0, target], layer_mask[c, layers] = True, True, True
     knock = KnockoutMasks(*edges, layer_mask, np.ones((len(configs), text.num_heads), bool))
-    t0, _ = engine.suffix_starts(knock, np.array([t]))
-    plan = engine.share_rows(knock, engine.window_starts(knock), t0)
-    kv = 2 * text.hidden_size * 2 * text.num_kv_heads * text.head_dim  # key and value projections per position
-    shared = sum(decoder_layer_flops(text, suffix[c], t) for rows in plan.rows[:-1] for c in rows)
-    shared += sum(decoder_layer_flops(text, 1, t) + (suffix[c] - 1) * kv for c in plan.rows[-1])
+    shared = incremental_flops(text, knock, t)
     unembed = len(configs) * unembed_flops(text)
     return {"forward": forward, "study": (1 + len(configs)) * forward,
             "batched": tower_flops(cfg) + (1 + len(configs)) * (decoder_flops(text, t) + unembed_flops(text)),
             "jaxflow_bound": forward + shared + unembed,
             "per_configuration_bound": forward + per_configuration + unembed, "configurations": len(configs), "T": t}
+
+
+def incremental_flops(text, knock, t: int, patch=None) -> int:
+    """The exact incremental work of K configurations (KnockoutMasks, and PatchMasks, of one T-position sample at
+    batch 1) past the base run, unembedding excluded: each configuration's suffix (positions from its first target
+    or patched position on, layers from its window start up), each shared computation once
+    (`jaxflow.sweep.engine.share_rows`); the last layer needs keys and values of the suffix but the rest only at
+    the answer's position."""
+    from jaxflow.sweep import engine
+
+    t0, _ = engine.suffix_starts(knock, np.array([t]), patch)
+    suffix = t - t0[:, 0]  # positions each configuration recomputes
+    starts = np.minimum(engine.window_starts(knock, patch), text.num_layers - 1)
+    plan = engine.share_rows(knock, starts, t0, patch)
+    kv = 2 * text.hidden_size * 2 * text.num_kv_heads * text.head_dim  # key and value projections per position
+    shared = sum(decoder_layer_flops(text, int(suffix[c]), t) for rows in plan.rows[:-1] for c in rows)
+    return shared + sum(decoder_layer_flops(text, 1, t) + (int(suffix[c]) - 1) * kv for c in plan.rows[-1])
 
 
 def xla_decoder_flops(model, t: int) -> float:

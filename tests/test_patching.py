@@ -1,5 +1,6 @@
 """Activation patching, noise corruption and attribution patching (issue 28) against transformers with PyTorch hooks
-written here (LLaVA-1.5 with GQA heads, LLaVA-NeXT), the mechanism's own identities (a patch with the target's own
+written here (LLaVA-1.5 with GQA heads, LLaVA-NeXT, LLaVA-Interleave: a Qwen2 decoder with q/k/v biases and a SigLIP
+tower, every feature kept), the mechanism's own identities (a patch with the target's own
 activations changes nothing; resid_pre everywhere at layer 0 is the source run), and the incremental engine
 against full recomputation."""
 
@@ -16,15 +17,19 @@ from jaxflow.inputs.regions import Regions
 from jaxflow.patching import stack_patches
 from jaxflow.sweep import engine
 
-KINDS = {"llava": ((42, 42),), "llava_next": ((100, 30),)}
+# name -> (transformers class kind, twin settings, image sizes)
+KINDS = {"llava": ("llava", {}, ((42, 42),)), "llava_next": ("llava_next", {}, ((100, 30),)),
+         "interleave": ("llava", {"text_type": "qwen2", "vision_type": "siglip", "strategy": "full",
+                                  "feature_layer": -1}, ((42, 42),))}
 
 
-def setup(twins, kind):
+def setup(twins, name):
     """(hf, model, target inputs, counterfactual source inputs): the source has another image and another
     question of the same token count."""
-    hf, model = twins(kind, "llava-hf", kv_heads=2)
-    ids, pv, isz, mask = tiny.make_inputs(model.config, image_sizes=KINDS[kind], num_text=6, seed=0)
-    src_ids, src_pv, _, _ = tiny.make_inputs(model.config, image_sizes=KINDS[kind], num_text=6, seed=1)
+    kind, settings, sizes = KINDS[name]
+    hf, model = twins(kind, "llava-hf", kv_heads=2, **settings)
+    ids, pv, isz, mask = tiny.make_inputs(model.config, image_sizes=sizes, num_text=6, seed=0)
+    src_ids, src_pv, _, _ = tiny.make_inputs(model.config, image_sizes=sizes, num_text=6, seed=1)
     target = {"input_ids": ids, "pixel_values": pv, "image_sizes": isz, "attention_mask": mask}
     return hf, model, target, {**target, "input_ids": src_ids, "pixel_values": src_pv}
 
@@ -128,8 +133,9 @@ def test_patches_match_transformers_hooks(twins, kind):
     assert np.abs(np.asarray(only)[0] - ours[4]).max() > 1e-3
 
 
-def test_noise_as_source_and_as_target(twins):
-    hf, model, target, clean_src = setup(twins, "llava")
+@pytest.mark.parametrize("kind", ["llava", "interleave"])
+def test_noise_as_source_and_as_target(twins, kind):
+    hf, model, target, clean_src = setup(twins, kind)
     image = np.flatnonzero(target["input_ids"][0] == tiny.IMAGE_TOKEN)
     noise = jaxflow.Noise(image, scale=3.0, seed=4)
     offset = np.asarray(model.noise_offset(noise, model.prepare(**target)))  # [B, T, D]
@@ -205,8 +211,9 @@ def test_patches_with_knockouts_regions_and_errors(twins):
         model.logits(**target, patches=[jaxflow.Patch("mlp_out", 0, "image")], source=source)
 
 
-def test_attribution_matches_torch_autograd(twins):
-    hf, model, target, source = setup(twins, "llava")
+@pytest.mark.parametrize("kind", ["llava", "interleave"])
+def test_attribution_matches_torch_autograd(twins, kind):
+    hf, model, target, source = setup(twins, kind)
     token = 17
     sites = ("resid_pre", "attn_out", "mlp_out", "z")
     ours = model.attribution(**target, source=source, token=token, sites=sites)

@@ -157,9 +157,9 @@ def attribution_estimate(model: Model, target, offset, last, token, clean: dict,
     """p_restored [K, B] estimated by attribution patching: p_corrupt [B] + the sum of (a_clean - a_corrupt) .
     dp/da_corrupt over each configuration's layers and positions (patch: PatchMasks [K, ...])."""
     sites = tuple(clean)
-    scores = attribution_scores(model.module, target, offset,
-                                *sharding.replicate((jnp.asarray(last), jnp.asarray(token)), model.mesh), clean,
-                                sites)  # site -> [B, L, T]
+    scores, _ = attribution_scores(model.module, target, offset,
+                                   *sharding.replicate((jnp.asarray(last), jnp.asarray(token)), model.mesh), clean,
+                                   sites)  # site -> [B, L, T]
     site, layers, positions = (np.asarray(a) for a in (patch.site, patch.layers, patch.positions))
     est = np.zeros(positions.shape[:2], np.float64)  # [K, B]
     for name in sites:
