@@ -219,7 +219,15 @@ def test_bad_arguments_are_one_line(toy, capsys, tmp_path):
     common = ["trace", "--model", model.path, "--data", data, "--images", images, "--out", str(tmp_path / "x")]
     fails(capsys, common + ["--corrupt", "image-noise", "--sites", "resid_pre,resid_post"], "--sites: 'resid_post'")
     fails(capsys, common + ["--corrupt", "image-noise", "--regions", "image,imag"], "--regions: 'imag'")
-    fails(capsys, common + ["--corrupt", "counterfactual"], data, "counterfactual_image column")
+    plain = str(tmp_path / "plain.csv")  # the task file without the world's counterfactual columns
+    rows = _rows(data)
+    with open(plain, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[c for c in rows[0] if not c.startswith("counterfactual_")],
+                           extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    fails(capsys, [*common[:3], "--data", plain, *common[5:], "--corrupt", "counterfactual"], plain,
+          "counterfactual_image column")
     with pytest.raises(SystemExit):
         main(common + ["--corrupt", "blur"])
     assert "argument --corrupt: invalid choice: 'blur'" in capsys.readouterr().err.strip().splitlines()[-1]
