@@ -1,24 +1,17 @@
 """scripts/bench_plain.py at its tiny preset: both frameworks decode the same greedy tokens at both shapes, the
 ratios are the medians of each round's own ratio, and the figures it derives are consistent."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
-
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_plain.py")
+from repo_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench_plain")
-    spec = importlib.util.spec_from_file_location("bench_plain", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_plain"] = module
-    spec.loader.exec_module(module)
+    module = load_script("bench_plain")
     out = root / "plain.json"
     result = module.main(["--preset", "tiny", "--no-convert", "--torch-threads", "1", "--workdir", str(root / "work"),
                           "--out", str(out)])

@@ -3,24 +3,16 @@
 consistent with each other and with XLA's own count of a jaxflow forward."""
 
 import dataclasses
-import importlib.util
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
-
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_sweep.py")
+from repo_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_sweep"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_sweep")
 
 
 @pytest.fixture(scope="module")

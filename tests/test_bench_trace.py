@@ -3,24 +3,16 @@ restorations they agree on move the probability, the table has its rows, the rat
 ratio; and the 7B preset's configuration builds without weights. (The toy-model correlation needs its own
 compilations: the full CPU run reports it.)"""
 
-import importlib.util
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
-
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_trace.py")
+from repo_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_trace", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_trace"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_trace")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from repo_scripts import load_script
 
 import jaxflow
 from jaxflow.config import ModelConfig
@@ -217,11 +218,7 @@ def test_train_toy_script_runs_every_stage(tmp_path, capsys):
     """The whole recipe at toy sizes (the tied matrix trained only as the head in stages 1 and 3, verify questions
     added, two layers added in stage 4): every stage runs, the export converts back (checked inside), and the
     card reports the measured accuracy, the recipe and an honest status."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_toy", os.path.join(ROOT, "scripts", "train_toy.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train_toy")
     out = tmp_path / "toy"
     assert script.main(["--out", str(out), "--train-per-task", "12", "--eval-per-task", "4", "--vision-steps", "3",
                         "--vision-batch", "8", "--caption-steps", "3", "--qa-steps", "4", "--focus-per-task", "12",
