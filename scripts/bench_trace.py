@@ -306,27 +306,17 @@ def run_exact(model, groups: list[Group], configs: list[Config], noise) -> dict:
 
 def run_attribution(model, groups: list[Group], configs: list[Config], noise) -> dict:
     """(c): as run_exact, p_restored = p_corrupt + the summed attributions; also "estimate" [S, K]."""
-    import jax.numpy as jnp
-
-    from jaxflow.model import attribution_scores
     from jaxflow.patching import stack_patches
+    from jaxflow.sweep.trace import attribution_estimate
 
     text = model.config.text
-    site_of = np.asarray([SITES.index(c.site) for c in configs])
     tables = []
     start = time.perf_counter()
     for g in groups:
         inputs, last, regions, probs, token, acts, offset = _batch(model, g, noise)
-        est, p_corrupt = attribution_scores(model.module, inputs, offset, jnp.asarray(last), jnp.asarray(token), acts,
-                                            SITES)
         masks = stack_patches(patches(configs), len(g.items), g.t, text.num_layers, text.num_heads, regions)
-        layers, positions = np.asarray(masks.layers, np.float32), np.asarray(masks.positions, np.float32)
-        estimate = np.zeros((len(token), len(configs)), np.float32)
-        for s, site in enumerate(SITES):
-            k = np.flatnonzero(site_of == s)
-            estimate[:, k] = np.einsum("blt,kl,kbt->bk", np.asarray(est[site]), layers[k], positions[k])
-        p_corrupt = np.asarray(p_corrupt)
-        estimate = np.where(_present(g, configs), estimate, np.nan)
+        estimate, p_corrupt = attribution_estimate(model, inputs, offset, last, token, acts, masks)  # [K, B], [B]
+        estimate = np.where(_present(g, configs), estimate.T.astype(np.float32), np.nan)
         tables.append({"p_clean": probs[np.arange(len(token)), token], "p_corrupt": p_corrupt, "token": token,
                        "p_restored": p_corrupt[:, None] + estimate, "estimate": estimate})
     out = _collect(tables)

@@ -153,11 +153,12 @@ def restore_patches(configs, num_layers: int, window_size: int) -> list[Patch]:
             for site, layer, region in configs]
 
 
-def attribution_estimate(model: Model, target, offset, last, token, clean: dict, patch, p_corrupt) -> np.ndarray:
-    """p_restored [K, B] estimated by attribution patching: p_corrupt [B] + the sum of (a_clean - a_corrupt) .
-    dp/da_corrupt over each configuration's layers and positions (patch: PatchMasks [K, ...])."""
+def attribution_estimate(model: Model, target, offset, last, token, clean: dict, patch):
+    """Attribution patching's estimate of p_restored - p_corrupt, [K, B] float64: the sum of (a_clean - a_corrupt) .
+    dp/da_corrupt over each configuration's layers and positions (patch: PatchMasks [K, ...]); and p_corrupt [B]
+    float32, the target run's probability of `token` (from the same forward)."""
     sites = tuple(clean)
-    scores, _ = attribution_scores(model.module, target, offset,
+    scores, p = attribution_scores(model.module, target, offset,
                                    *sharding.replicate((jnp.asarray(last), jnp.asarray(token)), model.mesh), clean,
                                    sites)  # site -> [B, L, T]
     site, layers, positions = (np.asarray(a) for a in (patch.site, patch.layers, patch.positions))
@@ -165,7 +166,7 @@ def attribution_estimate(model: Model, target, offset, last, token, clean: dict,
     for name in sites:
         k = site == SITES.index(name)
         est[k] = np.einsum("kl,kbt,blt->kb", layers[k], positions[k], np.asarray(scores[name], np.float64))
-    return (est + p_corrupt[None]).astype(np.float32)
+    return est, np.asarray(p)
 
 
 def trace(model: Model, data: str, out: str, *, corrupt: str, sites: Sequence[str] = TRACE_SITES,
@@ -212,7 +213,8 @@ def trace(model: Model, data: str, out: str, *, corrupt: str, sites: Sequence[st
                                                       base=corrupted, mesh=model.mesh, patch=patch, source=clean,
                                                       offset=offset)  # [K, B]
             else:
-                p_restored = attribution_estimate(model, target, offset, last, b.token, clean, patch, p_corrupt)
+                est, _ = attribution_estimate(model, target, offset, last, b.token, clean, patch)
+                p_restored = (est + p_corrupt[None]).astype(np.float32)
             sizes = np.asarray(patch.positions).sum(-1)  # [K, B]
             p_clean = np.asarray(b.base.probs)[np.arange(batch), b.token]
             top1 = np.asarray(corrupted.probs).argmax(-1)
